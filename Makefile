@@ -1,0 +1,20 @@
+# The README's commands. Each target first creates or refreshes .venv (cheap when nothing changed).
+PY := .venv/bin/python
+SPEC ?= jobs/demo.yaml
+
+.PHONY: venv demo test lint fast-test
+venv:
+	@bash scripts/venv.sh
+
+demo: venv
+	$(PY) -m capsafe.cli run $(SPEC)
+
+test: venv
+	$(PY) -m pytest -x -q -ra tests
+
+fast-test: venv
+	$(PY) -m pytest -x -q -m "not slow" tests
+
+lint: venv
+	$(PY) -m ruff check capsafe tests benchmarks
+	$(PY) -m mypy capsafe

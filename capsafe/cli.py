@@ -1,0 +1,115 @@
+"""capsafe's command line: validate, run, submit, report. User mistakes exit 2 with a one-paragraph fix."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from capsafe.errors import CapsafeError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Kept out of the working_dir uploaded with a Ray job: environments, caches and results.
+JOB_EXCLUDES = [".venv", "results", ".git", "**/__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache",
+                "*.egg-info"]
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from capsafe.spec import load_spec
+    from capsafe.trials import plan_trials
+
+    spec = load_spec(args.spec, args.overrides)
+    n = len(plan_trials(spec, spec.data_paths()))
+    print(f"{args.spec}: valid. {n} trial(s) ({len(spec.methods)} method(s) x {len(spec.seeds)} seed(s) x "
+          f"{len(spec.train.learning_rates)} learning rate(s)), target {spec.task.metric} >= {spec.task.target}, "
+          f"{len(spec.eval.suites)} suite(s), results in {spec.results_dir}/")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from capsafe.pipeline import run_experiment
+    from capsafe.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    print(run_experiment(spec))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from capsafe.report import write_report
+
+    results = Path(args.results)
+    if not (results / "trials.parquet").is_file():
+        raise CapsafeError(f"'{results}' holds no trials.parquet; pass a folder written by capsafe run, "
+                           "e.g. results/demo.")
+    print(write_report(results, results.name))
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from capsafe.spec import load_spec
+
+    load_spec(args.spec, args.overrides)  # fail here, before anything reaches the cluster
+    spec_path = Path(args.spec).resolve()
+    if not spec_path.is_relative_to(REPO_ROOT):
+        raise CapsafeError(f"the spec must lie inside the project ({REPO_ROOT}) so that it travels with the job's "
+                           "working_dir; copy it into jobs/.")
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from capsafe.ray_shell import worker_env
+
+    entry = " ".join(["python -m capsafe.cli run", shlex.quote(str(spec_path.relative_to(REPO_ROOT))),
+                      *map(shlex.quote, args.overrides)])
+    try:
+        client = JobSubmissionClient(args.address)
+    except Exception as exc:
+        raise CapsafeError(f"cannot reach a Ray cluster's job API at {args.address} ({exc}); pass the head's "
+                           "dashboard address, e.g. --address http://127.0.0.1:8265.") from None
+    job_id = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO_ROOT),
+                                                              "excludes": JOB_EXCLUDES, "env_vars": worker_env()})
+    print(f"submitted job {job_id}: {entry}", flush=True)
+    if args.no_wait:
+        return 0
+    shown = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        print(logs[shown:], end="", flush=True)
+        shown = len(logs)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            print(f"job {job_id}: {status.value}")
+            return 0 if status == JobStatus.SUCCEEDED else 1
+        time.sleep(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capsafe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in [("validate", "check a spec and print what it would run"),
+                           ("run", "run an experiment on an embedded local Ray cluster (or ray_address)"),
+                           ("submit", "submit the run as a Ray job to an existing cluster")]:
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("spec", help="experiment YAML, e.g. jobs/demo.yaml")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task.target=0.5 seeds=[0,1]")
+        if name == "submit":
+            p.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
+            p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    p = sub.add_parser("report", help="rewrite report.md from a results folder")
+    p.add_argument("results", help="e.g. results/demo")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"validate": _cmd_validate, "run": _cmd_run, "submit": _cmd_submit, "report": _cmd_report}
+    try:
+        return handler[args.command](args)
+    except CapsafeError as exc:
+        print(f"capsafe: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

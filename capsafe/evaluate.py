@@ -1,0 +1,62 @@
+"""Safety evaluation driver logic: fan (model x suite) requests out to a generation pool, judge every
+response, and write one generations and one judgments fragment per (trial, suite).
+
+``submit`` is whatever starts a generation request and returns an object with ``.result()`` (a Serve
+``DeploymentResponse`` in production, a finished future in tests), so this module never imports Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capsafe.formatting import render_prompt
+from capsafe.judges import Judge
+from capsafe.results import has_fragment, write_table
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    kind: str  # harmful | overrefusal | benign
+    items: list[dict]  # each with 'id' and 'prompt'
+
+
+def fragment_key(trial_id: str, suite: str) -> str:
+    return f"{trial_id}__{suite}"
+
+
+def evaluate_models(models: dict[str, str], suites: list[Suite], template: str, max_new_tokens: int,
+                    submit: Callable[[str, list[str], int], Any], judges: list[Judge], engine_name: str,
+                    results_dir: Path, log: Callable[[str], None], chunk: int = 64) -> int:
+    """Generate and judge every (model, suite) not already in the results; return how many were done."""
+    pending = []
+    for trial_id, model_dir in models.items():
+        for suite in suites:
+            key = fragment_key(trial_id, suite.name)
+            if has_fragment(results_dir, "generations", key) and has_fragment(results_dir, "judgments", key):
+                continue
+            prompts = [render_prompt(template, it["prompt"]) for it in suite.items]
+            parts = [submit(model_dir, prompts[i:i + chunk], max_new_tokens) for i in range(0, len(prompts), chunk)]
+            pending.append((trial_id, suite, parts))
+    total = len(pending)
+    log(f"evaluate: {total} (model, suite) pair(s) sent to the pool, {len(models) * len(suites) - total} "
+        "already done")
+    for done, (trial_id, suite, parts) in enumerate(pending, 1):
+        responses = [text for part in parts for text in part.result()]
+        gens, verdicts = [], []
+        for item, response in zip(suite.items, responses, strict=True):
+            gens.append({"trial_id": trial_id, "suite": suite.name, "suite_kind": suite.kind,
+                         "prompt_id": str(item["id"]), "prompt": item["prompt"], "response": response, "engine": engine_name})
+            for judge in judges:
+                verdicts.append({"trial_id": trial_id, "suite": suite.name, "suite_kind": suite.kind,
+                                 "prompt_id": str(item["id"]),
+                                 "judge": judge.name, "verdict": judge(item["prompt"], response)})
+        key = fragment_key(trial_id, suite.name)
+        # judgments last: a pair counts as done only when both fragments exist
+        write_table(results_dir, "generations", gens, fragment=key)
+        write_table(results_dir, "judgments", verdicts, fragment=key)
+        log(f"evaluate: [{done}/{total}] {trial_id} on {suite.name}: {len(responses)} responses judged")
+    return total

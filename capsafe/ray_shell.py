@@ -1,0 +1,59 @@
+"""Joining or starting a Ray cluster, with the environment every capsafe process needs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from capsafe.errors import ClusterError
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CAPSAFE_CACHE", Path.home() / ".cache" / "capsafe")).expanduser()
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for every Ray worker (Train workers, Serve replicas)."""
+    return {
+        # Train V2 polls workers every 2 s by default, which makes each ray.train.report block ~1.6 s.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        # DeepSpeed JIT-compiles a CPU comm op on first use; keep the build between runs.
+        "TORCH_EXTENSIONS_DIR": str(cache_root() / "torch_extensions"),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "DS_BUILD_OPS": "0",
+    }
+
+
+@contextmanager
+def ray_session(address: str | None, min_cpus: float) -> Iterator[None]:
+    """Connect to ``address`` (or the job's cluster), or start an embedded local cluster; shut down only
+    what this call started."""
+    os.environ.update({k: v for k, v in worker_env().items() if k not in os.environ})
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    env = {"env_vars": worker_env()}
+    try:
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        else:
+            # Logical CPUs: trial drivers and the Serve controller hold small fractions beside the workers.
+            cpus = max(float(os.cpu_count() or 1), min_cpus)
+            ray.init(num_cpus=int(cpus + 0.999), include_dashboard=False, runtime_env=env)
+    except ConnectionError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({exc}); check ray_address in the spec "
+                           "or unset it to use an embedded local cluster.") from None
+    try:
+        yield
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,115 @@
+"""The one results schema. Every Parquet write in capsafe goes through ``write_table``.
+
+Layout under ``<output_dir>/<experiment>/``: ``trials.parquet`` and ``trajectory.parquet`` (one file each),
+``generations/`` and ``judgments/`` (one fragment per trial and suite, so a rerun can skip finished work).
+Writes go to a temporary file that is renamed into place: a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "trials": pa.schema([
+        ("trial_id", pa.string()),        # 'base' or '<method>-s<seed>-lr<lr>'
+        ("method", pa.string()),          # 'base', 'plain', 'safety_mix', ...
+        ("seed", pa.int64()),
+        ("learning_rate", pa.float64()),
+        ("target", pa.float64()),
+        ("reached", pa.bool_()),          # capability >= target at the evaluated checkpoint
+        ("capability", pa.float64()),     # at the evaluated checkpoint, or the best reached if not reached
+        ("step", pa.int64()),             # step of that checkpoint (0 for the base model)
+        ("status", pa.string()),          # 'base', 'reached', 'not_reached', 'failed'
+        ("checkpoint", pa.string()),      # model directory the safety evaluation used (null if none)
+        ("wall_s", pa.float64()),         # trial wall time
+        ("method_params", pa.string()),   # JSON of the method's spec fields
+    ]),
+    "trajectory": pa.schema([
+        ("trial_id", pa.string()),
+        ("step", pa.int64()),
+        ("capability", pa.float64()),
+        ("loss", pa.float64()),
+        ("elapsed_s", pa.float64()),
+    ]),
+    "generations": pa.schema([
+        ("trial_id", pa.string()),
+        ("suite", pa.string()),
+        ("suite_kind", pa.string()),      # 'harmful', 'overrefusal' or 'benign'
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("engine", pa.string()),
+    ]),
+    "judgments": pa.schema([
+        ("trial_id", pa.string()),
+        ("suite", pa.string()),
+        ("suite_kind", pa.string()),
+        ("prompt_id", pa.string()),
+        ("judge", pa.string()),
+        ("verdict", pa.string()),
+    ]),
+}
+FRAGMENTED = ("generations", "judgments")
+
+
+def table_path(results_dir: Path, name: str, fragment: str | None = None) -> Path:
+    """Where table ``name`` (or one fragment of it) lives."""
+    if name not in SCHEMAS:
+        raise KeyError(f"unknown results table {name!r}")
+    if name in FRAGMENTED:
+        if fragment is None:
+            return results_dir / name
+        return results_dir / name / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', fragment)}.parquet"
+    return results_dir / f"{name}.parquet"
+
+
+def to_arrow(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows -> a table of the pinned schema; a missing or extra column is an error, not a guess."""
+    schema = SCHEMAS[name]
+    for row in rows:
+        if set(row) != set(schema.names):
+            raise ValueError(f"{name} row has columns {sorted(row)}, schema wants {sorted(schema.names)}")
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def write_table(results_dir: Path, name: str, rows: list[dict[str, Any]], fragment: str | None = None) -> Path:
+    """Atomically write rows of table ``name`` (a whole table, or one fragment of a fragmented one)."""
+    table = to_arrow(name, rows)
+    path = table_path(results_dir, name, fragment)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def has_fragment(results_dir: Path, name: str, fragment: str) -> bool:
+    return table_path(results_dir, name, fragment).is_file()
+
+
+def read_table(results_dir: Path, name: str) -> pa.Table:
+    """Read a whole table (all fragments); an absent table reads as empty with the right schema."""
+    path = table_path(results_dir, name)
+    schema = SCHEMAS[name]
+    if name in FRAGMENTED:
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else []
+        if not files:
+            return schema.empty_table()
+        return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+    if not path.is_file():
+        return schema.empty_table()
+    return pq.read_table(path, schema=schema)

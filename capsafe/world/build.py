@@ -1,0 +1,169 @@
+"""Build the demo world (data files, tokenizer, aligned base model) into a content-addressed cache folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Bump when templates, tokenizer or training change what a given config builds: old caches then miss.
+WORLD_VERSION = "1"
+PROMPT_TEMPLATE = "<user> {prompt} <assistant>"
+# vLLM's CPU attention only accepts these head sizes.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+SUITES = ("harmful", "overrefusal", "benign")
+MARKER = "world.json"
+
+
+class WorldConfig(BaseModel):
+    """How the embedded demo world is built; the ``world:`` section of an experiment spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(0, description="Seed of the model's initialisation and of the alignment batch order.")
+    data_seed: int = Field(0, description="Seed of the templated data: shuffles, sampled phrasings, task split.")
+    hidden_size: int = Field(64, description="Model width; hidden_size / num_heads must be a vLLM head size.")
+    num_layers: int = Field(2, description="Number of transformer layers.")
+    num_heads: int = Field(2, description="Attention heads (head size = hidden_size / num_heads, e.g. 32).")
+    intermediate_size: int = Field(256, description="Width of the MLP.")
+    max_len: int = Field(96, description="Longest training sequence in tokens (prompt + response + EOS).")
+    align_steps: int = Field(600, description="Optimizer steps that train the random model into the assistant.")
+    lr: float = Field(3e-3, description="Peak AdamW learning rate of alignment training.")
+    batch_size: int = Field(64, description="Examples per alignment step.")
+    warmup_steps: int = Field(30, description="Linear learning-rate warm-up steps before cosine decay.")
+    task_eval_size: int = Field(200, description="Held-out addition problems in task_eval.jsonl.")
+    log_every: int = Field(100, description="Log the training loss every this many steps.")
+    check_size: int = Field(
+        64, description="Prompts per suite in the post-build sanity check (0 skips it); logged, never enforced."
+    )
+
+    @model_validator(mode="after")
+    def _head_size(self) -> WorldConfig:
+        head, rest = divmod(self.hidden_size, self.num_heads)
+        if rest or head not in VLLM_CPU_HEAD_SIZES:
+            raise ValueError(
+                f"hidden_size / num_heads = {self.hidden_size}/{self.num_heads} must be one of "
+                f"{VLLM_CPU_HEAD_SIZES} (vLLM's CPU attention); e.g. set hidden_size to {32 * self.num_heads}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class WorldFiles:
+    """Paths of a built world; ``model_dir`` holds the model and its tokenizer."""
+
+    root: Path
+    model_dir: Path
+    task_train: Path
+    task_eval: Path
+    general: Path
+    safety: Path
+    suites: dict[str, Path] = field(default_factory=dict)
+
+
+def world_hash(config: WorldConfig) -> str:
+    """Cache key over the config and WORLD_VERSION."""
+    blob = json.dumps({"version": WORLD_VERSION, "config": config.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def world_files(root: Path) -> WorldFiles:
+    """The file layout of a world rooted at ``root`` (whether or not it is built)."""
+    return WorldFiles(
+        root=root,
+        model_dir=root / "model",
+        task_train=root / "task_train.jsonl",
+        task_eval=root / "task_eval.jsonl",
+        general=root / "general.jsonl",
+        safety=root / "safety.jsonl",
+        suites={name: root / "suites" / f"{name}.jsonl" for name in SUITES},
+    )
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def build_world(config: WorldConfig, cache_root: Path, log: Callable[[str], None] = print) -> WorldFiles:
+    """Build the world into ``cache_root/world-<hash>`` or return the cached one.
+
+    The build happens in a temporary folder beside the target that is renamed into place at the end, so an
+    interrupted build leaves no half world, and two concurrent builds both end with the same complete one.
+    """
+    cache_root = Path(cache_root)
+    final = cache_root / f"world-{world_hash(config)}"
+    if (final / MARKER).is_file():
+        return world_files(final)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = cache_root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _build_into(config, tmp, log)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / MARKER).is_file():
+                raise
+            log(f"world: another process finished {final.name} first; using it")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return world_files(final)
+
+
+def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> None:
+    # Heavy imports stay here so that reading a cached world costs no torch/transformers import.
+    import torch
+
+    from capsafe.world.templates import make_world_data
+    from capsafe.world.tokenizer import build_tokenizer
+    from capsafe.world.train import encode_all, greedy, is_refusal, make_model, train
+
+    start = time.perf_counter()
+    files = world_files(root)
+    log(f"world: building {root.name.split('.tmp')[0].lstrip('.')} (first time only)")
+    data = make_world_data(config.data_seed, config.task_eval_size)
+    for path, rows in [(files.task_train, data.task_train), (files.task_eval, data.task_eval),
+                       (files.general, data.general), (files.safety, data.safety),
+                       *[(files.suites[k], v) for k, v in data.suites.items()]]:
+        _write_jsonl(path, rows)
+
+    texts = [r[k] for r in data.alignment + data.general + data.safety for k in ("prompt", "response")]
+    texts += [r[k] for r in data.task_train + data.task_eval for k in ("prompt", "answer")]
+    texts += [r["prompt"] for rows in data.suites.values() for r in rows]
+    tokenizer = build_tokenizer(texts)
+    rng_state = torch.random.get_rng_state()  # leave the caller's global RNG as it was
+    model = make_model(tokenizer, config.hidden_size, config.num_layers, config.num_heads,
+                       config.intermediate_size, config.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"world: {len(data.alignment)} alignment examples, vocabulary {len(tokenizer)}, "
+        f"{n_params / 1e3:.0f}k parameters; aligning for {config.align_steps} steps")
+    examples = encode_all(tokenizer, PROMPT_TEMPLATE, data.alignment, config.max_len)
+    loss = train(model, examples, steps=config.align_steps, lr=config.lr, batch_size=config.batch_size,
+                 warmup_steps=config.warmup_steps, seed=config.seed, pad_id=tokenizer.pad_token_id,
+                 log=log, log_every=config.log_every)
+    torch.random.set_rng_state(rng_state)
+    model.save_pretrained(str(files.model_dir))
+    tokenizer.save_pretrained(str(files.model_dir))
+
+    check: dict[str, float] = {}
+    for name, rows in data.suites.items():
+        prompts = [r["prompt"] for r in rows[: config.check_size]]
+        if prompts:
+            check[f"{name}_refusal"] = sum(map(is_refusal, greedy(model, tokenizer, PROMPT_TEMPLATE, prompts)))
+            check[f"{name}_refusal"] /= len(prompts)
+    if check:
+        log("world: base model refusal rates " + ", ".join(f"{k} {v:.2f}" for k, v in check.items()))
+    seconds = time.perf_counter() - start
+    info = {"version": WORLD_VERSION, "config": config.model_dump(mode="json"), "parameters": n_params,
+            "vocab_size": len(tokenizer), "final_loss": loss, "check": check, "build_seconds": round(seconds, 1)}
+    (root / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    log(f"world: built in {seconds:.0f} s")

@@ -1,0 +1,69 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from capsafe.errors import SpecError
+from capsafe.spec import SafetyMixMethod, Spec, apply_overrides, load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+SPECS = sorted((REPO / "jobs").glob("*.yaml")) + sorted((REPO / "tests" / "specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_shipped_spec_loads(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.methods
+    assert path.read_text().startswith("#"), "each spec starts with a comment giving its commands"
+
+
+def test_every_field_has_a_description() -> None:
+    def walk(model: type) -> None:
+        for name, info in model.model_fields.items():
+            assert info.description, f"{model.__name__}.{name} lacks a description"
+            ann = info.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann)
+
+    walk(Spec)
+    walk(SafetyMixMethod)
+
+
+def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
+    raw = {"methods": [{"name": "plain"}, {"name": "safety_mix"}]}
+    apply_overrides(raw, ["task.target=0.5", "methods.1.ratio=0.1", "seeds=[0, 1]"])
+    spec = Spec.model_validate(raw)
+    assert spec.task.target == 0.5 and spec.seeds == [0, 1]
+    assert isinstance(spec.methods[1], SafetyMixMethod) and spec.methods[1].ratio == 0.1
+
+
+@pytest.mark.parametrize("override, words", [
+    ("task.target=1.5", ["task.target", "less than or equal to 1"]),
+    ("trian.lr=1", ["unknown field 'trian'"]),
+    ("train.max_steps=many", ["train.max_steps", "integer"]),
+    ("methods.0.name=magic", ["unknown method 'magic'", "plain, safety_mix"]),
+    ("task.train_file=/nope/data.jsonl", ["task.train_file", "does not exist"]),
+    ("methods.5.ratio=0.1", ["not an index"]),
+])
+def test_bad_input_names_the_field_and_the_fix(override: str, words: list[str]) -> None:
+    with pytest.raises(SpecError) as err:
+        load_spec(REPO / "jobs" / "demo.yaml", [override])
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for args in (["validate", "jobs/demo.yaml", "task.target=2"],
+                 ["run", "jobs/demo.yaml", f"output_dir={out}", "task.target=2"],
+                 ["run", "jobs/demo.yaml", f"output_dir={out}", "bogus=1"],
+                 ["run", "jobs/demo.yaml", f"output_dir={out}", "task.eval_file=missing.jsonl"],
+                 ["run", "jobs/demo.yaml", f"output_dir={out}", "methods.0.name=nope"],
+                 ["run", "jobs/missing.yaml"]):
+        proc = subprocess.run([sys.executable, "-m", "capsafe.cli", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("capsafe: error:") and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1  # one paragraph
+    assert not out.exists()
