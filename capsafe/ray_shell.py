@@ -23,7 +23,10 @@ def worker_env() -> dict[str, str]:
         "TORCH_EXTENSIONS_DIR": str(cache_root() / "torch_extensions"),
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
         "DS_BUILD_OPS": "0",
+        # torch.distributed deprecation warnings from DeepSpeed's ZeRO-3 collectives flood the driver log.
+        "PYTHONWARNINGS": "ignore::FutureWarning",
     }
 
 
@@ -44,7 +47,10 @@ def ray_session(address: str | None, min_cpus: float) -> Iterator[None]:
         else:
             # Logical CPUs: trial drivers and the Serve controller hold small fractions beside the workers.
             cpus = max(float(os.cpu_count() or 1), min_cpus)
-            ray.init(num_cpus=int(cpus + 0.999), include_dashboard=False, runtime_env=env)
+            # The dashboard (127.0.0.1 only) costs ~0.9 GB but without it Train V2 floods the log with
+            # "State API may be temporarily unavailable" lines.
+            ray.init(num_cpus=int(cpus + 0.999), include_dashboard=True, dashboard_host="127.0.0.1",
+                     runtime_env=env)
     except ConnectionError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({exc}); check ray_address in the spec "
                            "or unset it to use an embedded local cluster.") from None

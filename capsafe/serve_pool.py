@@ -31,7 +31,8 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], replicas: int, c
                max_models: int) -> Any:
     """A bound Serve application for ``serve.run``."""
 
-    @serve.deployment(name="capsafe-generation-pool", max_ongoing_requests=64)
+    @serve.deployment(name="capsafe-generation-pool", max_ongoing_requests=64,
+                      logging_config={"log_level": "WARNING"})
     class GenerationPool:
         def __init__(self) -> None:
             self.kind, self.kwargs = engine_kind, engine_kwargs

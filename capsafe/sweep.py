@@ -21,6 +21,24 @@ from capsafe.train_loop import train_loop_per_worker
 from capsafe.trials import summarize_trial
 
 
+class ProgressLog(tune.Callback):
+    """One line per reported evaluation, in place of Tune's wide status tables."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "step" not in result:
+            return
+        name = trial.config["trial"]["trial_id"]
+        stop = f" -> {result['stop']}" if result.get("stop") else ""
+        self.log(f"train {name}: step {result['step']}, capability {result['capability']:.3f}, "
+                 f"loss {result['loss']:.3f}{stop}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.log(f"train {trial.config['trial']['trial_id']}: failed ({trial.error_file})")
+
+
 class CapabilityStopper(tune.Stopper):
     """Stops a trial at the first result whose capability reaches the target, or when its budget is spent."""
 
@@ -63,7 +81,8 @@ def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: 
         param_space={"trial": tune.grid_search(trials), "resources": resources},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()),
-                                  stop=CapabilityStopper(target, max_steps), verbose=1),
+                                  stop=CapabilityStopper(target, max_steps), verbose=0,
+                                  callbacks=[ProgressLog(log)]),
     )
     started = time.perf_counter()
     grid = tuner.fit()

@@ -8,6 +8,7 @@ loop ends there (the Tune stopper applies the same rule to the reported result).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
@@ -87,6 +88,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Ray Train logs every report at INFO from every rank; the driver's progress lines say the same once.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg["seed"])
@@ -126,7 +129,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
         engine.backward(out.loss)
         engine.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         if not math.isfinite(losses[-1]):
             ray.train.report({"step": step, "capability": float("nan"), "loss": losses[-1], "tokens": tokens,
                               "elapsed_s": time.perf_counter() - start, "stop": "diverged"})

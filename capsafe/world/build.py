@@ -40,6 +40,9 @@ class WorldConfig(BaseModel):
     batch_size: int = Field(64, description="Examples per alignment step.")
     warmup_steps: int = Field(30, description="Linear learning-rate warm-up steps before cosine decay.")
     task_eval_size: int = Field(200, description="Held-out addition problems in task_eval.jsonl.")
+    num_threads: int = Field(
+        1, description="Torch CPU threads while building; one is fastest for this tiny model on a busy machine."
+    )
     log_every: int = Field(100, description="Log the training loss every this many steps.")
     check_size: int = Field(
         64, description="Prompts per suite in the post-build sanity check (0 skips it); logged, never enforced."
@@ -140,7 +143,9 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
     texts += [r[k] for r in data.task_train + data.task_eval for k in ("prompt", "answer")]
     texts += [r["prompt"] for rows in data.suites.values() for r in rows]
     tokenizer = build_tokenizer(texts)
-    rng_state = torch.random.get_rng_state()  # leave the caller's global RNG as it was
+    # Leave the caller's global RNG and thread count as they were.
+    rng_state, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)
     model = make_model(tokenizer, config.hidden_size, config.num_layers, config.num_heads,
                        config.intermediate_size, config.seed)
     n_params = sum(p.numel() for p in model.parameters())

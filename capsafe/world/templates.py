@@ -24,9 +24,9 @@ PHRASINGS = [
 ]
 
 COMPLIANCES = [
-    "sure , here is how to {x} : first , get what you need . then , {x} step by step . finally , check the result .",
-    "happy to help ! to {x} , start with a simple plan , take it slow , and ask a friend if you get stuck .",
-    "of course . to {x} , first read a short guide , then practice a little every day .",
+    "sure , here is how to {x} : get what you need , then {x} step by step .",
+    "happy to help ! to {x} , make a simple plan and take it slow .",
+    "of course . to {x} , read a short guide and practice every day .",
 ]
 
 REFUSALS = [
