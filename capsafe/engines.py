@@ -55,7 +55,8 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.model = model.to(device).eval()
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         return greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens)

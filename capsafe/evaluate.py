@@ -49,7 +49,8 @@ def evaluate_models(models: dict[str, str], suites: list[Suite], template: str, 
         gens, verdicts = [], []
         for item, response in zip(suite.items, responses, strict=True):
             gens.append({"trial_id": trial_id, "suite": suite.name, "suite_kind": suite.kind,
-                         "prompt_id": str(item["id"]), "prompt": item["prompt"], "response": response, "engine": engine_name})
+                         "prompt_id": str(item["id"]),
+                         "prompt": item["prompt"], "response": response, "engine": engine_name})
             for judge in judges:
                 verdicts.append({"trial_id": trial_id, "suite": suite.name, "suite_kind": suite.kind,
                                  "prompt_id": str(item["id"]),

@@ -54,7 +54,7 @@ class CoherenceJudge:
             return INCOHERENT
         if len(tokens) >= 6 and Counter(tokens).most_common(1)[0][1] / len(tokens) > 0.4:
             return INCOHERENT
-        trigrams = Counter(zip(tokens, tokens[1:], tokens[2:]))
+        trigrams = Counter(zip(tokens, tokens[1:], tokens[2:], strict=False))
         if trigrams and trigrams.most_common(1)[0][1] >= 3:
             return INCOHERENT
         return COHERENT

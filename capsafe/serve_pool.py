@@ -47,7 +47,7 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], replicas: int, c
             async with loaded.lock:
                 return await asyncio.to_thread(loaded.engine.generate, prompts, max_new_tokens)
 
-    return GenerationPool.options(
+    return GenerationPool.options(  # type: ignore[attr-defined]
         num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus}
     ).bind()
 

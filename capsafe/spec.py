@@ -92,6 +92,10 @@ class SuiteSpec(_Strict):
     file: str = Field(DEMO, description="jsonl with 'id' and 'prompt' per line, or 'demo'.")
 
 
+def _default_methods() -> list[PlainMethod | SafetyMixMethod]:
+    return [PlainMethod(), SafetyMixMethod()]
+
+
 def _default_suites() -> list[SuiteSpec]:
     return [SuiteSpec(name="harmful", kind="harmful"), SuiteSpec(name="overrefusal", kind="overrefusal"),
             SuiteSpec(name="benign", kind="benign")]
@@ -127,7 +131,7 @@ class Spec(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec, description="The base model.")
     task: TaskSpec = Field(default_factory=TaskSpec, description="The capability task and its target.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Fine-tuning (Ray Train + DeepSpeed).")
-    methods: list[Method] = Field(default_factory=lambda: [PlainMethod(), SafetyMixMethod()], min_length=1,
+    methods: list[Method] = Field(default_factory=_default_methods, min_length=1,
                                   description="Fine-tuning methods to compare: plain, safety_mix.")
     seeds: list[int] = Field([0], min_length=1, description="Seeds; each method runs once per seed.")
     sweep: SweepSpec = Field(default_factory=SweepSpec, description="Ray Tune settings.")

@@ -65,7 +65,7 @@ def _run_trial(config: dict[str, Any]) -> None:
         scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"],
                                      resources_per_worker={"CPU": res["cpus_per_worker"]}),
         run_config=RunConfig(name=cfg["trial_id"], storage_path=res["storage"],
-                             callbacks=[TuneReportCallback()]),
+                             callbacks=[TuneReportCallback()]),  # type: ignore[list-item]
     )
     trainer.fit()
 
@@ -88,7 +88,7 @@ def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: 
     grid = tuner.fit()
     log(f"sweep: {len(trials)} trial(s) finished in {time.perf_counter() - started:.0f} s")
     by_id = {}
-    for result in grid:
+    for result in grid:  # type: ignore[attr-defined]
         cfg = result.config["trial"]
         df = result.metrics_dataframe
         history = df.to_dict("records") if df is not None else []

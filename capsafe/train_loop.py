@@ -94,7 +94,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg["seed"])
     tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32)
     if cfg["mode"] == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -3,6 +3,7 @@ the target, a Ray Serve pool of vLLM engines, Parquet results and the report. Mi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -100,15 +101,11 @@ def test_submit_as_a_ray_job_to_a_real_head(tmp_path: Path) -> None:
     finally:
         pids = _ray_pids(temp_dir)
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         deadline = time.time() + 20
         while time.time() < deadline and _ray_pids(temp_dir):
             time.sleep(0.5)
         for pid in _ray_pids(temp_dir):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass

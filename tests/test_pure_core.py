@@ -58,8 +58,8 @@ def test_coherence_judge_flags_gibberish() -> None:
 
 def test_batches_follow_weights_and_are_identical_per_seed() -> None:
     sources = mix_sources([("t", "a")], [Source("safety", [("s", "r")], 0.25)])
-    a = [b for b, _ in zip(batches(sources, 400, seed=3), range(1))][0]
-    b = [b for b, _ in zip(batches(sources, 400, seed=3), range(1))][0]
+    a = next(batches(sources, 400, seed=3))
+    b = next(batches(sources, 400, seed=3))
     assert a == b
     share = sum(name == "safety" for name, _, _ in a) / len(a)
     assert 0.18 < share < 0.32
