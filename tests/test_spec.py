@@ -67,3 +67,17 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path) -> None:
         assert proc.stderr.startswith("capsafe: error:") and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1  # one paragraph
     assert not out.exists()
+
+
+def test_readme_documents_every_spec_field() -> None:
+    readme = (REPO / "README.md").read_text()
+
+    def walk(model: type, prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            ann = info.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+            else:
+                assert f"`{prefix}{name}`" in readme, f"README lacks the spec field {prefix}{name}"
+
+    walk(Spec, "")
