@@ -102,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (submit SPEC --address URL key=value); argparse leaves those unparsed.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     handler = {"validate": _cmd_validate, "run": _cmd_run, "submit": _cmd_submit, "report": _cmd_report}
     try:
         return handler[args.command](args)

@@ -42,8 +42,12 @@ def ray_session(address: str | None, min_cpus: float) -> Iterator[None]:
         return
     env = {"env_vars": worker_env()}
     try:
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        if address is None and os.environ.get("RAY_ADDRESS"):
+            # Inside a Ray job: the job's runtime env (set by `capsafe submit`) already carries worker_env();
+            # passing another one makes Ray refuse to merge them.
+            ray.init()
+        elif address:
+            ray.init(address=address, runtime_env=env)
         else:
             # Logical CPUs: trial drivers and the Serve controller hold small fractions beside the workers.
             cpus = max(float(os.cpu_count() or 1), min_cpus)
