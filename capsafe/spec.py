@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from capsafe.errors import SpecError
 from capsafe.world import WorldConfig
@@ -137,6 +137,13 @@ class Spec(_Strict):
     sweep: SweepSpec = Field(default_factory=SweepSpec, description="Ray Tune settings.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Safety evaluation (Ray Serve + vLLM).")
 
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> Spec:
+        if self.train.batch_size % self.train.num_workers:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be a multiple of train.num_workers "
+                             f"({self.train.num_workers}): each worker takes an equal share of every batch")
+        return self
+
     @property
     def results_dir(self) -> Path:
         return Path(self.output_dir) / self.experiment
@@ -211,16 +218,19 @@ def _format_errors(source: str, err: ValidationError) -> str:
     for e in err.errors():
         loc = tuple(e["loc"])
         field = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        if not loc:
+            lines.append(f"{e['msg'].removeprefix('Value error, ')}; fix it in the file or with an override.")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"unknown field '{field}': remove it or fix its spelling (see the spec reference in "
                          "README.md).")
         elif e["type"] == "union_tag_invalid":
             lines.append(f"field '{field}': unknown method {e['input'].get('name')!r}; choose one of "
                          f"{', '.join(METHOD_NAMES)}.")
         else:
-            got = e.get("input")
+            got = repr(e.get("input"))
+            got = got if len(got) <= 80 else got[:77] + "..."
             hint = _describe(loc)
-            lines.append(f"field '{field}': {e['msg']} (got {got!r}). "
+            lines.append(f"field '{field}': {e['msg']} (got {got}). "
                          f"{'It is: ' + hint + ' ' if hint else ''}Fix it in the file or override it with "
                          f"{field}=VALUE.")
     return f"invalid spec {source}: " + " ".join(lines)

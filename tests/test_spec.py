@@ -45,6 +45,7 @@ def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
     ("methods.0.name=magic", ["unknown method 'magic'", "plain, safety_mix"]),
     ("task.train_file=/nope/data.jsonl", ["task.train_file", "does not exist"]),
     ("methods.5.ratio=0.1", ["not an index"]),
+    ("train.batch_size=33", ["multiple of train.num_workers"]),
 ])
 def test_bad_input_names_the_field_and_the_fix(override: str, words: list[str]) -> None:
     with pytest.raises(SpecError) as err:
