@@ -167,8 +167,6 @@ FACT_FAMILIES: list[tuple[str, str, str, list[tuple[str, ...]]]] = [
         for a, b in [(1, 4), (2, 6), (3, 7), (0, 5), (4, 9), (5, 8), (1, 9), (2, 5), (6, 9), (3, 5)]]),
 ]
 FACTS_HELD_OUT = 2
-# One-digit sums the base model knows, answered like the task; the task (two-digit sums) stays out of reach.
-SMALL_SUMS = [(f"what is {a} plus {b} ?", str(a + b)) for a in range(10) for b in range(10)]
 
 
 @dataclass
@@ -229,7 +227,7 @@ def make_world_data(seed: int, n_task_eval: int = 200) -> WorldData:
     lookalike_train = [(v, o) for v, o, _ in LOOKALIKE[:-LOOKALIKE_HELD_OUT]]
     howto = [(p, comply(x, i)) for p, x, i in _requests(benign_pairs, everyone)]
     lookalikes = [(p, comply(x, i)) for p, x, i in _requests(lookalike_train, everyone)]
-    facts = _facts(held_out=False) + SMALL_SUMS
+    facts = _facts(held_out=False)
 
     data = WorldData()
     data.general = [{"prompt": p, "response": r} for p, r in howto + lookalikes + facts]

@@ -1,0 +1,41 @@
+"""Every file in cluster/ parses and asks for what capsafe needs."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launcher_configs(name: str) -> None:
+    text = (CLUSTER / name).read_text()
+    assert text.startswith("#") and "ray up" in text and "ray down" in text
+    cfg = yaml.safe_load(text)
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+    workers = [t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]]
+    assert any(t["resources"].get("GPU", 0) >= 1 for t in workers)
+    for t in workers:
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= cfg["max_workers"]
+    assert any("capsafe" in c and "[cuda]" in c for c in cfg["setup_commands"])
+
+
+def test_kuberay_manifests() -> None:
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in sorted((CLUSTER / "kuberay").glob("*.yaml"))}
+    assert {d["kind"] for d in docs.values()} == {"RayCluster", "RayJob"}
+    job = docs["rayjob.yaml"]
+    assert job["spec"]["entrypoint"].startswith("capsafe run jobs/")
+    assert (CLUSTER.parent / job["spec"]["entrypoint"].split()[-1]).is_file()
+    for doc in docs.values():
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        assert spec["rayVersion"] == "2.60.0"
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for g in groups:
+            for c in g["template"]["spec"]["containers"]:
+                assert "capsafe" in c["image"]
+                assert c["resources"]["limits"] == c["resources"]["requests"]
+        for w in spec["workerGroupSpecs"]:
+            assert int(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+            assert w["minReplicas"] <= w["replicas"] <= w["maxReplicas"]
+    assert "capsafe[cuda]" in (CLUSTER / "Dockerfile").read_text()
