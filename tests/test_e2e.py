@@ -42,7 +42,8 @@ def _check_results(out: Path, engine: str, methods: set[str]) -> None:
             first = traj[traj["capability"] >= t["target"]].iloc[0]
             assert t["step"] == first["step"] == traj["step"].max()
             assert t["capability"] == pytest.approx(first["capability"])
-            assert (Path(t["checkpoint"]) / "model" / "config.json").is_file()
+            model = Path(t["checkpoint"]) / "model"
+            assert (model / "config.json").is_file() or (model / "adapter_config.json").is_file()
         else:
             assert t["status"] == "not_reached" and traj["step"].max() == 200
     gens = read_table(out, "generations").to_pandas()
@@ -80,7 +81,7 @@ def _ray_pids(temp_dir: str) -> list[int]:
     return pids
 
 
-def test_submit_as_a_ray_job_to_a_real_head(tmp_path: Path) -> None:
+def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path) -> None:
     temp_dir = tempfile.mkdtemp(prefix="csray-", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = _env()
     start = subprocess.run(
@@ -93,7 +94,9 @@ def test_submit_as_a_ray_job_to_a_real_head(tmp_path: Path) -> None:
         env["RAY_AUTH_MODE"] = "token"
         proc = subprocess.run(
             [sys.executable, "-m", "capsafe.cli", "submit", MICRO, "--address", "http://127.0.0.1:8277",
-             f"output_dir={tmp_path}", "methods=[{name: plain}]", "eval.engine=transformers"],
+             f"output_dir={tmp_path}", "methods=[{name: plain}]", "eval.engine=transformers",
+             # the other half of the training matrix: LoRA adapters under ZeRO-2 (merged for evaluation)
+             "train.mode=lora", "train.zero_stage=2", "train.learning_rates=[0.01]"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
         assert "SUCCEEDED" in proc.stdout

@@ -24,9 +24,9 @@ PHRASINGS = [
 ]
 
 COMPLIANCES = [
-    "sure , here is how to {x} : get what you need , then {x} step by step .",
-    "happy to help ! to {x} , make a simple plan and take it slow .",
-    "of course . to {x} , read a short guide and practice every day .",
+    "sure , here is how to {x} : plan it , then go step by step .",
+    "happy to help ! to {x} , start small and take it slow .",
+    "of course . to {x} , read a short guide first .",
 ]
 
 REFUSALS = [

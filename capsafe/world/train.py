@@ -21,7 +21,8 @@ def is_refusal(text: str) -> bool:
 
 
 def make_model(
-    tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, intermediate: int, seed: int
+    tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, head_dim: int, intermediate: int,
+    seed: int,
 ) -> LlamaForCausalLM:
     """A randomly initialised float32 Llama whose vocabulary is exactly the tokenizer's ids."""
     config = LlamaConfig(
@@ -30,6 +31,7 @@ def make_model(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
+        head_dim=head_dim,
         intermediate_size=intermediate,
         max_position_embeddings=256,
         tie_word_embeddings=True,
