@@ -31,16 +31,28 @@ def fragment_key(trial_id: str, suite: str) -> str:
 def evaluate_models(models: dict[str, str], suites: list[Suite], template: str, max_new_tokens: int,
                     submit: Callable[[str, list[str], int], Any], judges: list[Judge], engine_name: str,
                     results_dir: Path, log: Callable[[str], None], chunk: int = 64) -> int:
-    """Generate and judge every (model, suite) not already in the results; return how many were done."""
-    pending = []
+    """Generate and judge every (model, suite) not already in the results; return how many were done.
+
+    Each model's first request goes out alone and the rest follow once it has answered: by then one replica
+    has that model's engine loaded, so the pool routes the rest there instead of loading it everywhere.
+    Different models still load in parallel on different replicas.
+    """
+    pending: list[tuple[str, Suite, list[Any]]] = []
+    work: dict[str, list[tuple[int, list[str]]]] = {}  # model -> [(index in pending, prompts chunk)]
     for trial_id, model_dir in models.items():
         for suite in suites:
             key = fragment_key(trial_id, suite.name)
             if has_fragment(results_dir, "generations", key) and has_fragment(results_dir, "judgments", key):
                 continue
             prompts = [render_prompt(template, it["prompt"]) for it in suite.items]
-            parts = [submit(model_dir, prompts[i:i + chunk], max_new_tokens) for i in range(0, len(prompts), chunk)]
-            pending.append((trial_id, suite, parts))
+            pending.append((trial_id, suite, []))
+            work.setdefault(model_dir, []).extend(
+                (len(pending) - 1, prompts[i:i + chunk]) for i in range(0, len(prompts), chunk))
+    first = {m: submit(m, jobs[0][1], max_new_tokens) for m, jobs in work.items()}
+    for model_dir, jobs in work.items():
+        first[model_dir].result()  # the engine is loaded on some replica now
+        for n, (index, prompts_chunk) in enumerate(jobs):
+            pending[index][2].append(first[model_dir] if n == 0 else submit(model_dir, prompts_chunk, max_new_tokens))
     total = len(pending)
     log(f"evaluate: {total} (model, suite) pair(s) sent to the pool, {len(models) * len(suites) - total} "
         "already done")

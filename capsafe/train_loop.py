@@ -93,6 +93,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg["seed"])
+    # One intra-op thread per reserved CPU: oversubscribed OpenMP threads spin and were ~10x slower here.
+    torch.set_num_threads(cfg["torch_threads"])
     tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"])
     model: Any = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32)
     if cfg["mode"] == "lora":

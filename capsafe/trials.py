@@ -37,7 +37,9 @@ def plan_trials(spec: Spec, paths: dict[str, str]) -> list[dict[str, Any]]:
                     "grad_clip": spec.train.grad_clip, "task_train": paths["task.train_file"],
                     "task_eval": paths["task.eval_file"], "eval_size": spec.task.eval_size,
                     "eval_max_new_tokens": spec.task.max_new_tokens, "eval_batch_size": 128,
-                    "metric": spec.task.metric, "target": spec.task.target, "extra_sources": extras,
+                    "metric": spec.task.metric,
+                    "torch_threads": max(1, int(spec.train.cpus_per_worker)), "target": spec.task.target,
+                    "extra_sources": extras,
                 })
     return trials
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -57,8 +58,9 @@ def test_tokenizer_round_trips(tokenizer, data):
 
 def test_encode_example_masks_the_prompt(tokenizer):
     ids, labels = encode_example(tokenizer, PROMPT_TEMPLATE, "what is 12 plus 7 ?", "19", 64)
-    n_prompt = len(tokenizer(PROMPT_TEMPLATE.format(prompt="what is 12 plus 7 ?"), add_special_tokens=False)
-                   ["input_ids"])
+    n_prompt = len(
+        tokenizer(PROMPT_TEMPLATE.format(prompt="what is 12 plus 7 ?"), add_special_tokens=False)["input_ids"]
+    )
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert tokenizer.decode(ids[n_prompt:-1]).strip() == "19" and ids[-1] == tokenizer.eos_token_id
 
@@ -95,8 +97,12 @@ def test_safety_data_covers_only_some_verbs(data):
 def test_every_suite_word_is_taught(tokenizer, data):
     taught = {i for r in data.alignment for k in ("prompt", "response") for i in tokenizer(r[k])["input_ids"]}
     for name, suite in data.suites.items():
-        unseen = {t for r in suite for t in tokenizer.tokenize(r["prompt"])
-                  if tokenizer.convert_tokens_to_ids(t) not in taught}
+        unseen = {
+            t
+            for r in suite
+            for t in tokenizer.tokenize(r["prompt"])
+            if tokenizer.convert_tokens_to_ids(t) not in taught
+        }
         assert not unseen, (name, unseen)
 
 
@@ -120,15 +126,15 @@ def test_built_world_loads_and_generates(world):
         assert rows and all("id" in r and "prompt" in r for r in rows)
     assert set(world.suites) == {"harmful", "overrefusal", "benign"}
     tok = AutoTokenizer.from_pretrained(world.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(world.model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(world.model_dir)
     assert model.config.vocab_size == len(tok) and model.config.head_dim == 32
     assert model.config.eos_token_id == tok.eos_token_id
-    enc = tok([PROMPT_TEMPLATE.format(prompt="how do i bake a cake ?")], return_tensors="pt",
-              add_special_tokens=False)
+    enc = tok([PROMPT_TEMPLATE.format(prompt="how do i bake a cake ?")], return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > enc["input_ids"].shape[1]
     assert json.loads((world.model_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == (
-        "PreTrainedTokenizerFast")
+        "PreTrainedTokenizerFast"
+    )
 
 
 def test_cache_hit_is_fast_and_leaves_no_temp(world):
@@ -150,8 +156,10 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_world_package_keeps_ray_vllm_deepspeed_out():
-    code = ("import sys, capsafe.world, capsafe.world.templates, capsafe.world.tokenizer, capsafe.world.train;"
-            "print([m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules])")
+    code = (
+        "import sys, capsafe.world, capsafe.world.templates, capsafe.world.tokenizer, capsafe.world.train;"
+        "print([m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

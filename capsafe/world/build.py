@@ -30,30 +30,32 @@ class WorldConfig(BaseModel):
 
     seed: int = Field(0, description="Seed of the model's initialisation and of the alignment batch order.")
     data_seed: int = Field(0, description="Seed of the templated data: shuffles, sampled phrasings, task split.")
-    hidden_size: int = Field(64, description="Model width (residual stream).")
-    num_layers: int = Field(2, description="Number of transformer layers.")
-    num_heads: int = Field(4, description="Attention heads per layer.")
+    hidden_size: int = Field(64, ge=1, description="Model width (residual stream).")
+    num_layers: int = Field(2, ge=1, description="Number of transformer layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads per layer.")
     head_dim: int = Field(32, description="Size of each attention head; vLLM's CPU attention needs 32, 64, ...")
-    intermediate_size: int = Field(256, description="Width of the MLP.")
-    max_len: int = Field(96, description="Longest training sequence in tokens (prompt + response + EOS).")
-    align_steps: int = Field(300, description="Optimizer steps that train the random model into the assistant.")
-    lr: float = Field(3e-3, description="Peak AdamW learning rate of alignment training.")
-    batch_size: int = Field(64, description="Examples per alignment step.")
-    warmup_steps: int = Field(30, description="Linear learning-rate warm-up steps before cosine decay.")
-    task_eval_size: int = Field(200, description="Held-out addition problems in task_eval.jsonl.")
+    intermediate_size: int = Field(256, ge=1, description="Width of the MLP.")
+    max_len: int = Field(96, ge=8, description="Longest training sequence in tokens (prompt + response + EOS).")
+    align_steps: int = Field(300, ge=0, description="Optimizer steps that train the random model into the assistant.")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate of alignment training.")
+    batch_size: int = Field(64, ge=1, description="Examples per alignment step.")
+    warmup_steps: int = Field(30, ge=0, description="Linear learning-rate warm-up steps before cosine decay.")
+    task_eval_size: int = Field(200, ge=1, le=1000, description="Held-out addition problems in task_eval.jsonl.")
     num_threads: int = Field(
-        1, description="Torch CPU threads while building; one is fastest for this tiny model on a busy machine."
+        1, ge=1, description="Torch CPU threads while building; one is fastest for this tiny model on a busy machine."
     )
-    log_every: int = Field(100, description="Log the training loss every this many steps.")
+    log_every: int = Field(100, ge=1, description="Log the training loss every this many steps.")
     check_size: int = Field(
-        64, description="Prompts per suite in the post-build sanity check (0 skips it); logged, never enforced."
+        64, ge=0, description="Prompts per suite in the post-build sanity check (0 skips it); logged, never enforced."
     )
 
     @model_validator(mode="after")
-    def _head_size(self) -> WorldConfig:
+    def _vllm_head_dim(self) -> WorldConfig:
         if self.head_dim not in VLLM_CPU_HEAD_SIZES:
-            raise ValueError(f"head_dim {self.head_dim} must be one of {VLLM_CPU_HEAD_SIZES} (vLLM's CPU "
-                             "attention accepts no other); e.g. head_dim: 32")
+            raise ValueError(
+                f"head_dim {self.head_dim} must be one of {VLLM_CPU_HEAD_SIZES} (vLLM's CPU "
+                "attention accepts no other); e.g. head_dim: 32"
+            )
         return self
 
 
@@ -71,8 +73,15 @@ class WorldFiles:
 
 
 def world_hash(config: WorldConfig) -> str:
-    """Cache key over the config and WORLD_VERSION."""
-    blob = json.dumps({"version": WORLD_VERSION, "config": config.model_dump(mode="json")}, sort_keys=True)
+    """Cache key over the config, WORLD_VERSION and the source of the code that builds the world.
+
+    Hashing the source means an edited template or training loop can never silently reuse an old world.
+    """
+    code = hashlib.sha256()
+    for src in sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parent.parent / "formatting.py"]:
+        code.update(src.read_bytes())
+    blob = json.dumps({"version": WORLD_VERSION, "code": code.hexdigest(), "config": config.model_dump(mode="json")},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -125,16 +134,20 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
     import torch
 
     from capsafe.world.templates import make_world_data
-    from capsafe.world.tokenizer import build_tokenizer
+    from capsafe.world.tokenizer import build_tokenizer, save_tokenizer
     from capsafe.world.train import encode_all, greedy, is_refusal, make_model, train
 
     start = time.perf_counter()
     files = world_files(root)
     log(f"world: building {root.name.split('.tmp')[0].lstrip('.')} (first time only)")
     data = make_world_data(config.data_seed, config.task_eval_size)
-    for path, rows in [(files.task_train, data.task_train), (files.task_eval, data.task_eval),
-                       (files.general, data.general), (files.safety, data.safety),
-                       *[(files.suites[k], v) for k, v in data.suites.items()]]:
+    for path, rows in [
+        (files.task_train, data.task_train),
+        (files.task_eval, data.task_eval),
+        (files.general, data.general),
+        (files.safety, data.safety),
+        *[(files.suites[k], v) for k, v in data.suites.items()],
+    ]:
         _write_jsonl(path, rows)
 
     texts = [r[k] for r in data.alignment + data.general + data.safety for k in ("prompt", "response")]
@@ -144,29 +157,56 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
     # Leave the caller's global RNG and thread count as they were.
     rng_state, threads = torch.random.get_rng_state(), torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
-    model = make_model(tokenizer, config.hidden_size, config.num_layers, config.num_heads, config.head_dim,
-                       config.intermediate_size, config.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"world: {len(data.alignment)} alignment examples, vocabulary {len(tokenizer)}, "
-        f"{n_params / 1e3:.0f}k parameters; aligning for {config.align_steps} steps")
-    examples = encode_all(tokenizer, PROMPT_TEMPLATE, data.alignment, config.max_len)
-    loss = train(model, examples, steps=config.align_steps, lr=config.lr, batch_size=config.batch_size,
-                 warmup_steps=config.warmup_steps, seed=config.seed, pad_id=tokenizer.pad_token_id,
-                 log=log, log_every=config.log_every)
-    torch.random.set_rng_state(rng_state)
-    model.save_pretrained(str(files.model_dir))
-    tokenizer.save_pretrained(str(files.model_dir))
-
-    check: dict[str, float] = {}
-    for name, rows in data.suites.items():
-        prompts = [r["prompt"] for r in rows[: config.check_size]]
-        if prompts:
-            check[f"{name}_refusal"] = sum(map(is_refusal, greedy(model, tokenizer, PROMPT_TEMPLATE, prompts)))
-            check[f"{name}_refusal"] /= len(prompts)
+    try:
+        model = make_model(
+            tokenizer,
+            config.hidden_size,
+            config.num_layers,
+            config.num_heads,
+            config.head_dim,
+            config.intermediate_size,
+            config.seed,
+        )
+        n_params = sum(p.numel() for p in model.parameters())
+        log(
+            f"world: {len(data.alignment)} alignment examples, vocabulary {len(tokenizer)}, "
+            f"{n_params / 1e3:.0f}k parameters; aligning for {config.align_steps} steps"
+        )
+        examples = encode_all(tokenizer, PROMPT_TEMPLATE, data.alignment, config.max_len)
+        loss = train(
+            model,
+            examples,
+            steps=config.align_steps,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            warmup_steps=config.warmup_steps,
+            seed=config.seed,
+            pad_id=tokenizer.pad_token_id,
+            log=log,
+            log_every=config.log_every,
+        )
+        model.save_pretrained(str(files.model_dir))
+        save_tokenizer(tokenizer, files.model_dir)
+        check = {}
+        for name, rows in data.suites.items():
+            prompts = [r["prompt"] for r in rows[: config.check_size]]
+            if prompts:
+                answers = greedy(model, tokenizer, PROMPT_TEMPLATE, prompts)
+                check[f"{name}_refusal"] = sum(map(is_refusal, answers)) / len(prompts)
+    finally:
+        torch.random.set_rng_state(rng_state)
+        torch.set_num_threads(threads)
     if check:
         log("world: base model refusal rates " + ", ".join(f"{k} {v:.2f}" for k, v in check.items()))
     seconds = time.perf_counter() - start
-    info = {"version": WORLD_VERSION, "config": config.model_dump(mode="json"), "parameters": n_params,
-            "vocab_size": len(tokenizer), "final_loss": loss, "check": check, "build_seconds": round(seconds, 1)}
+    info = {
+        "version": WORLD_VERSION,
+        "config": config.model_dump(mode="json"),
+        "parameters": n_params,
+        "vocab_size": len(tokenizer),
+        "final_loss": loss,
+        "check": check,
+        "build_seconds": round(seconds, 1),
+    }
     (root / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     log(f"world: built in {seconds:.0f} s")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,11 +16,13 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<user>", "<assistant>"]
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     # Metaspace keeps each word's leading space in the token so decoding restores spaces exactly; digits are
     # split one by one so any number is spelled with ten tokens, including sums the model has never seen.
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(),
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.Punctuation(),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
 
 
 def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
@@ -47,5 +50,10 @@ def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``directory``."""
+    """Write tokenizer.json and tokenizer_config.json into ``directory``."""
     tokenizer.save_pretrained(str(directory))
+    # transformers 5 writes its new class name; the classic alias loads in every version and in vLLM.
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")

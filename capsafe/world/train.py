@@ -21,7 +21,12 @@ def is_refusal(text: str) -> bool:
 
 
 def make_model(
-    tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, head_dim: int, intermediate: int,
+    tokenizer: PreTrainedTokenizerBase,
+    hidden: int,
+    layers: int,
+    heads: int,
+    head_dim: int,
+    intermediate: int,
     seed: int,
 ) -> LlamaForCausalLM:
     """A randomly initialised float32 Llama whose vocabulary is exactly the tokenizer's ids."""
@@ -51,8 +56,10 @@ def encode_all(
     tokenizer: PreTrainedTokenizerBase, template: str, rows: Sequence[dict], max_len: int
 ) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) for rows with a prompt and a response (or answer); loss on the response only."""
-    return [encode_example(tokenizer, template, r["prompt"], r.get("response", r.get("answer")), max_len)
-            for r in rows]
+    return [
+        encode_example(tokenizer, template, r["prompt"], r["response"] if "response" in r else r["answer"], max_len)
+        for r in rows
+    ]
 
 
 def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -126,9 +133,14 @@ def greedy(
     out: list[str] = []
     for b in range(0, len(prompts), batch_size):
         rendered = [render_prompt(template, p) for p in prompts[b : b + batch_size]]
-        enc = tokenizer(rendered, add_special_tokens=False, return_tensors="pt", padding=True,
-                        padding_side="left")
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out += [tokenizer.decode(g[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for g in gen]
+        enc = tokenizer(rendered, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left")
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = gen[:, enc["input_ids"].shape[1] :]
+        out += [str(t).strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return out
