@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,13 +16,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("CAPSAFE_CACHE", Path.home() / ".cache" / "capsafe")).expanduser()
 
 
+def _env_key() -> str:
+    return hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+
+
 def worker_env() -> dict[str, str]:
     """Environment for every Ray worker (Train workers, Serve replicas)."""
     return {
         # Train V2 polls workers every 2 s by default, which makes each ray.train.report block ~1.6 s.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-        # DeepSpeed JIT-compiles a CPU comm op on first use; keep the build between runs.
-        "TORCH_EXTENSIONS_DIR": str(cache_root() / "torch_extensions"),
+        # DeepSpeed JIT-compiles a CPU comm op on first use; keep the build between runs. One folder per
+        # Python environment: the build embeds its include paths, so two venvs sharing one would rebuild it
+        # (~90 s) every time the other one had run.
+        "TORCH_EXTENSIONS_DIR": str(cache_root() / "torch_extensions" / _env_key()),
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
