@@ -28,6 +28,21 @@ def encode_example(
     return ids, labels
 
 
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-padded ``input_ids`` / ``labels`` / ``attention_mask`` tensors for a causal-LM loss."""
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for n, (x, y) in enumerate(examples):
+        ids[n, : len(x)] = torch.tensor(x)
+        labels[n, : len(y)] = torch.tensor(y)
+        mask[n, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
 def normalize_answer(text: str) -> str:
     """Lower-case and collapse whitespace; what exact match compares."""
     return " ".join(text.lower().split())

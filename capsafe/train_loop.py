@@ -20,23 +20,9 @@ from capsafe.capability import METRICS, stop_reason
 from capsafe.data import Source, batches, read_jsonl
 from capsafe.ds_config import deepspeed_config
 from capsafe.engines import greedy_generate
-from capsafe.formatting import IGNORE_INDEX, encode_example, render_prompt
+from capsafe.formatting import collate, encode_example, render_prompt
 
 CHECKPOINT_META = "capsafe_checkpoint.json"
-
-
-def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
-    import torch
-
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def _capability(engine: Any, tokenizer: Any, cfg: dict[str, Any], items: list[dict], rank: int,
@@ -126,7 +112,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     stream = batches(sources, cfg["batch_size"], cfg["seed"])
     for step in range(1, cfg["max_steps"] + 1):
         local = next(stream)[rank::world]
-        batch = _collate([encode(p, r) for _, p, r in local], tokenizer.pad_token_id)
+        batch = collate([encode(p, r) for _, p, r in local], tokenizer.pad_token_id)
         tokens += int(batch["attention_mask"].sum()) * world
         out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
         engine.backward(out.loss)

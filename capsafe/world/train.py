@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from capsafe.formatting import IGNORE_INDEX, encode_example, render_prompt
+from capsafe.formatting import collate, encode_example, render_prompt
 
 REFUSAL_MARKERS = ("sorry", "i can not")
 
@@ -60,19 +60,6 @@ def encode_all(
         encode_example(tokenizer, template, r["prompt"], r["response"] if "response" in r else r["answer"], max_len)
         for r in rows
     ]
-
-
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch tensors for a causal-LM loss."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for n, (i, lab) in enumerate(examples):
-        ids[n, : len(i)] = torch.tensor(i)
-        labels[n, : len(lab)] = torch.tensor(lab)
-        mask[n, : len(i)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def train(
