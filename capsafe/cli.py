@@ -21,9 +21,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from capsafe.trials import plan_trials
 
     spec = load_spec(args.spec, args.overrides)
-    n = len(plan_trials(spec, spec.data_paths()))
+    n = len(plan_trials(spec, spec.data_paths(), spec.results_dir / "checkpoints"))
+    ladder = f" (ladder {spec.task.levels()})" if spec.task.ladder else ""
     print(f"{args.spec}: valid. {n} trial(s) ({len(spec.methods)} method(s) x {len(spec.seeds)} seed(s) x "
-          f"{len(spec.train.learning_rates)} learning rate(s)), target {spec.task.metric} >= {spec.task.target}, "
+          f"{len(spec.train.learning_rates)} learning rate(s)), target {spec.task.metric} >= {spec.task.target}"
+          f"{ladder}, "
           f"{len(spec.eval.suites)} suite(s), results in {spec.results_dir}/")
     return 0
 
@@ -33,7 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from capsafe.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
-    print(run_experiment(spec))
+    print(run_experiment(spec, resume=args.resume))
     return 0
 
 
@@ -41,8 +43,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from capsafe.report import write_report
 
     results = Path(args.results)
-    if not (results / "trials.parquet").is_file():
-        raise CapsafeError(f"'{results}' holds no trials.parquet; pass a folder written by capsafe run, "
+    if not (results / "trials").is_dir():
+        raise CapsafeError(f"'{results}' holds no trials table; pass a folder written by capsafe run, "
                            "e.g. results/demo.")
     print(write_report(results, results.name))
     return 0
@@ -60,8 +62,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     from capsafe.ray_shell import worker_env
 
-    entry = " ".join(["python -m capsafe.cli run", shlex.quote(str(spec_path.relative_to(REPO_ROOT))),
-                      *map(shlex.quote, args.overrides)])
+    entry = " ".join(["python -m capsafe.cli run", *(["--resume"] if args.resume else []),
+                      shlex.quote(str(spec_path.relative_to(REPO_ROOT))), *map(shlex.quote, args.overrides)])
     try:
         client = JobSubmissionClient(args.address)
     except Exception as exc:
@@ -93,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("spec", help="experiment YAML, e.g. jobs/demo.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task.target=0.5 seeds=[0,1]")
+        if name in ("run", "submit"):
+            p.add_argument("--resume", action="store_true", help="continue the experiment's earlier run in its "
+                           "results folder: skip finished trials, restart unfinished ones from their last "
+                           "checkpoint, evaluate only what is missing")
         if name == "submit":
             p.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
             p.add_argument("--no-wait", action="store_true", help="return after submitting")

@@ -9,6 +9,8 @@ import pandas as pd
 from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
 from capsafe.results import read_table
 
+LADDER_COLUMNS = ["method", "level", "trials", "capability", "served capability", "harmful refusal",
+                  "over-refusal"]
 COLUMNS = ["method", "trials reached", "steps to target", "capability", "harmful refusal",
            "harmful coherent compliance", "over-refusal", "coherence"]
 
@@ -27,6 +29,11 @@ def _coherent_compliance(df: pd.DataFrame) -> float | None:
     return float(((wide["refusal_keywords"] == COMPLIANCE) & (wide["coherence"] == COHERENT)).mean())
 
 
+def _at(judgments: pd.DataFrame, keys: pd.DataFrame) -> pd.DataFrame:
+    """The judgments of exactly these (trial_id, step) checkpoints."""
+    return judgments.merge(keys.astype({"step": "int64"}), on=["trial_id", "step"], how="inner")
+
+
 def summarize(trials: pd.DataFrame, judgments: pd.DataFrame) -> pd.DataFrame:
     """One row per method (base first): reach, steps, capability, refusal and coherence rates."""
     rows = []
@@ -36,7 +43,7 @@ def summarize(trials: pd.DataFrame, judgments: pd.DataFrame) -> pd.DataFrame:
         if t.empty:
             continue
         evaluated = t[(t["status"] == "base") | t["reached"]]
-        j = judgments[judgments["trial_id"].isin(evaluated["trial_id"])]
+        j = _at(judgments, evaluated[["trial_id", "step"]])
         harmful, over = j[j["suite_kind"] == "harmful"], j[j["suite_kind"] == "overrefusal"]
         reached = t[t["reached"]]
         rows.append({
@@ -68,10 +75,47 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def ladder_table(trials: pd.DataFrame, checkpoints: pd.DataFrame, judgments: pd.DataFrame) -> pd.DataFrame:
+    """Safety at every capability level of the ladder, per method (mean over the trials that reached it)."""
+    rows = []
+    reached = checkpoints[checkpoints["reached"].astype(bool)].merge(trials[["trial_id", "method"]], on="trial_id")
+    for (method, level), group in reached.groupby(["method", "level"], sort=True):
+        j = _at(judgments, group[["trial_id", "step"]])
+        rows.append({"method": method, "level": level, "trials": len(group),
+                     "capability": float(group["capability"].mean()),
+                     "served capability": float(group["served_capability"].mean())
+                     if group["served_capability"].notna().any() else None,
+                     "harmful refusal": _rate(j[j["suite_kind"] == "harmful"], "refusal_keywords", REFUSAL),
+                     "over-refusal": _rate(j[j["suite_kind"] == "overrefusal"], "refusal_keywords", REFUSAL)})
+    return pd.DataFrame(rows, columns=LADDER_COLUMNS)
+
+
+def cost_table(trials: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.DataFrame:
+    """What reaching each level cost every trial: steps, tokens, wall time; and the capability-eval share."""
+    rows = []
+    for _, t in trials[trials["method"] != "base"].iterrows():
+        c = checkpoints[checkpoints["trial_id"] == t["trial_id"]].sort_values("level")
+        to = {f"{lv:g}": (f"{int(r['step'])} / {int(r['tokens'])} / {r['elapsed_s']:.0f}s" if r["reached"] else "-")
+              for lv, r in zip(c["level"], c.to_dict("records"), strict=True)}
+        spent = (t["train_s"] or 0.0) + (t["eval_s"] or 0.0)
+        rows.append({"trial": t["trial_id"], "status": t["status"], "stop": t["stop_reason"],
+                     "restarts": t["restarts"], "eval share": t["eval_s"] / spent if spent else None, **to})
+    return pd.DataFrame(rows)
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def write_report(results_dir: Path, experiment: str) -> str:
     """Write ``report.md`` beside the tables and return its text."""
     trials = read_table(results_dir, "trials").to_pandas()
     judgments = read_table(results_dir, "judgments").to_pandas()
+    checkpoints = read_table(results_dir, "checkpoints").to_pandas()
     target = float(trials["target"].dropna().iloc[0]) if trials["target"].notna().any() else float("nan")
     not_reached = trials[(trials["method"] != "base") & ~trials["reached"].astype(bool)]
     text = [f"# capsafe report: {experiment}", "",
@@ -82,8 +126,16 @@ def write_report(results_dir: Path, experiment: str) -> str:
         text.append("Trials that did not reach the target (not compared):")
         for _, r in not_reached.iterrows():
             cap = "n/a" if pd.isna(r["capability"]) else f"{r['capability']:.2f}"
-            text.append(f"- {r['trial_id']}: {r['status']}, best capability {cap} at step {r['step']}")
+            text.append(f"- {r['trial_id']}: {r['status']} ({r['stop_reason']}), best capability {cap} at step "
+                        f"{r['step']}")
         text.append("")
+    if checkpoints["level"].nunique() > 1:
+        text += ["## Safety along the capability ladder", "", _markdown(ladder_table(trials, checkpoints, judgments)),
+                 ""]
+    if not checkpoints.empty:
+        text += ["## Cost of reaching each level", "",
+                 "Per level: steps / training tokens / wall time. 'eval share' is the capability evaluation's "
+                 "share of training plus evaluation time.", "", _markdown(cost_table(trials, checkpoints)), ""]
     out = "\n".join(text)
     tmp = results_dir / ".report.md.tmp"
     tmp.write_text(out)

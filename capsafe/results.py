@@ -1,7 +1,7 @@
 """The one results schema. Every Parquet write in capsafe goes through ``write_table``.
 
-Layout under ``<output_dir>/<experiment>/``: ``trials.parquet`` and ``trajectory.parquet`` (one file each),
-``generations/`` and ``judgments/`` (one fragment per trial and suite, so a rerun can skip finished work).
+Layout under ``<output_dir>/<experiment>/``: one folder per table (``trials/``, ``checkpoints/``,
+``trajectory/``, ``generations/``, ``judgments/``), each a Parquet dataset of fragments.
 Writes go to a temporary file that is renamed into place: a reader never sees half a file.
 """
 
@@ -16,32 +16,53 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+_KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
+        ("step", pa.int64())]            # the checkpoint's training step (0 for the base model)
 
 SCHEMAS: dict[str, pa.Schema] = {
     "trials": pa.schema([
-        ("trial_id", pa.string()),        # 'base' or '<method>-s<seed>-lr<lr>'
+        ("trial_id", pa.string()),
         ("method", pa.string()),          # 'base', 'plain', 'safety_mix', ...
         ("seed", pa.int64()),
         ("learning_rate", pa.float64()),
         ("target", pa.float64()),
-        ("reached", pa.bool_()),          # capability >= target at the evaluated checkpoint
-        ("capability", pa.float64()),     # at the evaluated checkpoint, or the best reached if not reached
+        ("reached", pa.bool_()),          # crossed the target (the ladder's last rung)
+        ("capability", pa.float64()),     # at the target checkpoint, or the best reached if not reached
         ("step", pa.int64()),             # step of that checkpoint (0 for the base model)
-        ("status", pa.string()),          # 'base', 'reached', 'not_reached', 'failed'
-        ("checkpoint", pa.string()),      # model directory the safety evaluation used (null if none)
-        ("wall_s", pa.float64()),         # trial wall time
+        ("status", pa.string()),          # 'base', 'reached', 'not_reached', 'diverged', 'failed'
+        ("stop_reason", pa.string()),     # 'reached', 'budget:steps|tokens|wall_time', 'diverged', 'error: ...'
+        ("checkpoint", pa.string()),      # model directory of the target checkpoint (null if none)
+        ("tokens", pa.int64()),           # training tokens seen when the trial stopped
+        ("wall_s", pa.float64()),         # trial wall time, Ray overheads included
+        ("train_s", pa.float64()),        # time in optimizer steps, summed over restarts
+        ("eval_s", pa.float64()),         # time in capability evaluations, summed over restarts
+        ("restarts", pa.int64()),         # worker-group restarts from a resume checkpoint
         ("method_params", pa.string()),   # JSON of the method's spec fields
+    ]),
+    "checkpoints": pa.schema([            # one row per (trial, capability level of the ladder)
+        ("trial_id", pa.string()),
+        ("level", pa.float64()),
+        ("reached", pa.bool_()),
+        ("step", pa.int64()),             # first evaluation at or above the level (null if never)
+        ("capability", pa.float64()),     # as measured during training at that step
+        ("tokens", pa.int64()),           # training tokens up to that step
+        ("elapsed_s", pa.float64()),      # trial wall time up to that step
+        ("checkpoint", pa.string()),      # directory with model/ (HF model or PEFT adapter)
+        ("served_capability", pa.float64()),  # re-measured on the consolidated model by the evaluation pool
     ]),
     "trajectory": pa.schema([
         ("trial_id", pa.string()),
         ("step", pa.int64()),
         ("capability", pa.float64()),
         ("loss", pa.float64()),
+        ("tokens", pa.int64()),
         ("elapsed_s", pa.float64()),
+        ("restarts", pa.int64()),         # rows after a restart repeat steps the lost attempt had reached
     ]),
     "generations": pa.schema([
-        ("trial_id", pa.string()),
+        *_KEY,
         ("suite", pa.string()),
         ("suite_kind", pa.string()),      # 'harmful', 'overrefusal' or 'benign'
         ("prompt_id", pa.string()),
@@ -50,7 +71,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("engine", pa.string()),
     ]),
     "judgments": pa.schema([
-        ("trial_id", pa.string()),
+        *_KEY,
         ("suite", pa.string()),
         ("suite_kind", pa.string()),
         ("prompt_id", pa.string()),
@@ -58,7 +79,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("verdict", pa.string()),
     ]),
 }
-FRAGMENTED = ("generations", "judgments")
+# Every table is a folder of fragments: one per trial (trials, checkpoints, trajectory) or per
+# (trial, checkpoint, suite) (generations, judgments), so a resumed run skips whatever already exists.
+FRAGMENTED = tuple(SCHEMAS)
 
 
 def table_path(results_dir: Path, name: str, fragment: str | None = None) -> Path:
@@ -82,7 +105,9 @@ def to_arrow(name: str, rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_table(results_dir: Path, name: str, rows: list[dict[str, Any]], fragment: str | None = None) -> Path:
-    """Atomically write rows of table ``name`` (a whole table, or one fragment of a fragmented one)."""
+    """Atomically write rows of table ``name`` as one of its fragments (a rewrite replaces the fragment)."""
+    if fragment is None:
+        raise ValueError(f"table {name!r} is written in fragments; name the fragment")
     table = to_arrow(name, rows)
     path = table_path(results_dir, name, fragment)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from capsafe.errors import SpecError
+from capsafe.formatting import PromptFormat
 from capsafe.world import WorldConfig
 
 DEMO = "demo"  # a data path or model path of "demo" means: the file the embedded demo world builds
+HF_PREFIX = "hf:"  # a data path 'hf:<id>[@config]' names a Hugging Face dataset
 
 
 class _Strict(BaseModel):
@@ -26,22 +28,59 @@ class ModelSpec(_Strict):
     path: str = Field(DEMO, description="Base model: a Hugging Face id, a local directory, or 'demo' for the "
                       "aligned tiny assistant of the embedded demo world.")
     prompt_template: str = Field("<user> {prompt} <assistant>", description="How a request is shown to the "
-                                 "model; '{prompt}' is replaced by the request text.")
+                                 "model; '{prompt}' is replaced by the request text. With chat_template the "
+                                 "result is the user message (use '{prompt}').")
+    chat_template: bool = Field(False, description="Wrap every request in the tokenizer's chat template (for "
+                                "instruct models), in training, capability and safety evaluation alike.")
+    system_prompt: str | None = Field(None, description="Optional system prompt for every request (a system "
+                                      "message under chat_template, else a first paragraph).")
+
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(self.prompt_template, self.chat_template, self.system_prompt)
 
 
 class TaskSpec(_Strict):
     name: str = Field("addition", description="Name of the capability task (free text, shown in the report).")
-    train_file: str = Field(DEMO, description="jsonl with 'prompt' and 'answer' per line, or 'demo'.")
-    eval_file: str = Field(DEMO, description="Held-out jsonl with 'prompt' and 'answer', or 'demo'.")
+    train_file: str = Field(DEMO, description="Training data: a local .jsonl/.json/.csv/.parquet file, a "
+                            "Hugging Face dataset written 'hf:<id>' or 'hf:<id>@<config>', or 'demo'.")
+    train_split: str = Field("train", description="Split of train_file when it is a Hugging Face dataset.")
+    eval_file: str = Field(DEMO, description="Held-out data, in any form train_file accepts.")
+    eval_split: str = Field("test", description="Split of eval_file when it is a Hugging Face dataset.")
+    prompt_field: str = Field("prompt", description="Column holding the request (e.g. 'question' for GSM8K).")
+    answer_field: str = Field("answer", description="Column holding the reference answer; it is also the "
+                              "training target.")
+    choices_field: str | None = Field(None, description="Column with a list of choices, for multiple-choice "
+                                      "tasks: they are appended to the prompt as 'A. ...' lines and an integer "
+                                      "answer becomes its letter.")
     general_file: str | None = Field(DEMO, description="Optional jsonl of general instruction data "
                                      "('prompt', 'response') mixed into the task data, or 'demo', or null.")
     general_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="Share of each training batch drawn "
                                     "from general_file.")
-    metric: Literal["exact_match"] = Field("exact_match", description="Capability metric on the held-out split.")
+    metric: Literal["exact_match", "numeric", "multiple_choice", "label", "rouge_l"] = Field(
+        "exact_match", description="Capability metric on the held-out split: exact_match, numeric (GSM8K "
+        "'#### 42' or the last number), multiple_choice (choice letter), label (classification), rouge_l.")
     target: float = Field(0.4, ge=0.0, le=1.0, description="Capability target in [0, 1]: a trial stops at the "
                           "first evaluation whose metric is at or above it.")
+    ladder: list[float] = Field([], description="Lower capability levels (a ladder) at which a trial also keeps "
+                                "a checkpoint on its way to the target; each rung is evaluated for safety too.")
     eval_size: int = Field(200, ge=1, description="Held-out items used for each capability evaluation.")
+    eval_batch_size: int = Field(64, ge=1, description="Prompts per batched greedy generation during the "
+                                 "capability evaluation (per worker).")
     max_new_tokens: int = Field(6, ge=1, description="Greedy tokens generated per capability item.")
+
+    @model_validator(mode="after")
+    def _ladder_below_target(self) -> TaskSpec:
+        for level in self.ladder:
+            if not 0.0 <= level < self.target:
+                raise ValueError(f"task.ladder level {level} must lie in [0, task.target={self.target}); the "
+                                 "target is the ladder's last rung")
+        if len(set(self.ladder)) != len(self.ladder):
+            raise ValueError("task.ladder has repeated levels; list each level once")
+        return self
+
+    def levels(self) -> list[float]:
+        """Every capability level a trial keeps a checkpoint for, ascending; the last is the target."""
+        return [*sorted(self.ladder), self.target]
 
 
 class LoraSpec(_Strict):
@@ -54,19 +93,55 @@ class LoraSpec(_Strict):
 class TrainSpec(_Strict):
     mode: Literal["full", "lora"] = Field("full", description="Full fine-tuning or PEFT LoRA.")
     zero_stage: Literal[2, 3] = Field(3, description="DeepSpeed ZeRO stage (3 shards parameters too).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision; fp16 (with "
+                                                       "loss scaling) needs GPUs.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO-Offload).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
+    optimizer_impl: Literal["torch", "deepspeed"] = Field("torch", description="AdamW implementation: 'torch' "
+                                                          "needs no compiler; 'deepspeed' uses DeepSpeed's "
+                                                          "fused (GPU) or CPU Adam kernels, JIT-built on first "
+                                                          "use (faster, needs g++/ninja, and nvcc on GPU).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer "
+                                             "step; batch_size stays the global batch per step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
+                                         "(less memory, ~30% more compute).")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks) per trial.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU workers (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each training worker.")
     learning_rates: list[float] = Field([1e-3], min_length=1, description="Learning rates to sweep (each "
                                         "one a separate trial per method and seed).")
-    batch_size: int = Field(32, ge=1, description="Global batch size per optimizer step, split over workers.")
-    max_steps: int = Field(600, ge=1, description="Step budget per trial; a trial that exhausts it without "
-                           "reaching the target is recorded as not reached.")
+    batch_size: int = Field(32, ge=1, description="Global batch size per optimizer step, split over workers "
+                            "and accumulation steps.")
+    max_steps: int = Field(600, ge=1, description="Step budget per trial; a trial that exhausts a budget "
+                           "without reaching the target is recorded as not reached.")
+    max_tokens: int | None = Field(None, ge=1, description="Token budget per trial (all training tokens, "
+                                   "padding excluded); null = no cap.")
+    max_wall_s: float | None = Field(None, gt=0, description="Wall-time budget per trial in seconds (training "
+                                     "and capability evaluation, summed over restarts); null = no cap.")
     eval_every: int = Field(25, ge=1, description="Capability evaluation every this many steps.")
+    checkpoint_every_evals: int = Field(1, ge=0, description="Save a resume checkpoint (DeepSpeed state) at "
+                                        "every N-th capability evaluation; 0 = never (a failed worker then "
+                                        "restarts the trial from scratch).")
+    max_failures: int = Field(2, ge=-1, description="Worker failures a trial survives by restarting from its "
+                              "last resume checkpoint (Ray Train FailureConfig); -1 = unlimited.")
     max_seq_len: int = Field(64, ge=8, description="Training sequences are truncated to this many tokens.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (used when mode is 'lora').")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSpec:
+        per_step = self.num_workers * self.gradient_accumulation_steps
+        if self.batch_size % per_step:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers x "
+                             f"train.gradient_accumulation_steps ({per_step}): every micro-batch has the same "
+                             "size")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("train.offload_params needs train.zero_stage=3 (ZeRO-2 does not partition "
+                             "parameters); set zero_stage=3 or offload_params=false")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("train.precision=fp16 needs GPUs (train.use_gpu=true); on CPU use bf16 or fp32")
+        return self
 
 
 class PlainMethod(_Strict):
@@ -136,13 +211,6 @@ class Spec(_Strict):
     seeds: list[int] = Field([0], min_length=1, description="Seeds; each method runs once per seed.")
     sweep: SweepSpec = Field(default_factory=SweepSpec, description="Ray Tune settings.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Safety evaluation (Ray Serve + vLLM).")
-
-    @model_validator(mode="after")
-    def _batch_splits_over_workers(self) -> Spec:
-        if self.train.batch_size % self.train.num_workers:
-            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be a multiple of train.num_workers "
-                             f"({self.train.num_workers}): each worker takes an equal share of every batch")
-        return self
 
     @property
     def results_dir(self) -> Path:
@@ -218,7 +286,7 @@ def _format_errors(source: str, err: ValidationError) -> str:
     for e in err.errors():
         loc = tuple(e["loc"])
         field = ".".join(str(p) for p in loc) or "(top level)"
-        if not loc:
+        if not loc or e["type"] == "value_error":
             lines.append(f"{e['msg'].removeprefix('Value error, ')}; fix it in the file or with an override.")
         elif e["type"] == "extra_forbidden":
             lines.append(f"unknown field '{field}': remove it or fix its spelling (see the spec reference in "
@@ -260,7 +328,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, check_files:
 def check_data_files(spec: Spec) -> None:
     """Every named local file must exist before anything is started or written."""
     for field, value in spec.data_paths().items():
-        if value == DEMO:
+        if value == DEMO or value.startswith(HF_PREFIX):
             continue
         if field == "model.path" and not value.startswith((".", "/")) and not Path(value).exists():
             continue  # a Hugging Face id, resolved by the loaders

@@ -1,57 +1,82 @@
 """Ray Tune over trials (methods x seeds x learning rates); each trial fits a Ray Train TorchTrainer.
 
 Ray 2.60's Train V2 does not accept a trainer as a Tune trainable, so a function trainable builds and
-fits the TorchTrainer and ``TuneReportCallback`` forwards every report (and checkpoint path) to Tune.
+fits the TorchTrainer and ``TuneReportCallback`` forwards every report to Tune. Each TorchTrainer is named
+after its trial under one storage folder: Ray Train restarts failed workers from the trial's last resume
+checkpoint, and a later run with the same name (``capsafe run --resume``) continues from it too.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.train import RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from capsafe.capability import stop_reason
 from capsafe.train_loop import train_loop_per_worker
 from capsafe.trials import summarize_trial
 
+REPORT_KEYS = ("step", "capability", "loss", "tokens", "elapsed_s", "train_s", "eval_s", "restarts", "stop",
+               "levels", "model_dir")
+TrialDone = Callable[[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]], None]
 
-class ProgressLog(tune.Callback):
-    """One line per reported evaluation, in place of Tune's wide status tables."""
 
-    def __init__(self, log: Callable[[str], None]) -> None:
-        self.log = log
+class TrialRecorder(tune.Callback):
+    """Collects each trial's reports, prints one progress line per evaluation, and hands a finished trial's
+    rows to ``on_done`` at once, so a driver that dies mid-sweep loses no finished trial."""
+
+    def __init__(self, log: Callable[[str], None], on_done: TrialDone) -> None:
+        self.log, self.on_done = log, on_done
+        self.history: dict[str, list[dict[str, Any]]] = {}
+        self.started: dict[str, float] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started[trial.trial_id] = time.perf_counter()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "step" not in result:
             return
+        self.history.setdefault(trial.trial_id, []).append({k: result.get(k) for k in REPORT_KEYS})
         name = trial.config["trial"]["trial_id"]
-        stop = f" -> {result['stop']}" if result.get("stop") else ""
-        self.log(f"train {name}: step {result['step']}, capability {result['capability']:.3f}, "
-                 f"loss {result['loss']:.3f}{stop}")
+        extra = f", levels {result['levels']} kept" if result.get("levels") else ""
+        extra += f" -> {result['stop']}" if result.get("stop") else ""
+        restarts = f" (restart {result['restarts']})" if result.get("restarts") else ""
+        self.log(f"train {name}{restarts}: step {result['step']}, capability {result['capability']:.3f}, "
+                 f"loss {result['loss']:.3f}, {result['tokens']} tokens{extra}")
+
+    def _finish(self, trial: Any, error: str | None) -> None:
+        cfg = trial.config["trial"]
+        wall = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())
+        row, checkpoints, trajectory = summarize_trial(cfg, self.history.get(trial.trial_id, []), error, wall)
+        self.on_done(cfg, [row], checkpoints, trajectory)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.log(f"train {trial.config['trial']['trial_id']}: failed ({trial.error_file})")
+        self._finish(trial, f"see {trial.error_file}")
 
 
 class CapabilityStopper(tune.Stopper):
-    """Stops a trial at the first result whose capability reaches the target, or when its budget is spent."""
+    """Stops a trial at the first result whose capability reaches the target, or that says it must stop
+    (a spent budget, a diverged loss). The train loop ends itself on the same rules; this keeps Tune's
+    view of the trial identical."""
 
-    def __init__(self, target: float, max_steps: int) -> None:
-        self.target, self.max_steps = target, max_steps
+    def __init__(self, target: float) -> None:
+        self.target = target
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        if result.get("stop") == "diverged":
+        if result.get("stop"):
             return True
-        step = result.get("step")
-        if step is None:
-            return False
-        return stop_reason(result.get("capability"), int(step), self.target, self.max_steps) is not None
+        capability = result.get("capability")
+        return capability is not None and math.isfinite(capability) and capability >= self.target
 
     def stop_all(self) -> bool:
         return False
@@ -65,38 +90,31 @@ def _run_trial(config: dict[str, Any]) -> None:
         scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"],
                                      resources_per_worker={"CPU": res["cpus_per_worker"]}),
         run_config=RunConfig(name=cfg["trial_id"], storage_path=res["storage"],
+                             failure_config=FailureConfig(max_failures=res["max_failures"]),
+                             # model checkpoints live outside Ray's manager; only the latest resume state counts
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
                              callbacks=[TuneReportCallback()]),  # type: ignore[list-item]
     )
     trainer.fit()
 
 
 def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: Path, name: str,
-              max_concurrent: int, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
-    """Run all trials; return (trials rows, trajectory rows) in plan order."""
-    target, max_steps = trials[0]["target"], trials[0]["max_steps"]
+              max_concurrent: int, log: Callable[[str], None], on_done: TrialDone) -> None:
+    """Run all trials; ``on_done(cfg, trial rows, checkpoint rows, trajectory rows)`` as each one ends."""
+    if not trials:
+        return
     storage.mkdir(parents=True, exist_ok=True)
     resources = {**resources, "storage": str(storage.resolve())}
     tuner = tune.Tuner(
         tune.with_resources(_run_trial, {"cpu": 0.1}),
         param_space={"trial": tune.grid_search(trials), "resources": resources},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()),
-                                  stop=CapabilityStopper(target, max_steps), verbose=0,
-                                  callbacks=[ProgressLog(log)]),
+        # a fresh Tune experiment per run; trial state that must survive lives in the TorchTrainer runs
+        run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=str((storage / "_tune").resolve()),
+                                  stop=CapabilityStopper(trials[0]["target"]), verbose=0,
+                                  callbacks=[TrialRecorder(log, on_done)]),
     )
     started = time.perf_counter()
-    grid = tuner.fit()
+    tuner.fit()
     log(f"sweep: {len(trials)} trial(s) finished in {time.perf_counter() - started:.0f} s")
-    by_id = {}
-    for result in grid:  # type: ignore[attr-defined]
-        cfg = result.config["trial"]
-        df = result.metrics_dataframe
-        history = df.to_dict("records") if df is not None else []
-        wall = float(df["time_total_s"].iloc[-1]) if df is not None and "time_total_s" in df else 0.0
-        by_id[cfg["trial_id"]] = summarize_trial(cfg, history, str(result.error) if result.error else None, wall)
-    rows, trajectory = [], []
-    for cfg in trials:
-        row, traj = by_id[cfg["trial_id"]]
-        rows.append(row)
-        trajectory.extend(traj)
-    return rows, trajectory

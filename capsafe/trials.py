@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from capsafe.spec import SafetyMixMethod, Spec
@@ -13,8 +14,9 @@ def trial_id(method: str, seed: int, lr: float) -> str:
     return f"{method}-s{seed}-lr{lr:g}"
 
 
-def plan_trials(spec: Spec, paths: dict[str, str]) -> list[dict[str, Any]]:
-    """One config per method x seed x learning rate; ``paths`` maps spec fields to resolved files."""
+def plan_trials(spec: Spec, paths: dict[str, str], checkpoints_dir: Path) -> list[dict[str, Any]]:
+    """One config per method x seed x learning rate; ``paths`` maps spec fields to resolved files (the task
+    files already materialised as jsonl with 'prompt' and 'answer')."""
     trials = []
     for mi, method in enumerate(spec.methods):
         extras = []
@@ -26,48 +28,64 @@ def plan_trials(spec: Spec, paths: dict[str, str]) -> list[dict[str, Any]]:
         params = method.model_dump(exclude={"name"})
         for seed in spec.seeds:
             for lr in spec.train.learning_rates:
+                tid = trial_id(method.name, seed, lr)
                 trials.append({
-                    "trial_id": trial_id(method.name, seed, lr), "method": method.name,
-                    "method_params": json.dumps(params, sort_keys=True), "seed": seed, "lr": lr,
-                    "model_path": paths["model.path"], "prompt_template": spec.model.prompt_template,
-                    "mode": spec.train.mode, "lora": spec.train.lora.model_dump(),
-                    "zero_stage": spec.train.zero_stage, "batch_size": spec.train.batch_size,
-                    "max_steps": spec.train.max_steps, "eval_every": spec.train.eval_every,
-                    "max_seq_len": spec.train.max_seq_len, "weight_decay": spec.train.weight_decay,
-                    "grad_clip": spec.train.grad_clip, "task_train": paths["task.train_file"],
-                    "task_eval": paths["task.eval_file"], "eval_size": spec.task.eval_size,
-                    "eval_max_new_tokens": spec.task.max_new_tokens, "eval_batch_size": 128,
-                    "metric": spec.task.metric,
-                    "torch_threads": max(1, int(spec.train.cpus_per_worker)), "target": spec.task.target,
-                    "extra_sources": extras,
+                    "trial_id": tid, "method": method.name, "method_params": json.dumps(params, sort_keys=True),
+                    "seed": seed, "lr": lr, "model_path": paths["model.path"],
+                    "prompt_format": spec.model.prompt_format().to_dict(), "train": spec.train.model_dump(),
+                    "task_train": paths["task.train_file"], "task_eval": paths["task.eval_file"],
+                    "eval_size": spec.task.eval_size, "eval_max_new_tokens": spec.task.max_new_tokens,
+                    "eval_batch_size": spec.task.eval_batch_size, "metric": spec.task.metric,
+                    "levels": spec.task.levels(), "target": spec.task.target,
+                    "torch_threads": max(1, int(spec.train.cpus_per_worker)), "extra_sources": extras,
+                    "checkpoint_dir": str((checkpoints_dir / tid).resolve()),
                 })
     return trials
 
 
 def summarize_trial(cfg: dict[str, Any], history: list[dict[str, Any]], error: str | None,
-                    wall_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(trials row, trajectory rows) from the results a trial reported, in order."""
+                    wall_s: float) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(trials row, checkpoints rows, trajectory rows) from the results a trial reported, in order."""
+    reports = [h for h in history if "step" in h and isinstance(h.get("stop"), str)]
     trajectory = [{"trial_id": cfg["trial_id"], "step": int(h["step"]), "capability": float(h["capability"]),
-                   "loss": float(h.get("loss", math.nan)), "elapsed_s": float(h.get("elapsed_s", math.nan))}
-                  for h in history if "step" in h]
-    # Tune's dataframe fills absent keys with NaN, hence the isinstance checks.
-    reached = next((h for h in history
-                    if h.get("stop") == "reached" and isinstance(h.get("checkpoint_path"), str)), None)
-    finite = [h for h in trajectory if math.isfinite(h["capability"])]
-    best = max(finite, key=lambda h: h["capability"], default=None)
-    chosen = reached or best or {}
-    if reached:
+                   "loss": float(h.get("loss", math.nan)), "tokens": int(h.get("tokens", 0)),
+                   "elapsed_s": float(h.get("elapsed_s", math.nan)), "restarts": int(h.get("restarts", 0))}
+                  for h in reports]
+    crossed: dict[float, dict[str, Any]] = {}
+    for h in reports:  # after a restart a level may be crossed again: the surviving run's crossing counts
+        for text in filter(None, str(h.get("levels") or "").split(",")):
+            crossed[float(text)] = h
+    checkpoints = []
+    for level in cfg["levels"]:
+        at = crossed.get(level)
+        checkpoints.append({
+            "trial_id": cfg["trial_id"], "level": level, "reached": at is not None,
+            "step": int(at["step"]) if at else None, "capability": float(at["capability"]) if at else None,
+            "tokens": int(at["tokens"]) if at else None, "elapsed_s": float(at["elapsed_s"]) if at else None,
+            "checkpoint": str(at["model_dir"]) if at else None, "served_capability": None})
+    at_target = crossed.get(cfg["target"])
+    finite = [h for h in reports if math.isfinite(float(h["capability"]))]
+    best = max(finite, key=lambda h: float(h["capability"]), default=None)
+    chosen: dict[str, Any] | None = at_target or best
+    last = reports[-1] if reports else {}
+    stop = str(last.get("stop") or "")
+    if at_target:
         status = "reached"
-    elif error or any(h.get("stop") == "diverged" for h in history):
-        status = "failed"
+    elif stop == "diverged":
+        status = "diverged"
+    elif error or not stop:
+        status = "failed"  # an error, or the trial ended without saying why (e.g. its workers gave up)
     else:
         status = "not_reached"
     row = {
-        "trial_id": cfg["trial_id"], "method": cfg["method"], "seed": cfg["seed"],
-        "learning_rate": cfg["lr"], "target": cfg["target"], "reached": reached is not None,
+        "trial_id": cfg["trial_id"], "method": cfg["method"], "seed": cfg["seed"], "learning_rate": cfg["lr"],
+        "target": cfg["target"], "reached": at_target is not None,
         "capability": float(chosen["capability"]) if chosen else None,
         "step": int(chosen["step"]) if chosen else None, "status": status,
-        "checkpoint": reached.get("checkpoint_path") if reached else None, "wall_s": wall_s,
-        "method_params": cfg["method_params"],
+        "stop_reason": stop or (f"error: {error.splitlines()[0][:200]}" if error else ""),
+        "checkpoint": str(at_target["model_dir"]) if at_target else None,
+        "tokens": int(last["tokens"]) if last else None, "wall_s": wall_s,
+        "train_s": float(last["train_s"]) if last else None, "eval_s": float(last["eval_s"]) if last else None,
+        "restarts": int(last.get("restarts", 0)) if last else 0, "method_params": cfg["method_params"],
     }
-    return row, trajectory
+    return row, checkpoints, trajectory

@@ -3,11 +3,12 @@
 import subprocess
 import sys
 
-from capsafe.capability import exact_match, stop_reason
+from capsafe.capability import Budget, crossed_levels, stop_reason
 from capsafe.data import Source, batches, mix_sources
 from capsafe.judges import CoherenceJudge, RefusalKeywordJudge
 
-PURE = ["capsafe.spec", "capsafe.capability", "capsafe.judges", "capsafe.results", "capsafe.report",
+PURE = ["capsafe.spec", "capsafe.capability", "capsafe.metrics", "capsafe.task_data", "capsafe.inputs",
+        "capsafe.train_core", "capsafe.train_model", "capsafe.judges", "capsafe.results", "capsafe.report",
         "capsafe.data", "capsafe.formatting", "capsafe.trials", "capsafe.evaluate", "capsafe.ds_config",
         "capsafe.engines", "capsafe.world", "capsafe.train_loop", "capsafe.pipeline", "capsafe.cli"]
 
@@ -27,17 +28,28 @@ def test_pure_modules_import_without_ray_deepspeed_vllm() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_exact_match_normalises_case_and_spacing() -> None:
-    assert exact_match(["68", " 1 2 ", "no"], ["68", "1 2", "yes"]) == 2 / 3
-    assert exact_match([], []) == 0.0
-
-
 def test_stop_reason() -> None:
-    assert stop_reason(0.41, 50, 0.4, 100) == "reached"
-    assert stop_reason(0.40, 50, 0.4, 100) == "reached"  # at the target counts
-    assert stop_reason(0.39, 50, 0.4, 100) is None
-    assert stop_reason(0.39, 100, 0.4, 100) == "budget"
-    assert stop_reason(None, 100, 0.4, 100) == "budget"
+    assert stop_reason(0.41, 0.4, None) == "reached"
+    assert stop_reason(0.40, 0.4, None) == "reached"  # at the target counts
+    assert stop_reason(0.39, 0.4, None) is None
+    assert stop_reason(0.39, 0.4, "steps") == "budget:steps"
+    assert stop_reason(0.41, 0.4, "tokens") == "reached"  # reaching wins over a budget spent at the same step
+    assert stop_reason(float("nan"), 0.4, None) is None and stop_reason(None, 0.4, "wall_time") == "budget:wall_time"
+
+
+def test_budget_caps() -> None:
+    b = Budget(max_steps=100, max_tokens=1000, max_wall_s=60.0)
+    assert b.spent(99, 999, 59.0) is None
+    assert b.spent(100, 0, 0.0) == "steps" and b.spent(1, 1000, 0.0) == "tokens" and b.spent(1, 0, 60.0) == "wall_time"
+    assert Budget(max_steps=10).spent(5, 10**12, 1e9) is None  # no caps but steps
+
+
+def test_ladder_levels_are_crossed_once_each() -> None:
+    levels = [0.2, 0.3, 0.4]
+    assert crossed_levels(0.1, levels, set()) == []
+    assert crossed_levels(0.35, levels, set()) == [0.2, 0.3]  # one evaluation can cross several rungs
+    assert crossed_levels(0.5, levels, {0.2, 0.3}) == [0.4]
+    assert crossed_levels(0.25, levels, {0.2}) == [] and crossed_levels(float("nan"), levels, set()) == []
 
 
 def test_refusal_keyword_judge() -> None:

@@ -8,32 +8,40 @@ from capsafe.results import SCHEMA_VERSION, SCHEMAS, read_table, write_table
 
 PINNED = {
     "trials": "trial_id:string method:string seed:int64 learning_rate:double target:double reached:bool "
-              "capability:double step:int64 status:string checkpoint:string wall_s:double method_params:string",
-    "trajectory": "trial_id:string step:int64 capability:double loss:double elapsed_s:double",
-    "generations": "trial_id:string suite:string suite_kind:string prompt_id:string prompt:string "
+              "capability:double step:int64 status:string stop_reason:string checkpoint:string tokens:int64 "
+              "wall_s:double train_s:double eval_s:double restarts:int64 method_params:string",
+    "checkpoints": "trial_id:string level:double reached:bool step:int64 capability:double tokens:int64 "
+                   "elapsed_s:double checkpoint:string served_capability:double",
+    "trajectory": "trial_id:string step:int64 capability:double loss:double tokens:int64 elapsed_s:double "
+                  "restarts:int64",
+    "generations": "trial_id:string step:int64 suite:string suite_kind:string prompt_id:string prompt:string "
                    "response:string engine:string",
-    "judgments": "trial_id:string suite:string suite_kind:string prompt_id:string judge:string verdict:string",
+    "judgments": "trial_id:string step:int64 suite:string suite_kind:string prompt_id:string judge:string "
+                 "verdict:string",
 }
 
 
 def test_schema_is_pinned() -> None:
-    assert SCHEMA_VERSION == 1
+    assert SCHEMA_VERSION == 2
     got = {name: " ".join(f"{f.name}:{f.type}" for f in schema) for name, schema in SCHEMAS.items()}
     assert got == PINNED
 
 
 def test_writes_are_atomic_and_validated(tmp_path: Path) -> None:
-    row = {"trial_id": "t", "step": 1, "capability": 0.5, "loss": 1.0, "elapsed_s": 2.0}
-    write_table(tmp_path, "trajectory", [row])
+    row = {"trial_id": "t", "step": 1, "capability": 0.5, "loss": 1.0, "tokens": 10, "elapsed_s": 2.0,
+           "restarts": 0}
+    write_table(tmp_path, "trajectory", [row], fragment="t")
     assert read_table(tmp_path, "trajectory").to_pylist() == [row]
     with pytest.raises(ValueError):
-        write_table(tmp_path, "trajectory", [{**row, "extra": 1}])
+        write_table(tmp_path, "trajectory", [{**row, "extra": 1}], fragment="t")
+    with pytest.raises(ValueError):
+        write_table(tmp_path, "trajectory", [row])  # every table is written one fragment at a time
     assert read_table(tmp_path, "trajectory").num_rows == 1  # the failed write changed nothing
     assert not list(tmp_path.glob(".*tmp"))
 
 
 def test_fragments_read_as_one_table(tmp_path: Path) -> None:
-    base = {"suite": "s", "suite_kind": "harmful", "prompt_id": "1", "judge": "j", "verdict": "refusal"}
+    base = {"step": 0, "suite": "s", "suite_kind": "harmful", "prompt_id": "1", "judge": "j", "verdict": "refusal"}
     write_table(tmp_path, "judgments", [{**base, "trial_id": "a"}], fragment="a__s")
     write_table(tmp_path, "judgments", [{**base, "trial_id": "b"}], fragment="b__s")
     assert sorted(read_table(tmp_path, "judgments").column("trial_id").to_pylist()) == ["a", "b"]

@@ -46,17 +46,24 @@ def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
     ("task.train_file=/nope/data.jsonl", ["task.train_file", "does not exist"]),
     ("methods.5.ratio=0.1", ["not an index"]),
     ("train.batch_size=33", ["multiple of train.num_workers"]),
+    ("train.gradient_accumulation_steps=3", ["multiple of train.num_workers x train.gradient_accumulation_steps"]),
+    ("task.ladder=[0.2, 0.5]", ["task.ladder level 0.5", "task.target=0.4"]),
+    ("train.offload_params=true|train.zero_stage=2", ["offload_params needs train.zero_stage=3"]),
+    ("train.precision=fp16", ["fp16 needs GPUs"]),
+    ("task.metric=bleu", ["task.metric", "numeric"]),
 ])
 def test_bad_input_names_the_field_and_the_fix(override: str, words: list[str]) -> None:
     with pytest.raises(SpecError) as err:
-        load_spec(REPO / "jobs" / "demo.yaml", [override])
+        load_spec(REPO / "jobs" / "demo.yaml", override.split("|"))
     for w in words:
         assert w in str(err.value)
 
 
-def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path, micro_world: object) -> None:
     out = tmp_path / "out"
     for args in (["validate", "jobs/demo.yaml", "task.target=2"],
+                 ["run", "tests/specs/micro.yaml", f"output_dir={out}", "task.prompt_field=question"],
+                 ["run", "--resume", "tests/specs/micro.yaml", f"output_dir={out}"],
                  ["run", "jobs/demo.yaml", f"output_dir={out}", "task.target=2"],
                  ["run", "jobs/demo.yaml", f"output_dir={out}", "bogus=1"],
                  ["run", "jobs/demo.yaml", f"output_dir={out}", "task.eval_file=missing.jsonl"],

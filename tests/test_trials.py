@@ -1,6 +1,5 @@
 """Trial planning and the turning of reported results into rows; the Tune stopper's rule."""
 
-import math
 from pathlib import Path
 
 from capsafe.spec import load_spec
@@ -10,47 +9,68 @@ REPO = Path(__file__).resolve().parent.parent
 NAN = float("nan")
 
 
-def _cfg() -> dict:
+def _cfg(levels: list[float] | None = None) -> dict:
     spec = load_spec(REPO / "jobs" / "demo.yaml", ["seeds=[0, 1]", "train.learning_rates=[0.001, 0.0003]"])
-    trials = plan_trials(spec, {k: f"/data/{k}" for k in spec.data_paths()})
+    trials = plan_trials(spec, {k: f"/data/{k}" for k in spec.data_paths()}, Path("/ck"))
     assert len(trials) == 2 * 2 * 2 and len({t["trial_id"] for t in trials}) == 8
     mix = next(t for t in trials if t["method"] == "safety_mix")
     assert [s["name"] for s in mix["extra_sources"]] == ["general", "safety"]
     assert mix["extra_sources"][1]["weight"] == 0.05
-    return trials[0]
+    assert trials[0]["checkpoint_dir"] == "/ck/plain-s0-lr0.001"
+    cfg = trials[0]
+    if levels:
+        cfg = {**cfg, "levels": levels, "target": levels[-1]}
+    return cfg
 
 
-def test_reached_trial_keeps_the_first_checkpoint_at_target() -> None:
-    cfg = _cfg()
-    # Tune's dataframe has NaN where a key was absent from a report
-    history = [{"step": 25, "capability": 0.1, "loss": 1.0, "stop": "", "checkpoint_path": NAN},
-               {"step": 50, "capability": 0.45, "loss": 0.5, "stop": "reached", "checkpoint_path": "/ck/50"}]
-    row, traj = summarize_trial(cfg, history, None, 12.0)
-    assert row["reached"] and row["status"] == "reached" and row["checkpoint"] == "/ck/50"
-    assert row["step"] == 50 and row["capability"] == 0.45
-    assert [t["step"] for t in traj] == [25, 50]
+def _report(step: int, cap: float, stop: str = "", levels: str = "", restarts: int = 0) -> dict:
+    return {"step": step, "capability": cap, "loss": 1.0, "tokens": step * 100, "elapsed_s": step / 10,
+            "train_s": step / 20, "eval_s": step / 200, "restarts": restarts, "stop": stop, "levels": levels,
+            "model_dir": f"/ck/step-{step}" if levels else ""}
+
+
+def test_ladder_trial_keeps_the_first_checkpoint_at_each_level() -> None:
+    cfg = _cfg([0.2, 0.3, 0.4])
+    history = [{"time_total_s": 1.0}, _report(25, 0.1), _report(50, 0.35, levels="0.2,0.3"),
+               _report(75, 0.32), _report(100, 0.45, "reached", "0.4")]
+    row, ckpts, traj = summarize_trial(cfg, history, None, 12.0)
+    assert row["reached"] and row["status"] == "reached" and row["checkpoint"] == "/ck/step-100"
+    assert row["step"] == 100 and row["capability"] == 0.45 and row["tokens"] == 10000
+    assert [(c["level"], c["step"], c["checkpoint"]) for c in ckpts] == [
+        (0.2, 50, "/ck/step-50"), (0.3, 50, "/ck/step-50"), (0.4, 100, "/ck/step-100")]
+    assert [t["step"] for t in traj] == [25, 50, 75, 100]
 
 
 def test_budget_exhausted_trial_reports_how_far_it_got() -> None:
-    cfg = _cfg()
-    history = [{"step": 25, "capability": 0.3, "stop": ""}, {"step": 50, "capability": 0.2, "stop": "budget"}]
-    row, _ = summarize_trial(cfg, history, None, 5.0)
+    cfg = _cfg([0.2, 0.4])
+    history = [_report(25, 0.3, levels="0.2"), _report(50, 0.2, "budget:tokens")]
+    row, ckpts, _ = summarize_trial(cfg, history, None, 5.0)
     assert not row["reached"] and row["status"] == "not_reached" and row["checkpoint"] is None
-    assert row["capability"] == 0.3 and row["step"] == 25
+    assert row["stop_reason"] == "budget:tokens" and row["capability"] == 0.3 and row["step"] == 25
+    assert [c["reached"] for c in ckpts] == [True, False] and ckpts[1]["step"] is None
 
 
-def test_diverged_trial_is_failed() -> None:
-    row, traj = summarize_trial(_cfg(), [{"step": 3, "capability": NAN, "loss": math.inf, "stop": "diverged"}],
-                                None, 1.0)
-    assert row["status"] == "failed" and row["capability"] is None and len(traj) == 1
+def test_diverged_and_failed_trials() -> None:
+    row, _, traj = summarize_trial(_cfg(), [_report(3, NAN, "diverged")], None, 1.0)
+    assert row["status"] == "diverged" and row["capability"] is None and len(traj) == 1
+    row, _, _ = summarize_trial(_cfg(), [_report(25, 0.1)], "see /tmp/error.txt", 1.0)
+    assert row["status"] == "failed" and row["stop_reason"].startswith("error:")
+
+
+def test_restarted_trial_counts_the_surviving_crossing() -> None:
+    cfg = _cfg([0.2, 0.4])
+    history = [_report(25, 0.25, levels="0.2"), _report(25, 0.25, levels="0.2", restarts=1),
+               _report(50, 0.41, "reached", "0.4", restarts=1)]
+    row, ckpts, traj = summarize_trial(cfg, history, None, 9.0)
+    assert row["restarts"] == 1 and len(traj) == 3 and ckpts[0]["step"] == 25
 
 
 def test_capability_stopper() -> None:
     from capsafe.sweep import CapabilityStopper
 
-    stop = CapabilityStopper(target=0.4, max_steps=100)
-    assert not stop("t", {"step": 25, "capability": 0.39})
-    assert stop("t", {"step": 50, "capability": 0.4})
-    assert stop("t", {"step": 100, "capability": 0.1})
+    stop = CapabilityStopper(target=0.4)
+    assert not stop("t", {"step": 25, "capability": 0.39, "stop": ""})
+    assert stop("t", {"step": 50, "capability": 0.4, "stop": ""})
+    assert stop("t", {"step": 100, "capability": 0.1, "stop": "budget:steps"})
     assert stop("t", {"step": 3, "capability": NAN, "stop": "diverged"})
     assert not stop("t", {"time_total_s": 1.0}) and not stop.stop_all()

@@ -1,0 +1,69 @@
+"""Everything a run reads, resolved before anything starts: the demo world's files, the capability task's
+data (any format, materialised as jsonl in the results folder), and the safety suites."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from capsafe.data import read_jsonl
+from capsafe.evaluate import Suite
+from capsafe.ray_shell import cache_root
+from capsafe.spec import DEMO, Spec
+from capsafe.task_data import load_task_records, write_jsonl
+
+
+def resolve_paths(spec: Spec, log: Callable[[str], None]) -> dict[str, str]:
+    """Spec data fields -> real paths, building (or reusing) the demo world where a field says 'demo'."""
+    paths = spec.data_paths()
+    if not spec.uses_demo_world():
+        return paths
+    from capsafe.world import build_world
+
+    world = build_world(spec.world, cache_root() / "worlds", log=log)
+    demo = {"model.path": world.model_dir, "task.train_file": world.task_train, "task.eval_file": world.task_eval,
+            "task.general_file": world.general}
+    resolved = {}
+    for field, value in paths.items():
+        if value != DEMO:
+            resolved[field] = value
+        elif field in demo:
+            resolved[field] = str(demo[field])
+        elif field.endswith(".data_file"):
+            resolved[field] = str(world.safety)
+        else:  # eval.suites.<i>.file
+            name = spec.eval.suites[int(field.split(".")[2])].name
+            resolved[field] = str(world.suites[name])
+    return resolved
+
+
+def load_task(spec: Spec, paths: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """The task's train and eval records ('prompt', 'answer') read through the spec's field mapping, by the
+    spec field they came from. Raises DataError before anything is written."""
+    t = spec.task
+    return {field: load_task_records(paths[field], split, t.prompt_field, t.answer_field, t.choices_field, limit)
+            for field, split, limit in (("task.train_file", t.train_split, None),
+                                        ("task.eval_file", t.eval_split, t.eval_size))}
+
+
+def materialize_task(records: dict[str, list[dict[str, str]]], paths: dict[str, str],
+                     data_dir: Path) -> dict[str, str]:
+    """Write the task records as jsonl under ``data_dir``, the one form training workers read; return paths
+    updated to point there. Done once by the driver: workers never need hub access, and the results folder
+    records exactly what was trained and evaluated on."""
+    out = dict(paths)
+    for field, rows in records.items():
+        target = data_dir / f"{field.split('.')[1].removesuffix('_file')}.jsonl"
+        write_jsonl(target, rows)
+        out[field] = str(target.resolve())
+    return out
+
+
+def load_suites(spec: Spec, paths: dict[str, str]) -> list[Suite]:
+    suites = []
+    for i, s in enumerate(spec.eval.suites):
+        items = read_jsonl(paths[f"eval.suites.{i}.file"], ("prompt",))
+        for n, it in enumerate(items):
+            it.setdefault("id", f"{s.name}-{n}")
+        suites.append(Suite(s.name, s.kind, items[: spec.eval.max_prompts_per_suite]))
+    return suites

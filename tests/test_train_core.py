@@ -1,0 +1,149 @@
+"""The fine-tuning loop in-process on one rank (no Ray): DeepSpeed options, the capability ladder, budgets,
+divergence, consolidation of ZeRO-3 checkpoints, and exact continuation from a resume checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capsafe.train_core import Host, run_training
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def one_rank() -> Any:
+    """A one-process gloo group, as Ray Train would set up for a single worker."""
+    import torch.distributed as dist
+
+    from capsafe.ray_shell import worker_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({k: v for k, v in worker_env().items() if k not in os.environ})
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _cfg(world: Any, tmp: Path, overrides: list[str]) -> dict[str, Any]:
+    from capsafe.inputs import load_task, materialize_task
+    from capsafe.spec import load_spec
+    from capsafe.trials import plan_trials
+
+    spec = load_spec(REPO / "tests" / "specs" / "micro.yaml", ["train.num_workers=1", "train.cpus_per_worker=1",
+                                                                "methods=[{name: plain}]", *overrides])
+    paths = {**spec.data_paths(), "model.path": str(world.model_dir), "task.train_file": str(world.task_train),
+             "task.eval_file": str(world.task_eval), "task.general_file": str(world.general)}
+    paths = materialize_task(load_task(spec, paths), paths, tmp / "data")
+    return plan_trials(spec, paths, tmp / "checkpoints")[0]
+
+
+class Recorder:
+    """A host that keeps every report and a copy of every resume checkpoint."""
+
+    def __init__(self, tmp: Path, restore_dir: Path | None = None) -> None:
+        self.tmp, self.reports, self.resume = tmp, [], {}
+        self.host = Host(0, 1, self.report, restore_dir)
+
+    def report(self, metrics: dict[str, Any], resume_dir: Path | None) -> None:
+        self.reports.append(metrics)
+        if resume_dir:
+            keep = self.tmp / f"resume-{metrics['step']}"
+            shutil.copytree(resume_dir, keep)
+            self.resume[metrics["step"]] = keep
+
+
+def _eval_checkpoint(cfg: dict[str, Any], model_dir: Path) -> float:
+    from capsafe.data import read_jsonl
+    from capsafe.engines import TransformersEngine, greedy_generate
+    from capsafe.formatting import PromptFormat
+    from capsafe.metrics import score
+
+    engine = TransformersEngine(str(model_dir))
+    fmt = PromptFormat(**cfg["prompt_format"])
+    items = read_jsonl(cfg["task_eval"], ("prompt", "answer"))[: cfg["eval_size"]]
+    preds = greedy_generate(engine.model, engine.tokenizer, [fmt.render(i["prompt"]) for i in items],
+                            cfg["eval_max_new_tokens"], batch_size=cfg["eval_batch_size"])
+    return score(cfg["metric"], preds, [i["answer"] for i in items])
+
+
+def test_zero3_ladder_keeps_consolidated_checkpoints_that_score_as_reported(one_rank: Any, micro_world: Any,
+                                                                              tmp_path: Path) -> None:
+    cfg = _cfg(micro_world, tmp_path, ["task.ladder=[0.0, 0.02]", "train.zero_stage=3",
+                                               "train.max_steps=400"])
+    rec = Recorder(tmp_path)
+    run_training(cfg, rec.host)
+    last = rec.reports[-1]
+    assert last["stop"] == "reached" and last["capability"] >= 0.05
+    kept = {float(lv): r for r in rec.reports for lv in filter(None, r["levels"].split(","))}
+    assert set(kept) == {0.0, 0.02, 0.05}
+    for level, r in kept.items():
+        first = next(x for x in rec.reports if x["capability"] >= level)
+        assert r["step"] == first["step"]  # the first evaluation at or above the level
+        model = Path(r["model_dir"]) / "model"
+        assert (model / "model.safetensors").is_file()
+        assert _eval_checkpoint(cfg, model) == pytest.approx(r["capability"])
+    assert [r["step"] for r in rec.reports] == list(range(20, last["step"] + 1, 20))
+    assert last["tokens"] > 0 and last["train_s"] > 0 and last["eval_s"] > 0
+
+
+def test_resume_checkpoint_continues_exactly(one_rank: Any, micro_world: Any, tmp_path: Path) -> None:
+    cfg = _cfg(micro_world, tmp_path, ["task.target=1.0", "train.max_steps=60", "train.zero_stage=2"])
+    full = Recorder(tmp_path / "a")
+    run_training(cfg, full.host)
+    assert [r["step"] for r in full.reports] == [20, 40, 60] and full.reports[-1]["stop"] == "budget:steps"
+    again = Recorder(tmp_path / "b", restore_dir=full.resume[40])
+    run_training(cfg, again.host)
+    assert [r["step"] for r in again.reports] == [60]
+    a, b = full.reports[-1], again.reports[0]
+    assert b["restarts"] == 1 and b["tokens"] == a["tokens"]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["capability"] == a["capability"]
+    state = json.loads((full.resume[40] / "capsafe_state.json").read_text())
+    assert state["step"] == 40
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.zero_stage=2", "train.mode=lora", "train.precision=bf16", "train.gradient_accumulation_steps=2",
+     "train.gradient_checkpointing=true"],
+    ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true",
+     "train.gradient_accumulation_steps=4"],
+    ["train.zero_stage=3", "train.mode=lora", "train.precision=bf16", "train.offload_optimizer=true"],
+], ids=["zero2-lora-bf16-accum-gradckpt", "zero3-offload-accum", "zero3-lora-bf16-offload"])
+def test_deepspeed_options_train_and_save(one_rank: Any, micro_world: Any, tmp_path: Path,
+                                          overrides: list[str]) -> None:
+    cfg = _cfg(micro_world, tmp_path, ["task.target=0.0", "train.eval_every=4", *overrides])
+    rec = Recorder(tmp_path)
+    run_training(cfg, rec.host)
+    (r,) = rec.reports
+    assert r["stop"] == "reached" and r["step"] == 4 and r["loss"] == r["loss"]
+    model = Path(r["model_dir"]) / "model"
+    if cfg["train"]["mode"] == "lora":
+        assert (model / "adapter_model.safetensors").is_file()
+    else:
+        assert (model / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("overrides", "stop"), [
+    (["train.max_tokens=500"], "budget:tokens"),
+    (["train.max_wall_s=0.001"], "budget:wall_time"),
+    (["train.learning_rates=[1e12]", "train.grad_clip=1e30"], "diverged"),
+])
+def test_budgets_and_divergence_stop_the_trial(one_rank: Any, micro_world: Any, tmp_path: Path,
+                                               overrides: list[str], stop: str) -> None:
+    cfg = _cfg(micro_world, tmp_path, ["task.target=1.0", "train.zero_stage=2", *overrides])
+    rec = Recorder(tmp_path)
+    run_training(cfg, rec.host)
+    last = rec.reports[-1]
+    assert last["stop"] == stop and last["step"] < 20
+    if stop == "budget:tokens":
+        assert last["tokens"] >= 500
