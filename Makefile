@@ -16,5 +16,5 @@ fast-test: venv
 	$(PY) -m pytest -x -q -m "not slow" tests
 
 lint: venv
-	$(PY) -m ruff check capsafe tests benchmarks
+	$(PY) -m ruff check capsafe tests benchmarks scripts
 	$(PY) -m mypy capsafe

@@ -82,7 +82,7 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     records, suites = load_task(spec, paths), load_suites(spec, paths)  # bad data fails before any write
     results_dir = _prepare_results_dir(spec, resume)
     paths = materialize_task(records, paths, results_dir / "data")
-    trials = plan_trials(spec, paths, results_dir / "checkpoints")
+    trials = plan_trials(spec, paths, results_dir / "models")
     done = set(read_table(results_dir, "trials").column("trial_id").to_pylist())
     todo = [t for t in trials if t["trial_id"] not in done]
     skipped = f", {len(trials) - len(todo)} already done" if resume else ""
@@ -106,8 +106,8 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
 
         resources = {"num_workers": spec.train.num_workers, "use_gpu": spec.train.use_gpu,
                      "cpus_per_worker": spec.train.cpus_per_worker, "max_failures": spec.train.max_failures}
-        run_sweep(todo, resources, results_dir / "checkpoints", f"{spec.experiment}-sweep",
-                  spec.sweep.max_concurrent_trials, log, record)
+        run_sweep(todo, resources, results_dir / "ray", f"{spec.experiment}-sweep",
+                  spec.sweep.max_concurrent_trials, log, record, results_dir / "journal")
 
         app = build_pool(spec.eval.engine, {"max_model_len": spec.eval.max_model_len}, spec.eval.replicas,
                          spec.eval.cpus_per_replica, spec.eval.gpus_per_replica, spec.eval.max_models_per_replica)

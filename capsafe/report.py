@@ -81,7 +81,7 @@ def ladder_table(trials: pd.DataFrame, checkpoints: pd.DataFrame, judgments: pd.
     reached = checkpoints[checkpoints["reached"].astype(bool)].merge(trials[["trial_id", "method"]], on="trial_id")
     for (method, level), group in reached.groupby(["method", "level"], sort=True):
         j = _at(judgments, group[["trial_id", "step"]])
-        rows.append({"method": method, "level": level, "trials": len(group),
+        rows.append({"method": method, "level": f"{level:g}", "trials": len(group),
                      "capability": float(group["capability"].mean()),
                      "served capability": float(group["served_capability"].mean())
                      if group["served_capability"].notna().any() else None,

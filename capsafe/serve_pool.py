@@ -17,14 +17,37 @@ from capsafe.engines import make_engine
 
 
 class _LoadedEngine:
-    """An engine plus a lock: one generate call at a time per engine (vLLM's LLM is not thread-safe)."""
+    """An engine plus a lock: one generate call at a time per engine (vLLM's LLM is not thread-safe).
+
+    Serve calls ``__del__`` when it evicts the model, which can happen while requests that already hold
+    this engine wait for the lock or generate; the engine is then closed by the last of them."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine = engine
+        self.engine: Any = engine
         self.lock = asyncio.Lock()
+        self.users = 0
+        self.evicted = False
 
-    def __del__(self) -> None:  # Serve calls this when it evicts the model
-        self.engine.close()
+    async def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        self.users += 1
+        try:
+            async with self.lock:
+                result: list[str] = await asyncio.to_thread(self.engine.generate, prompts, max_new_tokens)
+                return result
+        finally:
+            self.users -= 1
+            if self.evicted and not self.users:
+                self._close()
+
+    def _close(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()
+
+    def __del__(self) -> None:
+        self.evicted = True
+        if not self.users:
+            self._close()
 
 
 def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], replicas: int, cpus: float, gpus: float,
@@ -44,8 +67,7 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], replicas: int, c
 
         async def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
             loaded = await self.get_engine(serve.get_multiplexed_model_id())
-            async with loaded.lock:
-                return await asyncio.to_thread(loaded.engine.generate, prompts, max_new_tokens)
+            return await loaded.generate(prompts, max_new_tokens)
 
     return GenerationPool.options(  # type: ignore[attr-defined]
         num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus}

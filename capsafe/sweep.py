@@ -8,6 +8,7 @@ checkpoint, and a later run with the same name (``capsafe run --resume``) contin
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -29,20 +30,33 @@ TrialDone = Callable[[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]
 
 class TrialRecorder(tune.Callback):
     """Collects each trial's reports, prints one progress line per evaluation, and hands a finished trial's
-    rows to ``on_done`` at once, so a driver that dies mid-sweep loses no finished trial."""
+    rows to ``on_done`` at once, so a driver that dies mid-sweep loses no finished trial.
 
-    def __init__(self, log: Callable[[str], None], on_done: TrialDone) -> None:
-        self.log, self.on_done = log, on_done
+    Reports are also appended to a journal (``<journal>/<trial id>.jsonl``) as they arrive: a resumed run
+    starts from it, so levels crossed and steps trained before the driver died stay in the results."""
+
+    def __init__(self, log: Callable[[str], None], on_done: TrialDone, journal: Path) -> None:
+        self.log, self.on_done, self.journal = log, on_done, journal
         self.history: dict[str, list[dict[str, Any]]] = {}
         self.started: dict[str, float] = {}
+        journal.mkdir(parents=True, exist_ok=True)
+
+    def _journal(self, trial: Any) -> Path:
+        return self.journal / f"{trial.config['trial']['trial_id']}.jsonl"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started[trial.trial_id] = time.perf_counter()
+        path = self._journal(trial)
+        earlier = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+        self.history[trial.trial_id] = earlier
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "step" not in result:
             return
-        self.history.setdefault(trial.trial_id, []).append({k: result.get(k) for k in REPORT_KEYS})
+        report = {k: result.get(k) for k in REPORT_KEYS}
+        self.history.setdefault(trial.trial_id, []).append(report)
+        with self._journal(trial).open("a") as fh:
+            fh.write(json.dumps(report) + "\n")
         name = trial.config["trial"]["trial_id"]
         extra = f", levels {result['levels']} kept" if result.get("levels") else ""
         extra += f" -> {result['stop']}" if result.get("stop") else ""
@@ -99,7 +113,7 @@ def _run_trial(config: dict[str, Any]) -> None:
 
 
 def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: Path, name: str,
-              max_concurrent: int, log: Callable[[str], None], on_done: TrialDone) -> None:
+              max_concurrent: int, log: Callable[[str], None], on_done: TrialDone, journal: Path) -> None:
     """Run all trials; ``on_done(cfg, trial rows, checkpoint rows, trajectory rows)`` as each one ends."""
     if not trials:
         return
@@ -113,7 +127,7 @@ def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: 
         run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str((storage / "_tune").resolve()),
                                   stop=CapabilityStopper(trials[0]["target"]), verbose=0,
-                                  callbacks=[TrialRecorder(log, on_done)]),
+                                  callbacks=[TrialRecorder(log, on_done, journal)]),
     )
     started = time.perf_counter()
     tuner.fit()

@@ -46,6 +46,9 @@ def build_engine(cfg: dict[str, Any], world: int) -> tuple[Any, Any, Any]:
     train = cfg["train"]
     ds_cfg = deepspeed_config(train, world, cfg["lr"])
     holder = None
+    # Wraps the process group Ray Train (or the test) created, so that ZeRO-3's sharded loading below sees
+    # the real world size.
+    deepspeed.init_distributed()
     if train["zero_stage"] == 3:
         from transformers.integrations import HfDeepSpeedConfig
 

@@ -27,6 +27,7 @@ def test_kuberay_manifests() -> None:
     job = docs["rayjob.yaml"]
     assert job["spec"]["entrypoint"].startswith("capsafe run jobs/")
     assert (CLUSTER.parent / job["spec"]["entrypoint"].split()[-1]).is_file()
+    assert job["spec"]["runtimeEnvYAML"]  # the worker environment, as in cluster/runtime_env.yaml
     for doc in docs.values():
         spec = doc["spec"].get("rayClusterSpec", doc["spec"])
         assert spec["rayVersion"] == "2.60.0"
@@ -34,8 +35,31 @@ def test_kuberay_manifests() -> None:
         for g in groups:
             for c in g["template"]["spec"]["containers"]:
                 assert "capsafe" in c["image"]
+                # results, checkpoints and caches on storage every pod sees
+                assert {"name": "shared", "mountPath": "/mnt/shared"} in c["volumeMounts"]
                 assert c["resources"]["limits"] == c["resources"]["requests"]
         for w in spec["workerGroupSpecs"]:
             assert int(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
             assert w["minReplicas"] <= w["replicas"] <= w["maxReplicas"]
     assert "capsafe[cuda]" in (CLUSTER / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((CLUSTER.parent / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_job_specs_validate_and_say_how_to_submit(path: Path) -> None:
+    from capsafe.spec import load_spec
+
+    spec = load_spec(path)
+    if path.name != "demo.yaml":  # the GPU-cluster specs
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ray job submit ") and f"capsafe run jobs/{path.name}" in first
+        assert spec.train.use_gpu and spec.eval.gpus_per_replica >= 1 and spec.eval.engine == "vllm"
+        assert spec.output_dir.startswith("/mnt/shared")  # checkpoints must be visible to every node
+        assert spec.train.precision == "bf16"
+
+
+def test_runtime_env_carries_the_worker_environment() -> None:
+    from capsafe.ray_shell import worker_env
+
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "." and ".venv" in env["excludes"]
+    assert set(worker_env()) - {"VLLM_CPU_KVCACHE_SPACE"} <= set(env["env_vars"])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,35 +29,41 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _check_results(out: Path, engine: str, methods: set[str]) -> None:
+def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[float, ...] = (0.05,)) -> None:
     trials = read_table(out, "trials").to_pandas()
-    assert set(trials["method"]) == {"base"} | methods
+    assert set(trials["method"]) == {"base"} | methods and trials["trial_id"].is_unique
     base = trials[trials["method"] == "base"].iloc[0]
     assert base["status"] == "base" and base["capability"] < 0.05
     trajectory = read_table(out, "trajectory").to_pandas()
+    checkpoints = read_table(out, "checkpoints").to_pandas()
+    evaluated = {("base", 0)}
     for _, t in trials[trials["method"] != "base"].iterrows():
         traj = trajectory[trajectory["trial_id"] == t["trial_id"]].sort_values("step")
-        assert not traj.empty
-        if t["reached"]:
-            # stopped at the first evaluation at/above the target, and kept that checkpoint
-            first = traj[traj["capability"] >= t["target"]].iloc[0]
-            assert t["step"] == first["step"] == traj["step"].max()
-            assert t["capability"] == pytest.approx(first["capability"])
-            model = Path(t["checkpoint"]) / "model"
+        ckpts = checkpoints[checkpoints["trial_id"] == t["trial_id"]].sort_values("level")
+        assert not traj.empty and tuple(ckpts["level"]) == levels
+        for _, c in ckpts[ckpts["reached"]].iterrows():
+            # each rung keeps the first evaluation at/above it, and the served model scores what training said
+            first = traj[traj["capability"] >= c["level"]].iloc[0]
+            assert c["step"] == first["step"] and c["capability"] == pytest.approx(first["capability"])
+            assert abs(c["served_capability"] - c["capability"]) <= 0.05 + 1e-9, c.to_dict()
+            model = Path(c["checkpoint"]) / "model"
             assert (model / "config.json").is_file() or (model / "adapter_config.json").is_file()
+            evaluated.add((t["trial_id"], int(c["step"])))
+        if t["reached"]:
+            assert t["step"] == traj["step"].max() and t["stop_reason"] == "reached"
         else:
             assert t["status"] == "not_reached" and traj["step"].max() == 200
+        assert t["tokens"] > 0 and t["train_s"] > 0 and t["eval_s"] > 0
     gens = read_table(out, "generations").to_pandas()
     judg = read_table(out, "judgments").to_pandas()
-    evaluated = set(trials[(trials["method"] == "base") | trials["reached"]]["trial_id"])
-    assert set(gens["trial_id"]) == evaluated
+    assert set(zip(gens["trial_id"], gens["step"], strict=True)) == evaluated
     assert set(gens["engine"]) == {engine}
     assert set(gens["suite"]) == {"harmful", "overrefusal", "benign"}
-    assert not judg.duplicated(["trial_id", "suite", "prompt_id", "judge"]).any()
+    assert not judg.duplicated(["trial_id", "step", "suite", "prompt_id", "judge"]).any()
     assert len(judg) == 2 * len(gens)
     assert (out / "report.md").read_text().count("| base |") == 1
-    for name in ("trials", "trajectory"):
-        pq.read_table(out / f"{name}.parquet")  # plain Parquet, readable without capsafe
+    for name in ("trials", "checkpoints", "trajectory", "generations", "judgments"):
+        pq.read_table(out / name)  # plain Parquet datasets, readable without capsafe
 
 
 def test_run_micro_flow_with_vllm(tmp_path: Path) -> None:
@@ -81,7 +88,9 @@ def _ray_pids(temp_dir: str) -> list[int]:
     return pids
 
 
-def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _ray_head() -> Iterator[dict[str, str]]:
+    """A real `ray start --head` on loopback ports, stopped by the PIDs of its own processes afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="csray-", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = _env()
     start = subprocess.run(
@@ -92,6 +101,22 @@ def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path) -> None:
     try:
         assert start.returncode == 0, start.stderr[-3000:]
         env["RAY_AUTH_MODE"] = "token"
+        env["CAPSAFE_TEST_RAY_TEMP_DIR"] = temp_dir
+        yield env
+    finally:
+        for pid in _ray_pids(temp_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 20
+        while time.time() < deadline and _ray_pids(temp_dir):
+            time.sleep(0.5)
+        for pid in _ray_pids(temp_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path) -> None:
+    with _ray_head() as env:
         proc = subprocess.run(
             [sys.executable, "-m", "capsafe.cli", "submit", MICRO, "--address", "http://127.0.0.1:8277",
              f"output_dir={tmp_path}", "methods=[{name: plain}]", "eval.engine=transformers",
@@ -101,14 +126,67 @@ def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
         assert "SUCCEEDED" in proc.stdout
         _check_results(tmp_path / "micro", "transformers", {"plain"})
-    finally:
-        pids = _ray_pids(temp_dir)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.time() + 20
-        while time.time() < deadline and _ray_pids(temp_dir):
-            time.sleep(0.5)
-        for pid in _ray_pids(temp_dir):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+
+
+def _train_worker_pids(temp_dir: str) -> list[int]:
+    """Ray Train worker processes of this test's cluster (children of its raylet)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if temp_dir in cmd and "raylet" in cmd:
+            pids += [c.pid for c in proc.children(recursive=True)
+                     if "RayTrainWorker" in " ".join(c.cmdline())]
+    return pids
+
+
+def _wait_for(what: str, check: Callable[[], bool], driver: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not check():
+        assert driver.poll() is None, f"driver exited while waiting for {what}:\n{log.read_text()[-4000:]}"
+        assert time.time() < deadline, f"timed out waiting for {what}:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
+
+
+def _journal_steps(out: Path, trial: str) -> int:
+    path = out / "journal" / f"{trial}.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def test_killed_worker_restarts_from_checkpoint_and_killed_driver_resumes(tmp_path: Path) -> None:
+    """Kills a Ray Train worker mid-trial (Ray Train restarts the group from the last resume checkpoint), then
+    kills the driver mid-sweep; `capsafe run --resume` finishes the sweep without redoing or duplicating."""
+    out = tmp_path / "faults"
+    args = [sys.executable, "-m", "capsafe.cli", "run", MICRO, f"output_dir={tmp_path}", "experiment=faults",
+            "ray_address=127.0.0.1:6391", "eval.engine=transformers", "train.zero_stage=2", "task.ladder=[0.025]"]
+    first, second = "plain-s0-lr0.003", "safety_mix-s0-lr0.003"
+    with _ray_head() as env:
+        log = tmp_path / "driver.log"
+        with log.open("w") as fh:
+            driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            _wait_for("the first resume checkpoint", lambda: _journal_steps(out, first) >= 1, driver, log, 600)
+            workers = _train_worker_pids(env["CAPSAFE_TEST_RAY_TEMP_DIR"])
+            assert len(workers) == 2, workers
+            os.kill(workers[1], signal.SIGKILL)
+            _wait_for("the first trial to finish", lambda: (out / "trials" / f"{first}.parquet").is_file(),
+                      driver, log, 900)
+            _wait_for("the second trial's first report", lambda: _journal_steps(out, second) >= 1, driver, log, 600)
+            driver.kill()  # the driver dies mid-sweep, without any chance to clean up
+            driver.wait(timeout=60)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        assert not (out / "trials" / f"{second}.parquet").exists()
+        resumed = subprocess.run([*args[:4], "--resume", *args[4:]], cwd=REPO, env=env, capture_output=True,
+                                 text=True, timeout=1200)
+        assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-3000:]
+    assert "1 already done" in resumed.stdout
+    _check_results(out, "transformers", {"plain", "safety_mix"}, levels=(0.025, 0.05))
+    trials = read_table(out, "trials").to_pandas().set_index("trial_id")
+    assert trials.loc[first, "restarts"] >= 1 and trials.loc[first, "reached"]  # survived the killed worker
+    assert trials.loc[second, "restarts"] >= 1  # continued from its checkpoint, not from step 0
+    trajectory = read_table(out, "trajectory").to_pandas()
+    steps = trajectory[trajectory["trial_id"] == second]["step"]
+    assert steps.min() == 20  # the steps trained before the driver died are kept

@@ -99,8 +99,8 @@ def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:
     ladder = {(r["method"], r["level"]): r for r in ladder_table(
         read_table(tmp_path, "trials").to_pandas(), read_table(tmp_path, "checkpoints").to_pandas(),
         read_table(tmp_path, "judgments").to_pandas()).to_dict("records")}
-    assert ladder[("plain", 0.2)]["harmful refusal"] == pytest.approx((9 + 4) / 20)  # p0 at step 50, p1 at 300
-    assert ladder[("plain", 0.4)]["harmful refusal"] == pytest.approx(6 / 20)
-    assert ladder[("safety_mix", 0.2)]["trials"] == 1 and ("safety_mix", 0.4) not in ladder
+    assert ladder[("plain", "0.2")]["harmful refusal"] == pytest.approx((9 + 4) / 20)  # p0 at step 50, p1 at 300
+    assert ladder[("plain", "0.4")]["harmful refusal"] == pytest.approx(6 / 20)
+    assert ladder[("safety_mix", "0.2")]["trials"] == 1 and ("safety_mix", "0.4") not in ladder
     assert "Safety along the capability ladder" in text and "| p0 | reached |" in text
     assert (tmp_path / "report.md").read_text() == text

@@ -14,6 +14,8 @@ import pytest
 
 from capsafe.train_core import Host, run_training
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 
 

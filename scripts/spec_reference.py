@@ -1,0 +1,47 @@
+"""Print the README's spec reference table from capsafe/spec.py (paste it under "## The spec").
+
+    .venv/bin/python scripts/spec_reference.py
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from capsafe.spec import PlainMethod, SafetyMixMethod, Spec, SuiteSpec
+
+
+def _default(info: Any) -> str:
+    if info.default_factory is not None:
+        value = info.default_factory()
+        if isinstance(value, BaseModel):
+            return "(section)"
+        if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            return json.dumps([x.model_dump() for x in value])[:60]
+        return json.dumps(value)
+    if info.is_required():
+        return "required"
+    return f"`{info.default}`" if isinstance(info.default, str) else json.dumps(info.default)
+
+
+def _walk(model: type[BaseModel], prefix: str) -> None:
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            _walk(ann, f"{prefix}{name}.")
+        else:
+            print(f"| `{prefix}{name}` | {_default(info)} | {info.description} |")
+
+
+def main() -> None:
+    print("| field | default | meaning |\n|---|---|---|")
+    _walk(Spec, "")
+    for model, tag in ((PlainMethod, "plain"), (SafetyMixMethod, "safety_mix")):
+        _walk(model, f"methods[] ({tag}).")
+    _walk(SuiteSpec, "eval.suites[].")
+
+
+if __name__ == "__main__":
+    main()
