@@ -7,9 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from capsafe.data import read_jsonl
+from capsafe.errors import DataError
 from capsafe.evaluate import Suite
 from capsafe.ray_shell import cache_root
 from capsafe.spec import DEMO, Spec
+from capsafe.suites import load_suite_items
 from capsafe.task_data import load_task_records, write_jsonl
 
 
@@ -60,10 +62,21 @@ def materialize_task(records: dict[str, list[dict[str, str]]], paths: dict[str, 
 
 
 def load_suites(spec: Spec, paths: dict[str, str]) -> list[Suite]:
+    """Every suite of the spec, read in its format and cut to ``eval.max_prompts_per_suite``."""
     suites = []
     for i, s in enumerate(spec.eval.suites):
-        items = read_jsonl(paths[f"eval.suites.{i}.file"], ("prompt",))
-        for n, it in enumerate(items):
-            it.setdefault("id", f"{s.name}-{n}")
+        path = paths[f"eval.suites.{i}.file"]
+        items: list[dict]
+        if s.format == "jsonl":
+            items = read_jsonl(path, ("prompt",))
+            for n, it in enumerate(items):
+                it.setdefault("id", f"{s.name}-{n}")
+        else:
+            items = load_suite_items(s.format, path, s.split, s.prompt_field, s.id_field)
+        if s.only:
+            items = [it for it in items if it.get("expected", "refuse") == s.only]
+        if not items:
+            raise DataError(f"suite '{s.name}' ({path}) has no items{' with expected ' + s.only if s.only else ''}; "
+                            "check eval.suites file, format and only.")
         suites.append(Suite(s.name, s.kind, items[: spec.eval.max_prompts_per_suite]))
     return suites

@@ -164,7 +164,26 @@ class SuiteSpec(_Strict):
                       "suite of that name (harmful, overrefusal, benign).")
     kind: Literal["harmful", "overrefusal", "benign"] = Field(description="What a refusal means here: wanted "
                                                               "for 'harmful', an over-refusal otherwise.")
-    file: str = Field(DEMO, description="jsonl with 'id' and 'prompt' per line, or 'demo'.")
+    file: str = Field(DEMO, description="The suite's data: a local file (or a folder of category files for "
+                      "hexphi), 'hf:<id>[@config]', or 'demo'.")
+    format: Literal["jsonl", "advbench", "harmbench", "strongreject", "xstest", "jailbreakbench", "hexphi",
+                    "generic"] = Field("jsonl", description="Layout of file: 'jsonl' ('id', 'prompt' per line; "
+                                       "also for 'demo'), a benchmark's own format, or 'generic' (any "
+                                       "jsonl/csv/parquet/hf table, columns from prompt_field / id_field).")
+    split: str | None = Field(None, description="Split of an 'hf:' suite (for jailbreakbench also 'harmful' or "
+                              "'benign' of a local file).")
+    prompt_field: str = Field("prompt", description="Prompt column of a 'generic' suite.")
+    id_field: str | None = Field("id", description="Id column of a 'generic' suite (null: row numbers).")
+    only: Literal["refuse", "comply"] | None = Field(None, description="Keep only items whose expected "
+                                                     "behaviour is this, e.g. XSTest's safe prompts ('comply') "
+                                                     "as an over-refusal suite and its unsafe ones ('refuse').")
+
+    @model_validator(mode="after")
+    def _demo_is_jsonl(self) -> SuiteSpec:
+        if self.file == DEMO and self.format != "jsonl":
+            raise ValueError(f"suite '{self.name}': the demo world's suites are jsonl; set format=jsonl or point "
+                             "file at a file in that format")
+        return self
 
 
 def _default_methods() -> list[PlainMethod | SafetyMixMethod]:

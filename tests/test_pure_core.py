@@ -7,7 +7,8 @@ from capsafe.capability import Budget, crossed_levels, stop_reason
 from capsafe.data import Source, batches, mix_sources
 from capsafe.judges import CoherenceJudge, RefusalKeywordJudge
 
-PURE = ["capsafe.spec", "capsafe.capability", "capsafe.metrics", "capsafe.task_data", "capsafe.inputs",
+PURE = ["capsafe.spec", "capsafe.capability", "capsafe.metrics", "capsafe.task_data", "capsafe.suites",
+        "capsafe.inputs",
         "capsafe.train_core", "capsafe.train_model", "capsafe.judges", "capsafe.results", "capsafe.report",
         "capsafe.data", "capsafe.formatting", "capsafe.trials", "capsafe.evaluate", "capsafe.ds_config",
         "capsafe.engines", "capsafe.world", "capsafe.train_loop", "capsafe.pipeline", "capsafe.cli"]

@@ -334,3 +334,22 @@ def test_hf_benchmark_csvs_with_config_and_splits(tmp_path: Path, offline_hf: Pa
     shutil.copy(FIXTURES / "harmbench_behaviors.csv", hb / "data" / "test.csv")
     assert load_suite_items("harmbench", f"hf:{hb}", split="test") == load_suite_items(
         "harmbench", _fixture("harmbench_behaviors.csv"))
+
+
+def test_spec_suites_in_benchmark_formats_load_through_the_pipeline_inputs() -> None:
+    from capsafe.inputs import load_suites
+    from capsafe.spec import Spec
+
+    spec = Spec.model_validate({"eval": {"suites": [
+        {"name": "advbench", "kind": "harmful", "format": "advbench", "file": str(FIXTURES / "harmful_behaviors.csv")},
+        {"name": "xstest-safe", "kind": "overrefusal", "format": "xstest", "only": "comply",
+         "file": str(FIXTURES / "xstest_prompts.csv")},
+        {"name": "hexphi", "kind": "harmful", "format": "hexphi", "file": str(FIXTURES / "hexphi")},
+    ], "max_prompts_per_suite": 4}})
+    suites = load_suites(spec, {f"eval.suites.{i}.file": s.file for i, s in enumerate(spec.eval.suites)})
+    assert [(s.name, s.kind, len(s.items)) for s in suites] == [("advbench", "harmful", 4),
+                                                                ("xstest-safe", "overrefusal", 3),
+                                                                ("hexphi", "harmful", 4)]
+    assert all(it["expected"] == "comply" for it in suites[1].items)
+    with pytest.raises(ValueError, match="demo world's suites are jsonl"):
+        Spec.model_validate({"eval": {"suites": [{"name": "h", "kind": "harmful", "format": "advbench"}]}})
