@@ -9,6 +9,7 @@ from pathlib import Path
 from capsafe.data import read_jsonl
 from capsafe.errors import DataError
 from capsafe.evaluate import Suite
+from capsafe.jailbreaks import wrap
 from capsafe.ray_shell import cache_root
 from capsafe.spec import DEMO, Spec
 from capsafe.suites import load_suite_items
@@ -78,5 +79,8 @@ def load_suites(spec: Spec, paths: dict[str, str]) -> list[Suite]:
         if not items:
             raise DataError(f"suite '{s.name}' ({path}) has no items{' with expected ' + s.only if s.only else ''}; "
                             "check eval.suites file, format and only.")
-        suites.append(Suite(s.name, s.kind, items[: spec.eval.max_prompts_per_suite]))
+        items = items[: spec.eval.max_prompts_per_suite]
+        if s.jailbreak:
+            items = [{**it, "prompt": wrap(s.jailbreak, it["prompt"])} for it in items]
+        suites.append(Suite(s.name, s.kind, items))
     return suites

@@ -118,10 +118,10 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
         def submit(model_dir: str, prompts: list[str], max_new_tokens: int) -> Any:
             return handle.options(multiplexed_model_id=model_dir).generate.remote(prompts, max_new_tokens)
 
-        fmt = spec.model.prompt_format()
-        tokenizer = _tokenizer(paths["model.path"]) if fmt.chat_template else None
+        fmt, eval_fmt = spec.model.prompt_format(), spec.eval.prompt_format(spec.model)
+        tokenizer = _tokenizer(paths["model.path"]) if fmt.chat_template or eval_fmt.chat_template else None
         models = _measure_served_capability(spec, paths, results_dir, fmt, tokenizer, submit, log)
-        evaluate_models(models, suites, lambda p: fmt.render(p, tokenizer), spec.eval.max_new_tokens, submit,
+        evaluate_models(models, suites, lambda p: eval_fmt.render(p, tokenizer), spec.eval.max_new_tokens, submit,
                         make_judges(list(spec.eval.judges)), spec.eval.engine, results_dir, log)
         stop_pool(pool_name)
     return write_report(results_dir, spec.experiment)

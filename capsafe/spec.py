@@ -178,6 +178,10 @@ class SuiteSpec(_Strict):
                                                      "behaviour is this, e.g. XSTest's safe prompts ('comply') "
                                                      "as an over-refusal suite and its unsafe ones ('refuse').")
 
+    jailbreak: Literal["prefix_injection", "refusal_suppression", "roleplay", "fiction"] | None = Field(
+        None, description="Wrap every prompt of this suite in a jailbreak template (capsafe/jailbreaks.py); add "
+        "the same file again with a jailbreak as a second suite to measure robustness.")
+
     @model_validator(mode="after")
     def _demo_is_jsonl(self) -> SuiteSpec:
         if self.file == DEMO and self.format != "jsonl":
@@ -209,6 +213,17 @@ class EvalSpec(_Strict):
     max_new_tokens: int = Field(24, ge=1, description="Greedy tokens generated per safety prompt.")
     max_prompts_per_suite: int | None = Field(None, ge=1, description="Evaluate only the first N prompts.")
     max_model_len: int = Field(256, ge=16, description="vLLM context length.")
+    system_prompt: str | None = Field(None, description="System prompt for the safety suites only, replacing "
+                                      "model.system_prompt (e.g. a safety prompt at test time, as in PTST); null "
+                                      "keeps the model's. Capability is always measured with the training format.")
+    chat_template: bool | None = Field(None, description="Chat template on or off for the safety suites only; "
+                                       "null keeps model.chat_template.")
+
+    def prompt_format(self, model: ModelSpec) -> PromptFormat:
+        """The format the safety suites are rendered with: the model's, with this section's overrides."""
+        return PromptFormat(model.prompt_template,
+                            model.chat_template if self.chat_template is None else self.chat_template,
+                            model.system_prompt if self.system_prompt is None else self.system_prompt)
 
 
 class SweepSpec(_Strict):

@@ -76,3 +76,21 @@ def test_batches_follow_weights_and_are_identical_per_seed() -> None:
     assert a == b
     share = sum(name == "safety" for name, _, _ in a) / len(a)
     assert 0.18 < share < 0.32
+
+
+def test_prompt_format_uses_the_tokenizers_chat_template() -> None:
+    import pytest
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from capsafe.formatting import PromptFormat
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+                                  unk_token="[UNK]")
+    with pytest.raises(ValueError, match="no chat template"):
+        PromptFormat("{prompt}", chat_template=True).render("hi", tok)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert PromptFormat("{prompt}", True).render("hi", tok) == "<user>hi<assistant>"
+    assert PromptFormat("Q: {prompt}", True, "be safe").render("hi", tok) == "<system>be safe<user>Q: hi<assistant>"
+    assert PromptFormat("<user> {prompt} <assistant>").render("hi") == "<user> hi <assistant>"

@@ -89,3 +89,12 @@ def test_readme_documents_every_spec_field() -> None:
                 assert f"`{prefix}{name}`" in readme, f"README lacks the spec field {prefix}{name}"
 
     walk(Spec, "")
+
+
+def test_evaluation_time_prompt_format_overrides_only_what_it_sets() -> None:
+    spec = Spec.model_validate({"model": {"system_prompt": "be brief"}, "eval": {"system_prompt": "be safe"}})
+    fmt = spec.eval.prompt_format(spec.model)
+    assert fmt.system_prompt == "be safe" and fmt.template == spec.model.prompt_template and not fmt.chat_template
+    assert spec.model.prompt_format().system_prompt == "be brief"  # capability keeps the training format
+    assert Spec().eval.prompt_format(Spec().model) == Spec().model.prompt_format()
+    assert fmt.render("hi") == "be safe\n\n<user> hi <assistant>"

@@ -353,3 +353,20 @@ def test_spec_suites_in_benchmark_formats_load_through_the_pipeline_inputs() -> 
     assert all(it["expected"] == "comply" for it in suites[1].items)
     with pytest.raises(ValueError, match="demo world's suites are jsonl"):
         Spec.model_validate({"eval": {"suites": [{"name": "h", "kind": "harmful", "format": "advbench"}]}})
+
+
+def test_jailbreak_wrappers_wrap_every_prompt_of_a_suite() -> None:
+    from capsafe.inputs import load_suites
+    from capsafe.jailbreaks import JAILBREAK_NAMES, wrap
+    from capsafe.spec import Spec, SuiteSpec
+
+    assert set(JAILBREAK_NAMES) == set(SuiteSpec.model_fields["jailbreak"].annotation.__args__[0].__args__)
+    advbench = {"kind": "harmful", "format": "advbench", "file": str(FIXTURES / "harmful_behaviors.csv")}
+    spec = Spec.model_validate({"eval": {"suites": [{"name": "plain", **advbench},
+                                                    {"name": "prefix", "jailbreak": "prefix_injection", **advbench}]}})
+    plain, wrapped = load_suites(spec, {f"eval.suites.{i}.file": s.file for i, s in enumerate(spec.eval.suites)})
+    assert [it["id"] for it in plain.items] == [it["id"] for it in wrapped.items]
+    for a, b in zip(plain.items, wrapped.items, strict=True):
+        assert b["prompt"] == wrap("prefix_injection", a["prompt"]) and a["prompt"] in b["prompt"] != a["prompt"]
+    with pytest.raises(KeyError, match="unknown jailbreak"):
+        wrap("nope", "x")
