@@ -8,7 +8,7 @@ from capsafe.data import Source, batches, mix_sources
 from capsafe.judges import CoherenceJudge, RefusalKeywordJudge
 
 PURE = ["capsafe.spec", "capsafe.capability", "capsafe.metrics", "capsafe.task_data", "capsafe.suites",
-        "capsafe.inputs",
+        "capsafe.inputs", "capsafe.judge_formats", "capsafe.agreement", "capsafe.jailbreaks",
         "capsafe.train_core", "capsafe.train_model", "capsafe.judges", "capsafe.results", "capsafe.report",
         "capsafe.data", "capsafe.formatting", "capsafe.trials", "capsafe.evaluate", "capsafe.ds_config",
         "capsafe.engines", "capsafe.world", "capsafe.train_loop", "capsafe.pipeline", "capsafe.cli"]
