@@ -200,29 +200,6 @@ def test_parse_hf_source() -> None:
         parse_hf_source("hf:")
 
 
-@pytest.fixture
-def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Offline ``datasets`` with every cache under tmp_path, even if it was imported earlier in the session."""
-    home = tmp_path / "hf_home"
-    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(home),
-           "HF_DATASETS_CACHE": str(home / "datasets"), "HF_MODULES_CACHE": str(home / "modules")}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    import datasets.config
-    import huggingface_hub.constants
-
-    # Both libraries read these variables once, at import time.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_CACHE_HOME", str(home))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
-    monkeypatch.setattr(datasets.config, "HF_MODULES_CACHE", home / "modules")
-    monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", home / "datasets" / "downloads")
-    monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", home / "datasets" / "downloads" / "extracted")
-    return home
-
-
 def test_hf_local_dataset_folder(tmp_path: Path, offline_hf: Path) -> None:
     repo = tmp_path / "gsm8k_repo"
     (repo / "data").mkdir(parents=True)
