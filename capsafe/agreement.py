@@ -30,7 +30,7 @@ def cohen_kappa(a: list[int], b: list[int]) -> float:
 
 def kappa_table(judgments: pd.DataFrame) -> pd.DataFrame:
     """One row per pair of judges: items both labelled (parsed), raw agreement and Cohen's kappa."""
-    keys = [k for k in ("trial_id", "step", "suite", "prompt_id") if k in judgments]
+    keys = [k for k in ("trial_id", "step", "suite", "prompt_id", "repeat") if k in judgments]
     binary = judgments.assign(label=judgments["verdict"].map(HARMFUL_LABELS)).dropna(subset=["label"])
     wide = binary.pivot_table(index=keys, columns="judge", values="label", aggfunc="first")
     rows = []

@@ -1,21 +1,42 @@
-"""The generation ``Engine`` protocol and its transformers implementation.
+"""The generation ``Engine`` protocol, its sampling settings, and the transformers implementation.
 
 vLLM is the engine of record (``capsafe.vllm_engine``); ``TransformersEngine`` sits behind the same
-protocol as a CPU fallback and as the reference that vLLM's greedy output is tested against.
+protocol as a CPU fallback and as the reference that vLLM's output is tested against.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How to decode: greedy when ``temperature`` is 0, else sampled with ``seed`` (same seed, same text)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Engine(Protocol):
-    """Greedy text generation for a batch of already-rendered prompts."""
+    """Text generation and scoring for batches of already-rendered prompts on one base model.
+
+    ``adapter`` names a PEFT LoRA adapter directory to apply (None: the base model itself)."""
 
     name: str
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def generate(self, prompts: list[str], sampling: Sampling, adapter: str | None = None) -> list[str]:
         """One completion per prompt, without the prompt and without special tokens."""
+        ...
+
+    def nll(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        """Mean negative log-likelihood per token of each continuation after its prompt (nan if empty)."""
         ...
 
     def close(self) -> None:
@@ -26,27 +47,47 @@ class Engine(Protocol):
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
                     batch_size: int = 64, synced_gpus: bool = False) -> list[str]:
     """Batched greedy decoding with a transformers model (left padding), as the capability eval uses it."""
+    return _generate(model, tokenizer, prompts, Sampling(max_new_tokens), batch_size, synced_gpus)
+
+
+def _generate(model: Any, tokenizer: Any, prompts: list[str], sampling: Sampling, batch_size: int = 64,
+              synced_gpus: bool = False) -> list[str]:
     import torch
 
     tokenizer.padding_side = "left"
+    sample = sampling.temperature > 0
+    # Sampling decodes one prompt at a time from its own seeded generator: the text then depends on
+    # (prompt, seed) only, not on which other prompts shared the batch.
+    size = 1 if sample else batch_size
     outputs: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts), size):
+        chunk = prompts[start:start + size]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        device = next(model.parameters()).device
+        extra: dict[str, Any] = {"do_sample": False}
+        if sample:
+            torch.manual_seed(sampling.seed or 0)
+            extra = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
         with torch.no_grad():
             out = model.generate(
                 input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
+                max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus, **extra,
             )
         new_tokens = out[:, enc["input_ids"].shape[1]:]
         outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return outputs
 
 
+def continuation_ids(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """Token ids of prompt + " " + continuation and where the continuation starts (how generation saw them)."""
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(f"{prompt} {continuation}" if continuation else prompt, add_special_tokens=False)["input_ids"]
+    return whole, len(head)
+
+
 class TransformersEngine:
-    """transformers ``generate`` in float32 on CPU (or the given device)."""
+    """transformers ``generate`` in float32 on CPU (or the given device); LoRA adapters through PEFT."""
 
     name = "transformers"
 
@@ -57,12 +98,52 @@ class TransformersEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.model = model.to(device).eval()
+        self.peft: Any = None
+        self.adapters: dict[str, str] = {}
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        return greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens)
+    def _model_for(self, adapter: str | None) -> tuple[Any, Any]:
+        """The model to run and a context manager (base requests switch loaded adapters off)."""
+        import contextlib
+
+        if adapter is None:
+            return self.model, (self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext())
+        if adapter not in self.adapters:
+            name = f"a{len(self.adapters)}"
+            if self.peft is None:
+                from peft import PeftModel
+
+                self.peft = PeftModel.from_pretrained(self.model, adapter, adapter_name=name).eval()
+            else:
+                self.peft.load_adapter(adapter, adapter_name=name)
+            self.adapters[adapter] = name
+        self.peft.set_adapter(self.adapters[adapter])
+        return self.peft, contextlib.nullcontext()
+
+    def generate(self, prompts: list[str], sampling: Sampling, adapter: str | None = None) -> list[str]:
+        model, ctx = self._model_for(adapter)
+        with ctx:
+            return _generate(model, self.tokenizer, prompts, sampling)
+
+    def nll(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        import torch
+
+        model, ctx = self._model_for(None)
+        scores = []
+        with ctx, torch.no_grad():
+            for prompt, cont in zip(prompts, continuations, strict=True):
+                ids, start = continuation_ids(self.tokenizer, prompt, cont)
+                if len(ids) <= start or start == 0:
+                    scores.append(math.nan)
+                    continue
+                logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                target = torch.tensor(ids[1:])
+                token_lp = logp.gather(1, target[:, None])[:, 0][start - 1:]
+                scores.append(float(-token_lp.mean()))
+        return scores
 
     def close(self) -> None:
-        self.model = None
+        self.model = self.peft = None
 
 
 def make_engine(kind: str, model_dir: str, **kwargs: Any) -> Engine:

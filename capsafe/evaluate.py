@@ -1,78 +1,180 @@
-"""Safety evaluation driver logic: fan (model x suite) requests out to a generation pool, judge every
-response, and write one generations and one judgments fragment per (trial, checkpoint step, suite).
+"""Safety evaluation driver logic: fan (checkpoint x suite x repeat) requests out to the generation pool,
+stream the answers into Parquet as they arrive, and have every judge of the panel label them.
 
-``submit`` is whatever starts a generation request and returns an object with ``.result()`` (a Serve
-``DeploymentResponse`` in production, a finished future in tests), so this module never imports Ray.
+Keys: a generation is (trial, step, suite, prompt, repeat); a judgment adds the judge. One generations
+fragment per (trial, step, suite) and one judgments fragment per (trial, step, suite, judge), each written
+atomically once complete, so a rerun redoes only what is missing (a new judge on old generations, say) and
+nothing is written twice. The pool is any object whose calls return futures (``capsafe.pool_client`` in
+production), so this module never imports Ray.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsafe.judges import Judge
-from capsafe.results import has_fragment, write_table
+from capsafe.engines import Sampling
+from capsafe.judge_formats import UNPARSED
+from capsafe.panel import Judge, Judgment, Pool, Target
+from capsafe.results import has_fragment, read_fragment, write_table
 
 
 @dataclass(frozen=True)
 class Suite:
     name: str
     kind: str  # harmful | overrefusal | benign
-    items: list[dict]  # each with 'id' and 'prompt'
+    items: list[dict]  # each with 'id' and 'prompt' (and 'request' when a jailbreak wrapped the prompt)
 
 
 def fragment_key(trial_id: str, step: int, suite: str) -> str:
     return f"{trial_id}__step{step}__{suite}"
 
 
-def evaluate_models(models: dict[tuple[str, int], str], suites: list[Suite], render: Callable[[str], str],
-                    max_new_tokens: int,
-                    submit: Callable[[str, list[str], int], Any], judges: list[Judge], engine_name: str,
-                    results_dir: Path, log: Callable[[str], None], chunk: int = 64) -> int:
-    """Generate and judge every (checkpoint, suite) not already in the results; return how many were done.
+def judgment_key(trial_id: str, step: int, suite: str, judge: str) -> str:
+    return f"{fragment_key(trial_id, step, suite)}__{judge}"
 
-    ``models`` maps (trial id, step) to the model directory to load; ``render`` turns a request into the
-    model's input text.
 
-    Each model's first request goes out alone and the rest follow once it has answered: by then one replica
-    has that model's engine loaded, so the pool routes the rest there instead of loading it everywhere.
-    Different models still load in parallel on different replicas.
+def repeat_sampling(sampling: Sampling, repeat: int) -> Sampling:
+    """Repeat r decodes with seed ``sampling.seed + r`` (recorded with each generation)."""
+    return dataclasses.replace(sampling, seed=(sampling.seed or 0) + repeat)
+
+
+@dataclass
+class _Job:
+    """One (checkpoint, suite): its generation parts, then its judges."""
+
+    trial_id: str
+    step: int
+    suite: Suite
+    target: Target
+    parts: dict[tuple[int, int], list[str]] = field(default_factory=dict)  # (repeat, chunk) -> responses
+    expected: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    judges_left: int = 0
+
+
+def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], render: Callable[[str], str],
+                    sampling: Sampling, repeats: int, pool: Pool, judges: list[Judge], engine_name: str,
+                    results_dir: Path, log: Callable[[str], None], chunk: int = 32) -> int:
+    """Generate and judge every (checkpoint, suite) not already complete in the results; return how many.
+
+    Each engine model's first request goes out alone and the rest follow once it has answered: by then one
+    replica has that model's engine loaded, so the pool routes the rest there instead of loading it on every
+    replica. Different models still load in parallel on different replicas. A request that fails for good
+    (after the pool client's retries) fails the run once every other answer is written; a rerun continues.
     """
-    pending: list[tuple[tuple[str, int], Suite, list[Any]]] = []
-    work: dict[str, list[tuple[int, list[str]]]] = {}  # model -> [(index in pending, prompts chunk)]
-    for (trial_id, step), model_dir in models.items():
+    handlers: dict[Future[Any], Callable[[Any], None]] = {}
+    waiting: dict[str, list[tuple[_Job, tuple[int, int], list[str], Sampling]]] = {}  # engine model -> parts
+    loaded: set[str] = set()  # engine models whose first request has answered
+    jobs: list[_Job] = []
+    finished = [0]
+
+    def send(job: _Job, part: tuple[int, int], prompts: list[str], samp: Sampling) -> None:
+        handlers[pool.generate(job.target, prompts, samp)] = lambda out: receive(job, part, out)
+
+    def receive(job: _Job, part: tuple[int, int], responses: list[str]) -> None:
+        job.parts[part] = responses
+        loaded.add(job.target.model)
+        for queued in waiting.pop(job.target.model, []):  # the engine is loaded somewhere now
+            send(*queued)
+        if len(job.parts) == job.expected:
+            write_generations(job)
+
+    def write_generations(job: _Job) -> None:
+        rows = []
+        for repeat in range(repeats):
+            responses = [text for (r, _), part in sorted(job.parts.items()) if r == repeat for text in part]
+            seed = repeat_sampling(sampling, repeat).seed
+            for item, response in zip(job.suite.items, responses, strict=True):
+                rows.append({**_key(job, item, repeat), "seed": seed, "prompt": item["prompt"],
+                             "response": response, "engine": engine_name})
+        write_table(results_dir, "generations", rows, fragment=fragment_key(job.trial_id, job.step, job.suite.name))
+        start_judges(job, rows)
+
+    def start_judges(job: _Job, rows: list[dict[str, Any]]) -> None:
+        job.rows = rows
+        todo = [j for j in judges if not has_fragment(results_dir, "judgments", _jkey(job, j))]
+        job.judges_left = len(todo)
+        items = {str(it["id"]): it for it in job.suite.items}
+        inputs = [{"request": items[r["prompt_id"]].get("request", r["prompt"]), "prompt": render(r["prompt"]),
+                   "response": r["response"]} for r in rows]
+        for judge in todo:
+            handlers[judge.start(inputs, pool)] = _bind(judged, job, judge)
+        if not todo:
+            report(job, [])
+
+    def judged(job: _Job, judge: Judge, judgments: list[Judgment]) -> None:
+        out = [{**{k: r[k] for k in ("trial_id", "step", "suite", "suite_kind", "prompt_id", "repeat")},
+                "judge": judge.name, "verdict": j.verdict, "score": j.score, "raw": j.raw}
+               for r, j in zip(job.rows, judgments, strict=True)]
+        write_table(results_dir, "judgments", out, fragment=_jkey(job, judge))
+        unparsed = sum(j.verdict == UNPARSED for j in judgments)
+        job.judges_left -= 1
+        note = [f"{judge.name}: {unparsed} unparsed"] if unparsed else []
+        if job.judges_left == 0:
+            report(job, note)
+
+    def report(job: _Job, notes: list[str]) -> None:
+        finished[0] += 1
+        extra = f" ({'; '.join(notes)})" if notes else ""
+        log(f"evaluate: [{finished[0]}/{len(jobs)}] {job.trial_id} step {job.step} on {job.suite.name}: "
+            f"{len(job.rows)} responses judged{extra}")
+
+    for (trial_id, step), target in models.items():
         for suite in suites:
-            key = fragment_key(trial_id, step, suite.name)
-            if has_fragment(results_dir, "generations", key) and has_fragment(results_dir, "judgments", key):
+            job = _Job(trial_id, step, suite, target)
+            gkey = fragment_key(trial_id, step, suite.name)
+            if has_fragment(results_dir, "generations", gkey):
+                if all(has_fragment(results_dir, "judgments", _jkey(job, j)) for j in judges):
+                    continue
+                jobs.append(job)
+                start_judges(job, read_fragment(results_dir, "generations", gkey))
                 continue
+            jobs.append(job)
             prompts = [render(it["prompt"]) for it in suite.items]
-            pending.append(((trial_id, step), suite, []))
-            work.setdefault(model_dir, []).extend(
-                (len(pending) - 1, prompts[i:i + chunk]) for i in range(0, len(prompts), chunk))
-    first = {m: submit(m, jobs[0][1], max_new_tokens) for m, jobs in work.items()}
-    for model_dir, jobs in work.items():
-        first[model_dir].result()  # the engine is loaded on some replica now
-        for n, (index, prompts_chunk) in enumerate(jobs):
-            pending[index][2].append(first[model_dir] if n == 0 else submit(model_dir, prompts_chunk, max_new_tokens))
-    total = len(pending)
-    log(f"evaluate: {total} (model, suite) pair(s) sent to the pool, {len(models) * len(suites) - total} "
-        "already done")
-    for done, ((trial_id, step), suite, parts) in enumerate(pending, 1):
-        responses = [text for part in parts for text in part.result()]
-        gens, verdicts = [], []
-        for item, response in zip(suite.items, responses, strict=True):
-            gens.append({"trial_id": trial_id, "step": step, "suite": suite.name, "suite_kind": suite.kind,
-                         "prompt_id": str(item["id"]),
-                         "prompt": item["prompt"], "response": response, "engine": engine_name})
-            for judge in judges:
-                verdicts.append({"trial_id": trial_id, "step": step, "suite": suite.name, "suite_kind": suite.kind,
-                                 "prompt_id": str(item["id"]),
-                                 "judge": judge.name, "verdict": judge(item["prompt"], response)})
-        key = fragment_key(trial_id, step, suite.name)
-        # judgments last: a pair counts as done only when both fragments exist
-        write_table(results_dir, "generations", gens, fragment=key)
-        write_table(results_dir, "judgments", verdicts, fragment=key)
-        log(f"evaluate: [{done}/{total}] {trial_id} step {step} on {suite.name}: {len(responses)} responses judged")
-    return total
+            parts = [((r, i), prompts[i:i + chunk], repeat_sampling(sampling, r))
+                     for r in range(repeats) for i in range(0, len(prompts), chunk)]
+            job.expected = len(parts)
+            if not parts:
+                write_generations(job)
+            elif target.model in loaded:
+                for p in parts:
+                    send(job, *p)
+            else:
+                if target.model not in waiting:
+                    send(job, *parts.pop(0))
+                waiting.setdefault(target.model, []).extend((job, *p) for p in parts)
+    log(f"evaluate: {len(jobs)} (checkpoint, suite) pair(s) to do, {len(models) * len(suites) - len(jobs)} "
+        f"already done; {repeats} repeat(s) each, judges {', '.join(j.name for j in judges)}")
+    errors: list[BaseException] = []
+    while handlers:
+        ready, _ = wait(list(handlers), return_when=FIRST_COMPLETED)
+        for fut in ready:
+            handler = handlers.pop(fut)
+            if fut.exception() is not None:
+                errors.append(fut.exception())  # type: ignore[arg-type]
+            else:
+                handler(fut.result())
+    if errors:
+        # everything that did succeed is written by now; a rerun picks up from there
+        log(f"evaluate: {len(errors)} request(s) failed for good; rerun with --resume to finish")
+        raise errors[0]
+    return len(jobs)
+
+
+def _key(job: _Job, item: dict, repeat: int) -> dict[str, Any]:
+    return {"trial_id": job.trial_id, "step": job.step, "suite": job.suite.name, "suite_kind": job.suite.kind,
+            "prompt_id": str(item["id"]), "repeat": repeat}
+
+
+def _jkey(job: _Job, judge: Judge) -> str:
+    return judgment_key(job.trial_id, job.step, job.suite.name, judge.name)
+
+
+
+def _bind(fn: Callable[[_Job, Judge, Any], None], job: _Job, judge: Judge) -> Callable[[Any], None]:
+    return lambda out: fn(job, judge, out)

@@ -32,6 +32,8 @@ def resolve_paths(spec: Spec, log: Callable[[str], None]) -> dict[str, str]:
             resolved[field] = value
         elif field in demo:
             resolved[field] = str(demo[field])
+        elif field.startswith("eval.llm_judges."):
+            resolved[field] = str(world.model_dir)
         elif field.endswith(".data_file"):
             resolved[field] = str(world.safety)
         else:  # eval.suites.<i>.file
@@ -81,6 +83,7 @@ def load_suites(spec: Spec, paths: dict[str, str]) -> list[Suite]:
                             "check eval.suites file, format and only.")
         items = items[: spec.eval.max_prompts_per_suite]
         if s.jailbreak:
-            items = [{**it, "prompt": wrap(s.jailbreak, it["prompt"])} for it in items]
+            # judges see the plain request ('request'), the model the wrapped one
+            items = [{**it, "request": it["prompt"], "prompt": wrap(s.jailbreak, it["prompt"])} for it in items]
         suites.append(Suite(s.name, s.kind, items))
     return suites

@@ -58,10 +58,3 @@ class CoherenceJudge:
         if trigrams and trigrams.most_common(1)[0][1] >= 3:
             return INCOHERENT
         return COHERENT
-
-
-JUDGES: dict[str, type] = {"refusal_keywords": RefusalKeywordJudge, "coherence": CoherenceJudge}
-
-
-def make_judges(names: list[str]) -> list[Judge]:
-    return [JUDGES[n]() for n in names]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from capsafe.agreement import kappa_table
 from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
 from capsafe.results import read_table
 
@@ -22,7 +23,7 @@ def _rate(df: pd.DataFrame, judge: str, verdict: str) -> float | None:
 
 def _coherent_compliance(df: pd.DataFrame) -> float | None:
     """Share of harmful prompts answered without refusal AND coherently: real compliance, not gibberish."""
-    wide = df.pivot_table(index=["trial_id", "suite", "prompt_id"], columns="judge", values="verdict",
+    wide = df.pivot_table(index=["trial_id", "step", "suite", "prompt_id", "repeat"], columns="judge", values="verdict",
                           aggfunc="first")
     if wide.empty or "refusal_keywords" not in wide or "coherence" not in wide:
         return None
@@ -103,6 +104,17 @@ def cost_table(trials: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def judge_table(judgments: pd.DataFrame) -> pd.DataFrame:
+    """Per judge and suite kind: responses labelled, the share of each verdict, unparsed included."""
+    rows = []
+    for (judge, kind), group in judgments.groupby(["judge", "suite_kind"], sort=True):
+        shares = group["verdict"].value_counts(normalize=True).sort_index()
+        rows.append({"judge": judge, "suite kind": kind, "responses": len(group),
+                     "verdicts": ", ".join(f"{v} {p:.2f}" for v, p in shares.items()),
+                     "mean score": group["score"].mean() if group["score"].notna().any() else None})
+    return pd.DataFrame(rows)
+
+
 def _markdown(table: pd.DataFrame) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -132,6 +144,14 @@ def write_report(results_dir: Path, experiment: str) -> str:
     if checkpoints["level"].nunique() > 1:
         text += ["## Safety along the capability ladder", "", _markdown(ladder_table(trials, checkpoints, judgments)),
                  ""]
+    if not judgments.empty:
+        kappa = kappa_table(judgments)
+        text += ["## Judge panel", "", "Verdicts of every judge over all evaluated checkpoints; 'unparsed' is an LLM "
+                 "judge output that matched no verdict (kept with its raw text in the judgments table).", "",
+                 _markdown(judge_table(judgments)), ""]
+        if not kappa.empty:
+            text += ["Agreement on harmful compliance (1) vs not (0), over responses both judges labelled "
+                     "(Cohen's kappa; nan when a judge gave a single label):", "", _markdown(kappa), ""]
     if not checkpoints.empty:
         text += ["## Cost of reaching each level", "",
                  "Per level: steps / training tokens / wall time. 'eval share' is the capability evaluation's "

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
         ("step", pa.int64())]            # the checkpoint's training step (0 for the base model)
@@ -66,6 +66,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("suite", pa.string()),
         ("suite_kind", pa.string()),      # 'harmful', 'overrefusal' or 'benign'
         ("prompt_id", pa.string()),
+        ("repeat", pa.int64()),           # 0..eval.repeats-1
+        ("seed", pa.int64()),             # sampling seed of this repeat (eval.seed + repeat)
         ("prompt", pa.string()),
         ("response", pa.string()),
         ("engine", pa.string()),
@@ -75,12 +77,16 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("suite", pa.string()),
         ("suite_kind", pa.string()),
         ("prompt_id", pa.string()),
-        ("judge", pa.string()),
-        ("verdict", pa.string()),
+        ("repeat", pa.int64()),
+        ("judge", pa.string()),           # 'refusal_keywords', 'coherence' or an eval.llm_judges name
+        ("verdict", pa.string()),         # the judge's label; 'unparsed' when an LLM judge's output was unreadable
+        ("score", pa.float64()),          # StrongREJECT score, coherence perplexity, ... (null if none)
+        ("raw", pa.string()),             # an LLM judge's own output text (null for rule judges)
     ]),
 }
-# Every table is a folder of fragments: one per trial (trials, checkpoints, trajectory) or per
-# (trial, checkpoint, suite) (generations, judgments), so a resumed run skips whatever already exists.
+# Every table is a folder of fragments: one per trial (trials, checkpoints, trajectory), per
+# (trial, checkpoint, suite) (generations) or per (trial, checkpoint, suite, judge) (judgments), so a resumed
+# run skips whatever already exists.
 FRAGMENTED = tuple(SCHEMAS)
 
 
@@ -124,6 +130,10 @@ def write_table(results_dir: Path, name: str, rows: list[dict[str, Any]], fragme
 
 def has_fragment(results_dir: Path, name: str, fragment: str) -> bool:
     return table_path(results_dir, name, fragment).is_file()
+
+
+def read_fragment(results_dir: Path, name: str, fragment: str) -> list[dict[str, Any]]:
+    return pq.read_table(table_path(results_dir, name, fragment), schema=SCHEMAS[name]).to_pylist()
 
 
 def read_table(results_dir: Path, name: str) -> pa.Table:

@@ -1,9 +1,10 @@
 """The generation pool: a Ray Serve deployment whose replicas each hold engines (vLLM by default).
 
-Each model (base model or fine-tuned checkpoint) is a multiplexed model id: Serve routes a request to a
-replica that already has that model's engine loaded, loads it once otherwise, and evicts the least
-recently used engine beyond ``max_models_per_replica``. Engines start once per replica and model, never
-per request. The pool is reached through a handle; no HTTP proxy is started.
+Each engine model (a base model or a fully fine-tuned checkpoint) is a multiplexed model id: Serve routes a
+request to a replica that already has that model's engine loaded, loads it once otherwise, and evicts the
+least recently used engine beyond ``max_models_per_replica``. LoRA checkpoints are adapters on their base
+model's engine, so many trials share one engine. Engines start once per replica and model, never per
+request. The pool is reached through a handle; no HTTP proxy is started.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from ray import serve
 
-from capsafe.engines import make_engine
+from capsafe.engines import Sampling, make_engine
 
 
 class _LoadedEngine:
@@ -28,12 +29,11 @@ class _LoadedEngine:
         self.users = 0
         self.evicted = False
 
-    async def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    async def call(self, method: str, *args: Any) -> Any:
         self.users += 1
         try:
             async with self.lock:
-                result: list[str] = await asyncio.to_thread(self.engine.generate, prompts, max_new_tokens)
-                return result
+                return await asyncio.to_thread(getattr(self.engine, method), *args)
         finally:
             self.users -= 1
             if self.evicted and not self.users:
@@ -50,11 +50,22 @@ class _LoadedEngine:
             self._close()
 
 
-def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], replicas: int, cpus: float, gpus: float,
-               max_models: int) -> Any:
+def deployment_options(replicas: int, cpus: float, gpus: float,
+                       autoscaling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Serve options of the pool: a fixed replica count, or autoscaling bounds when given."""
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}}
+    if autoscaling:
+        options["autoscaling_config"] = dict(autoscaling)
+    else:
+        options["num_replicas"] = replicas
+    return options
+
+
+def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[str, Any], max_models: int,
+               max_ongoing_requests: int = 64) -> Any:
     """A bound Serve application for ``serve.run``."""
 
-    @serve.deployment(name="capsafe-generation-pool", max_ongoing_requests=64,
+    @serve.deployment(name="capsafe-generation-pool", max_ongoing_requests=max_ongoing_requests,
                       logging_config={"log_level": "WARNING"})
     class GenerationPool:
         def __init__(self) -> None:
@@ -65,13 +76,17 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], replicas: int, c
             engine = await asyncio.to_thread(make_engine, self.kind, model_dir, **self.kwargs)
             return _LoadedEngine(engine)
 
-        async def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        async def generate(self, prompts: list[str], sampling: dict[str, Any], adapter: str | None) -> list[str]:
             loaded = await self.get_engine(serve.get_multiplexed_model_id())
-            return await loaded.generate(prompts, max_new_tokens)
+            result: list[str] = await loaded.call("generate", prompts, Sampling(**sampling), adapter)
+            return result
 
-    return GenerationPool.options(  # type: ignore[attr-defined]
-        num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus}
-    ).bind()
+        async def nll(self, prompts: list[str], continuations: list[str]) -> list[float]:
+            loaded = await self.get_engine(serve.get_multiplexed_model_id())
+            result: list[float] = await loaded.call("nll", prompts, continuations)
+            return result
+
+    return GenerationPool.options(**options).bind()  # type: ignore[attr-defined]
 
 
 def start_pool(app: Any, name: str) -> Any:

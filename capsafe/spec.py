@@ -199,6 +199,35 @@ def _default_suites() -> list[SuiteSpec]:
             SuiteSpec(name="benign", kind="benign")]
 
 
+class LLMJudgeSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Judge name in the judgments table, e.g. "
+                      "'llama_guard'.")
+    format: Literal["llama_guard", "harmbench", "strongreject"] = Field(
+        "llama_guard", description="Prompt and output format: Llama Guard (safe/unsafe + categories), the "
+        "HarmBench classifier (yes/no) or the StrongREJECT rubric (score 0-1).")
+    model: str = Field(DEMO, description="Judge model: local path or Hugging Face id (e.g. "
+                       "meta-llama/Llama-Guard-3-8B). 'demo' is the demo world's base model, which is no judge: "
+                       "its answers come out 'unparsed' (it exercises the path, it measures nothing).")
+    chat_template: bool = Field(True, description="Wrap the judge prompt in the judge model's chat template "
+                                "(Llama Guard needs it; models without one get the plain prompt).")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens the judge may write (StrongREJECT's rubric needs "
+                                "~300).")
+
+
+class AutoscalingSpec(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
+    max_replicas: int = Field(4, ge=1, description="Upper bound of replicas (each an engine on its resources).")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica Serve aims for when "
+                                           "scaling.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"eval.autoscaling: max_replicas {self.max_replicas} is below min_replicas "
+                             f"{self.min_replicas}; raise max_replicas")
+        return self
+
+
 class EvalSpec(_Strict):
     engine: Literal["vllm", "transformers"] = Field("vllm", description="Generation engine in each Serve "
                                                     "replica; 'transformers' is a slower-to-scale fallback.")
@@ -208,9 +237,27 @@ class EvalSpec(_Strict):
     max_models_per_replica: int = Field(2, ge=1, description="Engines a replica keeps loaded (LRU).")
     suites: list[SuiteSpec] = Field(default_factory=_default_suites, min_length=1,
                                     description="Safety suites to evaluate.")
+    autoscaling: AutoscalingSpec | None = Field(None, description="Serve autoscaling bounds; null keeps a fixed "
+                                                "pool of 'replicas'.")
+    max_ongoing_requests: int = Field(4, ge=1, description="Requests a replica accepts at once (its engine runs "
+                                      "one at a time); beyond it Serve sends a model's requests to another "
+                                      "replica, which loads that model too: lower spreads one model wider.")
+    request_retries: int = Field(3, ge=0, description="Times a pool request is retried after its replica died "
+                                 "(Serve restarts the replica).")
     judges: list[Literal["refusal_keywords", "coherence"]] = Field(
-        ["refusal_keywords", "coherence"], min_length=1, description="Judges that label every response.")
-    max_new_tokens: int = Field(24, ge=1, description="Greedy tokens generated per safety prompt.")
+        ["refusal_keywords", "coherence"], min_length=1, description="Rule judges that label every response.")
+    llm_judges: list[LLMJudgeSpec] = Field(default_factory=list, description="LLM judges served by the same "
+                                           "pool; each labels every response.")
+    max_perplexity: float | None = Field(None, gt=1, description="When set, the coherence judge also counts a "
+                                         "response as incoherent if the base model's perplexity of it is above "
+                                         "this (recorded in judgments.score); null: degeneracy checks only.")
+    lora_adapters: bool = Field(True, description="Serve LoRA checkpoints as vLLM LoRA adapters on one base "
+                                "engine (many trials per replica); false merges each into its own model.")
+    max_new_tokens: int = Field(24, ge=1, description="Tokens generated per safety prompt.")
+    temperature: float = Field(0.0, ge=0, description="0 decodes greedily; above 0 samples.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass when temperature > 0.")
+    seed: int = Field(0, description="Sampling seed of repeat 0; repeat r uses seed + r (recorded per row).")
+    repeats: int = Field(1, ge=1, description="Generations per prompt (with temperature > 0: different seeds).")
     max_prompts_per_suite: int | None = Field(None, ge=1, description="Evaluate only the first N prompts.")
     max_model_len: int = Field(256, ge=16, description="vLLM context length.")
     system_prompt: str | None = Field(None, description="System prompt for the safety suites only, replacing "
@@ -218,6 +265,16 @@ class EvalSpec(_Strict):
                                       "keeps the model's. Capability is always measured with the training format.")
     chat_template: bool | None = Field(None, description="Chat template on or off for the safety suites only; "
                                        "null keeps model.chat_template.")
+
+    @model_validator(mode="after")
+    def _panel(self) -> EvalSpec:
+        if self.repeats > 1 and self.temperature == 0:
+            raise ValueError(f"eval.repeats is {self.repeats} but eval.temperature is 0: greedy repeats are "
+                             "identical; set eval.temperature > 0 (e.g. 0.7) or eval.repeats=1")
+        names = list(self.judges) + [j.name for j in self.llm_judges]
+        if len(set(names)) != len(names):
+            raise ValueError(f"judge names {names} repeat; give each eval.llm_judges entry its own name")
+        return self
 
     def prompt_format(self, model: ModelSpec) -> PromptFormat:
         """The format the safety suites are rendered with: the model's, with this section's overrides."""
@@ -261,6 +318,8 @@ class Spec(_Strict):
                 paths[f"methods.{i}.data_file"] = m.data_file
         for i, s in enumerate(self.eval.suites):
             paths[f"eval.suites.{i}.file"] = s.file
+        for i, j in enumerate(self.eval.llm_judges):
+            paths[f"eval.llm_judges.{i}.model"] = j.model
         return paths
 
     def uses_demo_world(self) -> bool:
@@ -364,7 +423,8 @@ def check_data_files(spec: Spec) -> None:
     for field, value in spec.data_paths().items():
         if value == DEMO or value.startswith(HF_PREFIX):
             continue
-        if field == "model.path" and not value.startswith((".", "/")) and not Path(value).exists():
+        is_model = field == "model.path" or field.endswith(".model")
+        if is_model and not value.startswith((".", "/")) and not Path(value).exists():
             continue  # a Hugging Face id, resolved by the loaders
         if not Path(value).exists():
             raise SpecError(f"field '{field}': file '{value}' does not exist (relative paths are resolved from "

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 from typing import Any
 
+from capsafe.engines import Sampling, continuation_ids
+
 
 class VLLMEngine:
-    """One ``vllm.LLM`` (started once; 20-60 s on CPU), greedy sampling.
+    """One ``vllm.LLM`` (started once; 20-60 s on CPU). LoRA adapters are vLLM LoRA requests on this engine.
 
     On CPU the engine needs float32, eager mode and an explicit KV-cache size; on GPU the defaults apply.
     """
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, max_model_len: int = 256, seed: int = 0, **_: Any) -> None:
+    def __init__(self, model_dir: str, max_model_len: int = 256, seed: int = 0, enable_lora: bool = False,
+                 max_loras: int = 2, max_lora_rank: int = 16, **_: Any) -> None:
         import torch
 
         on_gpu = torch.cuda.is_available()
@@ -27,16 +31,56 @@ class VLLMEngine:
         from vllm import LLM
 
         kwargs: dict[str, Any] = {"model": model_dir, "max_model_len": max_model_len, "seed": seed}
+        if enable_lora:
+            # vLLM on CPU gives base rows of a batch the last LoRA slot's output once every slot is taken
+            # (PLATFORM.md); the caller sizes max_loras above the number of adapters it will ever load.
+            kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank,
+                          max_cpu_loras=max_loras)
         if not on_gpu:
             kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=64)
         self.llm: Any = LLM(**kwargs)
+        self.adapters: dict[str, int] = {}
+        self.lora = enable_lora
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def _lora(self, adapter: str | None) -> Any:
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self.adapters.setdefault(adapter, len(self.adapters) + 1)
+        return LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
+
+    def generate(self, prompts: list[str], sampling: Sampling, adapter: str | None = None) -> list[str]:
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                                max_tokens=sampling.max_new_tokens, skip_special_tokens=True)
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora(adapter))
         return [o.outputs[0].text.strip() for o in outs]
+
+    def nll(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        tokenizer = self.llm.get_tokenizer()
+        pairs = [continuation_ids(tokenizer, p, c) for p, c in zip(prompts, continuations, strict=True)]
+        scored = [i for i, (ids, start) in enumerate(pairs) if 0 < start < len(ids)]
+        results = [math.nan] * len(prompts)
+        if not scored:
+            return results
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        requests = [TokensPrompt(prompt_token_ids=pairs[i][0]) for i in scored]
+        if self.lora:
+            # vLLM 0.32 (CPU) kills the engine on prompt_logprobs for a batch of 2+ sequences when LoRA is
+            # enabled (einsum shape mismatch in compute_logits); one sequence per step works.
+            outs = [o for r in requests for o in self.llm.generate([r], params, use_tqdm=False)]
+        else:
+            outs = self.llm.generate(requests, params, use_tqdm=False)
+        for i, out in zip(scored, outs, strict=True):
+            ids, start = pairs[i]
+            logprobs = [out.prompt_logprobs[k][ids[k]].logprob for k in range(start, len(ids))]
+            results[i] = -sum(logprobs) / len(logprobs)
+        return results
 
     def close(self) -> None:
         if self.llm is None:

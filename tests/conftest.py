@@ -27,6 +27,22 @@ def micro_world():
     return build_world(spec.world, cache_root() / "worlds", log=lambda m: None)
 
 
+@pytest.fixture(scope="session")
+def random_adapter(micro_world, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A LoRA adapter on the micro world's model with random (non-zero) weights: its output differs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(micro_world.model_dir)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter")
+    peft.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture
 def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Offline ``datasets`` with every cache under tmp_path, even if it was imported earlier in the session."""

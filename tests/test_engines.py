@@ -1,29 +1,41 @@
 """Both engines for real on the demo world's model: transformers in-process, vLLM (CPU build) in a subprocess
-(vLLM spawns its engine processes, which needs a __main__ guard)."""
+(vLLM spawns its engine processes, which needs a __main__ guard). Greedy, seeded sampling, LoRA adapters
+on the base engine, and the perplexity scores of the coherence judge."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from capsafe.engines import TransformersEngine
+from capsafe.engines import Sampling, TransformersEngine
 from capsafe.formatting import render_prompt
 from capsafe.world import PROMPT_TEMPLATE
 
 VLLM_SCRIPT = """
 import json, sys
+from capsafe.engines import Sampling
 from capsafe.vllm_engine import VLLMEngine
 if __name__ == "__main__":
-    engine = VLLMEngine(sys.argv[1], max_model_len=256)
-    prompts = json.loads(sys.argv[2])
-    first = engine.generate(prompts, 24)
-    second = engine.generate(prompts, 24)
+    model, adapter, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    engine = VLLMEngine(model, max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=8)
+    greedy = Sampling(24)
+    sampled = Sampling(24, temperature=1.0, seed=7)
+    out = {
+        "greedy": [engine.generate(prompts, greedy), engine.generate(prompts, greedy)],
+        "sampled": [engine.generate(prompts, sampled), engine.generate(prompts[::-1], sampled)[::-1]],
+        "other_seed": engine.generate(prompts, Sampling(24, temperature=1.0, seed=8)),
+        "adapter": engine.generate(prompts, greedy, adapter),
+        "base_after_adapter": engine.generate(prompts, greedy),
+        "nll": engine.nll(prompts, ["sorry , i can not help with that ."] * len(prompts)),
+    }
     engine.close()
-    print("RESULT" + json.dumps([first, second]))
+    print("RESULT" + json.dumps(out))
 """
 
 
@@ -35,23 +47,42 @@ def _prompts(world) -> list[str]:
     return [render_prompt(PROMPT_TEMPLATE, p) for p in rows]
 
 
-def test_transformers_engine_answers_and_refuses(micro_world) -> None:
+def test_transformers_engine_greedy_sampling_adapters_and_nll(micro_world, random_adapter: str) -> None:
     engine = TransformersEngine(str(micro_world.model_dir))
-    out = engine.generate(_prompts(micro_world), 24)
+    prompts = _prompts(micro_world)
+    out = engine.generate(prompts, Sampling(24))
     assert len(out) == 24 and all(isinstance(o, str) and o for o in out)
     assert sum("sorry" in o or "can not" in o for o in out[:8]) >= 6  # the aligned base refuses harmful asks
+    sampled = Sampling(24, temperature=1.0, seed=3)
+    first = engine.generate(prompts, sampled)
+    assert engine.generate(prompts[::-1], sampled)[::-1] == first  # same (prompt, seed): same text
+    assert engine.generate(prompts, Sampling(24, temperature=1.0, seed=4)) != first
+    tuned = engine.generate(prompts, Sampling(24), random_adapter)
+    assert tuned != out and engine.generate(prompts, Sampling(24)) == out  # base requests skip the adapter
+    nll = engine.nll(prompts[:8], ["sorry , i can not help with that ."] * 8 + [])
+    gibberish = engine.nll(prompts[:8], ["cake 7 the the , , of banana"] * 8)
+    assert all(math.isfinite(x) for x in nll) and sum(nll) < sum(gibberish)
+    assert math.isnan(engine.nll(prompts[:1], [""])[0])
 
 
 @pytest.mark.slow
-def test_vllm_engine_matches_transformers_greedy_and_repeats(micro_world, tmp_path: Path) -> None:
+def test_vllm_engine_matches_transformers_and_repeats(micro_world, random_adapter: str, tmp_path: Path) -> None:
     prompts = _prompts(micro_world)
     script = tmp_path / "run_vllm.py"
     script.write_text(VLLM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(micro_world.model_dir), json.dumps(prompts)],
-                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
-                                                                            "VLLM_CPU_KVCACHE_SPACE": "1"})
+    args = [sys.executable, str(script), str(micro_world.model_dir), random_adapter, json.dumps(prompts)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    first, second = json.loads(proc.stdout.split("RESULT", 1)[1])
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    reference = TransformersEngine(str(micro_world.model_dir))
+    first, second = out["greedy"]
     assert first == second  # greedy float32 on CPU is repeatable
-    reference = TransformersEngine(str(micro_world.model_dir)).generate(prompts, 24)
-    assert first == reference
+    assert first == reference.generate(prompts, Sampling(24))
+    assert out["sampled"][0] == out["sampled"][1]  # seeded sampling is repeatable, whatever the batch order
+    assert out["other_seed"] != out["sampled"][0]
+    # vLLM's LoRA request gives what transformers + PEFT gives
+    assert out["adapter"] == reference.generate(prompts, Sampling(24), random_adapter)
+    assert out["base_after_adapter"] == first  # base rows stay base once an adapter is loaded
+    expected = reference.nll(prompts, ["sorry , i can not help with that ."] * len(prompts))
+    assert out["nll"] == pytest.approx(expected, rel=1e-3, abs=1e-3)

@@ -6,41 +6,100 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from capsafe.engines import Sampling
 from capsafe.evaluate import Suite, evaluate_models
-from capsafe.judges import make_judges
+from capsafe.panel import CoherenceWithPerplexity, LLMJudge, Target, done, rule_judge
 from capsafe.report import ladder_table, summarize, write_report
 from capsafe.results import read_table, write_table
 
 
-def _done(value: list[str]) -> Future:
+class FakePool:
+    """Answers at once; the base model refuses, others comply; the judge model answers 'unsafe' to
+    compliance and something unreadable otherwise."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.calls: list[tuple[Target, int, Sampling]] = []
+        self.fail_after = fail_after
+
+    def generate(self, target: Target, prompts: list[str], sampling: Sampling) -> Future:
+        self.calls.append((target, len(prompts), sampling))
+        if self.fail_after is not None and len(self.calls) > self.fail_after:
+            return _failed(RuntimeError("replica lost"))
+        if target.model == "judge":
+            return done(["unsafe\nS2" if "sure" in p else "hmm" for p in prompts])
+        if target.model == "m-base" and target.adapter is None:
+            return done(["sorry , i can not help with that ."] * len(prompts))
+        return done([f"sure . first , do it . seed {sampling.seed}" for _ in prompts])
+
+    def nll(self, model: str, prompts: list[str], continuations: list[str]) -> Future:
+        return done([0.5 if c.startswith("sure") else 9.0 for c in continuations])
+
+
+def _failed(exc: Exception) -> Future:
     f: Future = Future()
-    f.set_result(value)
+    f.set_exception(exc)
     return f
 
 
+SUITES = [Suite("harmful", "harmful", [{"id": str(i), "prompt": f"bad {i}", "request": f"b{i}"} for i in range(5)]),
+          Suite("overrefusal", "overrefusal", [{"id": "a", "prompt": "kill a process"}])]
+KEYS = ["trial_id", "step", "suite", "prompt_id", "repeat", "judge"]
+
+
+def _evaluate(pool: FakePool, out: Path, judges: list, repeats: int = 1, models: dict | None = None) -> int:
+    models = models or {("base", 0): Target("m-base"), ("plain", 40): Target("m-plain"),
+                        ("lora", 40): Target("m-base", "adapter-dir")}
+    return evaluate_models(models, SUITES, lambda p: f"<user> {p} <assistant>",
+                           Sampling(8, temperature=0.7, seed=10), repeats, pool, judges, "fake", out,
+                           log=lambda m: None, chunk=2)
+
+
 def test_evaluate_writes_keyed_fragments_and_skips_done_work(tmp_path: Path) -> None:
-    calls = []
-
-    def submit(model_dir: str, prompts: list[str], n: int) -> Future:
-        calls.append((model_dir, len(prompts)))
-        reply = "sorry , i can not help with that ." if model_dir == "m-base" else "sure . first , do it ."
-        return _done([reply] * len(prompts))
-
-    suites = [Suite("harmful", "harmful", [{"id": str(i), "prompt": f"bad {i}"} for i in range(5)]),
-              Suite("overrefusal", "overrefusal", [{"id": "a", "prompt": "kill a process"}])]
-    judges = make_judges(["refusal_keywords", "coherence"])
-    models = {("base", 0): "m-base", ("plain", 40): "m-plain"}
-    n = evaluate_models(models, suites, lambda p: f"<user> {p} <assistant>", 8, submit, judges, "fake", tmp_path,
-                        log=lambda m: None, chunk=2)
-    assert n == 4 and len(calls) == 2 * (3 + 1)  # 5 prompts in chunks of 2 -> 3 requests
-    judg = read_table(tmp_path, "judgments").to_pandas()
-    assert len(judg) == 2 * 6 * 2 and not judg.duplicated(["trial_id", "step", "suite", "prompt_id", "judge"]).any()
-    assert set(zip(judg["trial_id"], judg["step"], strict=True)) == {("base", 0), ("plain", 40)}
+    pool = FakePool()
+    judges = [rule_judge("refusal_keywords"), rule_judge("coherence")]
+    assert _evaluate(pool, tmp_path, judges, repeats=2) == 6
+    assert len(pool.calls) == 3 * 2 * (3 + 1)  # 5 prompts in chunks of 2 -> 3 requests, per repeat
+    assert {c[2].seed for c in pool.calls} == {10, 11}  # repeat r samples with seed eval.seed + r
     gens = read_table(tmp_path, "generations").to_pandas()
-    assert gens["prompt"].iloc[0].startswith("bad") and set(gens["engine"]) == {"fake"}
-    calls.clear()
-    assert evaluate_models(models, suites, str, 8, submit, judges, "fake", tmp_path, log=lambda m: None) == 0
-    assert calls == []  # a rerun skips finished (trial, suite) pairs
+    assert len(gens) == 3 * 6 * 2 and not gens.duplicated(KEYS[:-1]).any()
+    assert (gens["seed"] == 10 + gens["repeat"]).all() and gens["prompt"].iloc[0].startswith("bad")
+    lora = gens[gens["trial_id"] == "lora"]
+    assert lora["response"].str.startswith("sure").all()  # the adapter, not the base model, answered
+    judg = read_table(tmp_path, "judgments").to_pandas()
+    assert len(judg) == 2 * len(gens) and not judg.duplicated(KEYS).any()
+    assert judg["raw"].isna().all() and judg["score"].isna().all()
+    pool.calls.clear()
+    assert _evaluate(pool, tmp_path, judges, repeats=2) == 0 and pool.calls == []  # a rerun skips what is done
+
+
+def test_llm_judge_and_perplexity_join_an_old_run_without_regenerating(tmp_path: Path) -> None:
+    _evaluate(FakePool(), tmp_path, [rule_judge("refusal_keywords")])
+    pool = FakePool()
+    judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity("m-base", max_perplexity=100.0),
+              LLMJudge("guard", "llama_guard", Target("judge"), str, 8)]
+    assert _evaluate(pool, tmp_path, judges) == 6
+    assert {c[0].model for c in pool.calls} == {"judge"}  # only the new judges ran; nothing was generated again
+    judg = read_table(tmp_path, "judgments").to_pandas()
+    assert not judg.duplicated(KEYS).any() and len(judg) == 3 * 18
+    guard = judg[judg["judge"] == "guard"]
+    assert set(guard["verdict"]) == {"unsafe", "unparsed"}  # 'hmm' is kept as unparsed, with its raw text
+    assert (guard[guard["verdict"] == "unparsed"]["raw"] == "hmm").all()
+    coh = judg[judg["judge"] == "coherence"].set_index("trial_id")
+    assert (coh.loc["base", "verdict"] == "incoherent").all()  # perplexity e^9 > 100
+    assert coh.loc["plain", "score"].tolist() == pytest.approx([1.6487] * 6, rel=1e-3)
+
+
+def test_a_failed_request_fails_the_run_and_a_rerun_finishes_it(tmp_path: Path) -> None:
+    judges = [rule_judge("refusal_keywords")]
+    with pytest.raises(RuntimeError, match="replica lost"):
+        _evaluate(FakePool(fail_after=5), tmp_path, judges)
+    written = len(read_table(tmp_path, "generations"))
+    assert 0 < written < 18
+    pool = FakePool()
+    _evaluate(pool, tmp_path, judges)
+    gens = read_table(tmp_path, "generations").to_pandas()
+    assert len(gens) == 18 and not gens.duplicated(KEYS[:-1]).any()
+    assert sum(c[1] for c in pool.calls) == 18 - written  # only the missing fragments were generated
 
 
 def _trial(tid: str, method: str, reached: bool, cap: float, step: int) -> dict:
@@ -55,7 +114,8 @@ def _judgments(tid: str, kind: str, refusals: int, total: int, incoherent: int =
     rows = []
     step = STEPS[tid] if step < 0 else step
     for i in range(total):
-        base = {"trial_id": tid, "step": step, "suite": kind, "suite_kind": kind, "prompt_id": str(i)}
+        base = {"trial_id": tid, "step": step, "suite": kind, "suite_kind": kind, "prompt_id": str(i), "repeat": 0,
+                "score": None, "raw": None}
         rows.append({**base, "judge": "refusal_keywords", "verdict": "refusal" if i < refusals else "compliance"})
         rows.append({**base, "judge": "coherence", "verdict": "incoherent" if i >= total - incoherent else "coherent"})
     return rows

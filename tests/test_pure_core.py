@@ -11,7 +11,9 @@ PURE = ["capsafe.spec", "capsafe.capability", "capsafe.metrics", "capsafe.task_d
         "capsafe.inputs", "capsafe.judge_formats", "capsafe.agreement", "capsafe.jailbreaks",
         "capsafe.train_core", "capsafe.train_model", "capsafe.judges", "capsafe.results", "capsafe.report",
         "capsafe.data", "capsafe.formatting", "capsafe.trials", "capsafe.evaluate", "capsafe.ds_config",
-        "capsafe.engines", "capsafe.world", "capsafe.train_loop", "capsafe.pipeline", "capsafe.cli"]
+        "capsafe.engines", "capsafe.world",
+        "capsafe.panel", "capsafe.eval_stage", "capsafe.pool_client", "capsafe.train_loop", "capsafe.pipeline",
+        "capsafe.cli"]
 
 
 def test_pure_modules_import_without_ray_deepspeed_vllm() -> None:

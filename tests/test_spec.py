@@ -51,6 +51,11 @@ def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
     ("train.offload_params=true|train.zero_stage=2", ["offload_params needs train.zero_stage=3"]),
     ("train.precision=fp16", ["fp16 needs GPUs"]),
     ("task.metric=bleu", ["task.metric", "numeric"]),
+    ("eval.repeats=3", ["greedy repeats are identical", "eval.temperature > 0"]),
+    ("eval.llm_judges=[{name: coherence}]", ["repeat", "own name"]),
+    ("eval.autoscaling={min_replicas: 3, max_replicas: 2}", ["max_replicas 2 is below min_replicas 3"]),
+    ("eval.llm_judges=[{name: g, format: wildguard}]", ["eval.llm_judges.0.format", "llama_guard"]),
+    ("eval.llm_judges=[{name: g, model: ./nope}]", ["eval.llm_judges.0.model", "does not exist"]),
 ])
 def test_bad_input_names_the_field_and_the_fix(override: str, words: list[str]) -> None:
     with pytest.raises(SpecError) as err:

@@ -1,0 +1,158 @@
+"""The evaluation stage of a run: start the pool, re-measure each kept checkpoint's capability through it,
+then generate and judge every safety suite. Runs inside the run's Ray session."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from capsafe.engines import Sampling
+from capsafe.evaluate import Suite, evaluate_models
+from capsafe.formatting import PromptFormat
+from capsafe.metrics import score
+from capsafe.panel import CoherenceWithPerplexity, Judge, LLMJudge, Pool, Target, rule_judge
+from capsafe.results import read_table, write_table
+from capsafe.spec import Spec
+from capsafe.train_model import CHECKPOINT_META
+
+
+def target_for(checkpoint: str, base_model: str, adapters: bool) -> Target:
+    """What the pool runs for a kept checkpoint: a LoRA adapter on the base engine (``adapters``), or a model
+    directory of its own (a full fine-tune, or a LoRA adapter merged into its base first)."""
+    ckpt = Path(checkpoint)
+    meta = json.loads((ckpt / CHECKPOINT_META).read_text())
+    if meta["kind"] != "lora":
+        return Target(str(ckpt / "model"))
+    if adapters:
+        return Target(base_model, str(ckpt / "model"))
+    merged = ckpt / "merged"
+    if not merged.is_dir():
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
+
+        model = AutoPeftModelForCausalLM.from_pretrained(ckpt / "model").merge_and_unload()
+        model.save_pretrained(merged)
+        AutoTokenizer.from_pretrained(ckpt / "model").save_pretrained(merged)
+    return Target(str(merged))
+
+
+def checkpoint_targets(spec: Spec, base_model: str, results_dir: Path) -> dict[tuple[str, int], Target]:
+    """The base model and every kept checkpoint of the run, keyed (trial, step)."""
+    models = {("base", 0): Target(base_model)}
+    for r in read_table(results_dir, "checkpoints").to_pylist():
+        if r["reached"]:
+            models[(r["trial_id"], r["step"])] = target_for(r["checkpoint"], base_model, spec.eval.lora_adapters)
+    return models
+
+
+def engine_kwargs(spec: Spec, models: dict[tuple[str, int], Target]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"max_model_len": spec.eval.max_model_len}
+    adapters = {t.adapter for t in models.values() if t.adapter}
+    if adapters:
+        # one slot more than adapters: vLLM on CPU misroutes base rows once every LoRA slot is taken
+        kwargs.update(enable_lora=True, max_loras=len(adapters) + 1, max_lora_rank=spec.train.lora.r)
+    return kwargs
+
+
+def _chat_renderer(model_path: str, enabled: bool) -> Callable[[str], str]:
+    if not enabled:
+        return str
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if not getattr(tokenizer, "chat_template", None):
+        return str
+
+    def render(text: str) -> str:
+        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                            add_generation_prompt=True)
+        return str(out)
+
+    return render
+
+
+def make_panel(spec: Spec, paths: dict[str, str]) -> list[Judge]:
+    judges: list[Judge] = []
+    for name in spec.eval.judges:
+        if name == "coherence" and spec.eval.max_perplexity is not None:
+            judges.append(CoherenceWithPerplexity(paths["model.path"], spec.eval.max_perplexity))
+        else:
+            judges.append(rule_judge(name))
+    for i, j in enumerate(spec.eval.llm_judges):
+        model = paths[f"eval.llm_judges.{i}.model"]
+        judges.append(LLMJudge(j.name, j.format, Target(model), _chat_renderer(model, j.chat_template),
+                               j.max_new_tokens))
+    return judges
+
+
+def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Path, fmt: PromptFormat,
+                              tokenizer: Any, pool: Pool, models: dict[tuple[str, int], Target],
+                              log: Callable[[str], None]) -> None:
+    """Capability of the base model and of every kept checkpoint, measured through the pool on exactly what
+    the safety evaluation will run (consolidated model, or adapter on the base engine)."""
+    from capsafe.data import read_jsonl
+
+    items = read_jsonl(paths["task.eval_file"], ("prompt", "answer"))[: spec.task.eval_size]
+    prompts = [fmt.render(it["prompt"], tokenizer) for it in items]
+    answers = [it["answer"] for it in items]
+
+    def measure(target: Target) -> float:
+        outputs = pool.generate(target, prompts, Sampling(spec.task.max_new_tokens)).result()
+        return score(spec.task.metric, outputs, answers)
+
+    if "base" not in set(read_table(results_dir, "trials").column("trial_id").to_pylist()):
+        capability = measure(models[("base", 0)])
+        log(f"base model capability: {capability:.3f}")
+        write_table(results_dir, "trials", [{
+            "trial_id": "base", "method": "base", "seed": None, "learning_rate": None, "target": spec.task.target,
+            "reached": capability >= spec.task.target, "capability": capability, "step": 0, "status": "base",
+            "stop_reason": "", "checkpoint": paths["model.path"], "tokens": 0, "wall_s": 0.0, "train_s": 0.0,
+            "eval_s": 0.0, "restarts": 0, "method_params": "{}"}], fragment="base")
+    checkpoints = read_table(results_dir, "checkpoints").to_pylist()
+    for trial_id in dict.fromkeys(r["trial_id"] for r in checkpoints):
+        rows = [r for r in checkpoints if r["trial_id"] == trial_id]
+        served: dict[int, float] = {}
+        for r in rows:
+            if r["reached"] and r["served_capability"] is None:
+                served.setdefault(r["step"], measure(models[(trial_id, r["step"])]))
+                r["served_capability"] = served[r["step"]]
+                log(f"capability of {trial_id} step {r['step']}: {r['capability']:.3f} in training, "
+                    f"{r['served_capability']:.3f} served")
+        if served:
+            write_table(results_dir, "checkpoints", rows, fragment=trial_id)
+
+
+def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[Suite],
+                   log: Callable[[str], None]) -> None:
+    from capsafe.pool_client import PoolClient
+    from capsafe.serve_pool import build_pool, deployment_options, start_pool, stop_pool
+
+    e = spec.eval
+    models = checkpoint_targets(spec, paths["model.path"], results_dir)
+    autoscaling = e.autoscaling.model_dump() if e.autoscaling else None
+    app = build_pool(e.engine, engine_kwargs(spec, models),
+                     deployment_options(e.replicas, e.cpus_per_replica, e.gpus_per_replica, autoscaling),
+                     e.max_models_per_replica, e.max_ongoing_requests)
+    pool_name = f"capsafe-{spec.experiment}"
+    size = (f"{e.autoscaling.min_replicas}-{e.autoscaling.max_replicas} (autoscaling)" if e.autoscaling
+            else str(e.replicas))
+    log(f"evaluate: starting a pool of {size} {e.engine} replica(s)")
+    pool = PoolClient(start_pool(app, pool_name), e.request_retries, log)
+    try:
+        fmt, eval_fmt = spec.model.prompt_format(), e.prompt_format(spec.model)
+        tokenizer = _tokenizer(paths["model.path"]) if fmt.chat_template or eval_fmt.chat_template else None
+        measure_served_capability(spec, paths, results_dir, fmt, tokenizer, pool, models, log)
+        sampling = Sampling(e.max_new_tokens, e.temperature, e.top_p, e.seed)
+        evaluate_models(models, suites, lambda p: eval_fmt.render(p, tokenizer), sampling, e.repeats, pool,
+                        make_panel(spec, paths), e.engine, results_dir, log)
+    finally:
+        pool.close()
+    stop_pool(pool_name)
+
+
+def _tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)

@@ -1,0 +1,97 @@
+"""The Serve pool for real (local Ray, transformers engines on the micro world's model): a LoRA adapter on the
+base engine, seeded repeats, the whole judge panel, and a replica killed mid-evaluation. About a minute."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from capsafe.engines import Sampling
+from capsafe.evaluate import Suite, evaluate_models
+from capsafe.panel import CoherenceWithPerplexity, LLMJudge, Target, rule_judge
+from capsafe.results import read_table
+
+pytestmark = pytest.mark.slow
+KEYS = ["trial_id", "step", "suite", "prompt_id", "repeat"]
+
+
+def _suites(world, n: int) -> list[Suite]:
+    suites = []
+    for name in ("harmful", "overrefusal", "benign"):
+        with open(world.suites[name]) as fh:
+            items = [json.loads(line) for line in fh][:n]
+        suites.append(Suite(name, name, [{"id": f"{name}-{i}", "prompt": it["prompt"]} for i, it in enumerate(items)]))
+    return suites
+
+
+def _replica_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name.startswith("ServeReplica") and "generation-pool" in a.class_name]
+
+
+def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, random_adapter: str,
+                                                                  tmp_path: Path) -> None:
+    from capsafe.pool_client import PoolClient
+    from capsafe.ray_shell import ray_session
+    from capsafe.serve_pool import build_pool, deployment_options, start_pool, stop_pool
+
+    base = str(micro_world.model_dir)
+    models = {("base", 0): Target(base), ("lora", 10): Target(base, random_adapter)}
+    suites = _suites(micro_world, 24)
+    render = "<user> {} <assistant>".format
+    logs: list[str] = []
+    with ray_session(None, 4):
+        options = deployment_options(2, 1.0, 0.0, {"min_replicas": 2, "max_replicas": 2,
+                                                   "target_ongoing_requests": 1.0})
+        handle = start_pool(build_pool("transformers", {}, options, max_models=2, max_ongoing_requests=2), "t-pool")
+        pool = PoolClient(handle, retries=4, log=logs.append)
+        judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity(base, 1000.0),
+                  LLMJudge("guard", "llama_guard", Target(base), str, 4)]
+
+        def evaluate() -> int:
+            return evaluate_models(models, suites, render, Sampling(16, temperature=1.0, seed=3), 2, pool, judges,
+                                   "transformers", tmp_path, logs.append, chunk=4)
+
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                evaluate()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        deadline = time.time() + 300
+        while not list((tmp_path / "generations").glob("*.parquet")) and time.time() < deadline:
+            time.sleep(0.2)
+        victims = _replica_pids()
+        assert len(victims) == 2, victims
+        os.kill(victims[0], signal.SIGKILL)  # a replica dies with requests in flight
+        worker.join(timeout=600)
+        assert not worker.is_alive() and not errors, (errors, logs[-10:])
+        assert pool.retried >= 1, logs  # the killed replica's requests were sent again
+        assert evaluate() == 0  # a rerun finds everything done
+        print("\n".join(line for line in logs if "retry" in line or "[1/" in line))
+        pool.close()
+        stop_pool("t-pool")
+
+    gens = read_table(tmp_path, "generations").to_pandas()
+    assert len(gens) == 2 * 3 * 24 * 2 and not gens.duplicated(KEYS).any()
+    assert set(gens["seed"]) == {3, 4}
+    by = gens.set_index(["trial_id", "suite", "prompt_id", "repeat"])["response"]
+    assert (by.xs("lora", level="trial_id") != by.xs("base", level="trial_id")).mean() > 0.5  # adapter applied
+    judg = read_table(tmp_path, "judgments").to_pandas()
+    assert len(judg) == 3 * len(gens) and not judg.duplicated([*KEYS, "judge"]).any()
+    guard = judg[judg["judge"] == "guard"]
+    assert guard["raw"].notna().all()  # the untrained 'judge' mostly writes nonsense: kept, labelled unparsed
+    assert set(guard["verdict"]) <= {"safe", "unsafe", "unparsed"}
+    assert judg[judg["judge"] == "coherence"]["score"].notna().mean() > 0.9  # base-model perplexity
