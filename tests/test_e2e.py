@@ -29,7 +29,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[float, ...] = (0.05,)) -> None:
+def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[float, ...] = (0.05,),
+                   judges: int = 2, repeats: int = 1) -> None:
     trials = read_table(out, "trials").to_pandas()
     assert set(trials["method"]) == {"base"} | methods and trials["trial_id"].is_unique
     base = trials[trials["method"] == "base"].iloc[0]
@@ -59,8 +60,10 @@ def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[floa
     assert set(zip(gens["trial_id"], gens["step"], strict=True)) == evaluated
     assert set(gens["engine"]) == {engine}
     assert set(gens["suite"]) == {"harmful", "overrefusal", "benign"}
-    assert not judg.duplicated(["trial_id", "step", "suite", "prompt_id", "judge"]).any()
-    assert len(judg) == 2 * len(gens)
+    assert not gens.duplicated(["trial_id", "step", "suite", "prompt_id", "repeat"]).any()
+    assert set(gens["repeat"]) == set(range(repeats))
+    assert not judg.duplicated(["trial_id", "step", "suite", "prompt_id", "repeat", "judge"]).any()
+    assert len(judg) == judges * len(gens)
     assert (out / "report.md").read_text().count("| base |") == 1
     for name in ("trials", "checkpoints", "trajectory", "generations", "judgments"):
         pq.read_table(out / name)  # plain Parquet datasets, readable without capsafe
@@ -119,13 +122,23 @@ def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path) -> None:
     with _ray_head() as env:
         proc = subprocess.run(
             [sys.executable, "-m", "capsafe.cli", "submit", MICRO, "--address", "http://127.0.0.1:8277",
-             f"output_dir={tmp_path}", "methods=[{name: plain}]", "eval.engine=transformers",
-             # the other half of the training matrix: LoRA adapters under ZeRO-2 (merged for evaluation)
-             "train.mode=lora", "train.zero_stage=2", "train.learning_rates=[0.01]"],
+             f"output_dir={tmp_path}", "methods=[{name: plain}]",
+             # the other half of the training matrix: LoRA adapters under ZeRO-2, served as vLLM LoRA requests
+             # on the base engine; sampled twice per prompt; the whole judge panel (an LLM judge through the
+             # pool, base-model perplexity in the coherence judge)
+             "train.mode=lora", "train.zero_stage=2", "train.learning_rates=[0.01]",
+             "eval.temperature=0.8", "eval.repeats=2", "eval.max_perplexity=5000",
+             "eval.llm_judges=[{name: guard, max_new_tokens: 4}]"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
         assert "SUCCEEDED" in proc.stdout
-        _check_results(tmp_path / "micro", "transformers", {"plain"})
+        _check_results(tmp_path / "micro", "vllm", {"plain"}, judges=3, repeats=2)
+        gens = read_table(tmp_path / "micro", "generations").to_pandas()
+        assert set(gens["seed"]) == {0, 1}
+        judg = read_table(tmp_path / "micro", "judgments").to_pandas()
+        assert judg[judg["judge"] == "guard"]["raw"].notna().all()
+        assert judg[judg["judge"] == "coherence"]["score"].notna().any()
+        assert not list((tmp_path / "micro" / "models").rglob("merged"))  # adapters were served, not merged
 
 
 def _train_worker_pids(temp_dir: str) -> list[int]:
