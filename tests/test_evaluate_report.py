@@ -164,3 +164,16 @@ def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:
     assert ladder[("safety_mix", "0.2")]["trials"] == 1 and ("safety_mix", "0.4") not in ladder
     assert "Safety along the capability ladder" in text and "| p0 | reached |" in text
     assert (tmp_path / "report.md").read_text() == text
+
+
+def test_report_shows_the_judge_panel_and_kappa(tmp_path: Path) -> None:
+    write_table(tmp_path, "trials", [_trial("base", "base", False, 0.0, 0)], fragment="base")
+    rows = _judgments("base", "harmful", 6, 10)
+    guard = [{**r, "judge": "guard", "raw": "x",
+              "verdict": "unparsed" if r["prompt_id"] == "9" else ("safe" if int(r["prompt_id"]) < 5 else "unsafe")}
+             for r in rows if r["judge"] == "refusal_keywords"]
+    write_table(tmp_path, "judgments", rows + guard, fragment="all")
+    text = write_report(tmp_path, "x")
+    assert "## Judge panel" in text and "| guard | harmful | 10 | safe 0.50, unparsed 0.10, unsafe 0.40 |" in text
+    # 9 items both labelled: keywords say refusal for 0-5, guard safe for 0-4 -> 8 of 9 agree
+    assert "| guard | refusal_keywords | 9 | 0.89 |" in text
