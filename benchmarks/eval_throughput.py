@@ -15,7 +15,7 @@ Rows, in one run so they share the machine:
 Engine start-up is excluded everywhere (each engine answers one warm-up request first).
 
     .venv/bin/python benchmarks/eval_throughput.py [--prompts 192] [--max-new-tokens 32] [--threads 2]
-        [--hidden 512 --layers 6] [--chunk 16]
+        [--hidden 512 --layers 6] [--chunk 32] [--ongoing 4]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def direct(model: str, prompts: list[str], max_new_tokens: int) -> tuple[list[st
 
 
 def pooled(model: str, prompts: list[str], max_new_tokens: int, replicas: int, cpus: float,
-           chunk: int) -> tuple[list[str], float]:
+           chunk: int, ongoing: int) -> tuple[list[str], float]:
     from ray import serve
 
     from capsafe.engines import Sampling
@@ -68,7 +68,7 @@ def pooled(model: str, prompts: list[str], max_new_tokens: int, replicas: int, c
     from capsafe.serve_pool import build_pool, deployment_options, start_pool, stop_pool
 
     app = build_pool("vllm", {"max_model_len": 256}, deployment_options(replicas, cpus, 0.0), max_models=1,
-                     max_ongoing_requests=2)
+                     max_ongoing_requests=ongoing)
     pool = PoolClient(start_pool(app, "bench"), retries=0, log=print)
     target, sampling = Target(model), Sampling(max_new_tokens)
     # warm up every replica: concurrent requests spill onto the replicas that have not loaded the model yet
@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("--chunk", type=int, default=32, help="prompts per request (capsafe's default)")
+    parser.add_argument("--ongoing", type=int, default=4, help="max ongoing requests per replica (default 4)")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the direct engine gets what a replica of --threads CPUs gets
 
@@ -115,7 +116,8 @@ def main() -> None:
         rows.append((f"direct VLLMEngine ({args.threads} threads)", out, spent))
         with ray_session(None, 2 * args.threads):
             for replicas, cpus in ((1, float(args.threads)), (1, 1.0), (2, 1.0)):
-                out, spent = pooled(model, prompts, args.max_new_tokens, replicas, cpus, args.chunk)
+                out, spent = pooled(model, prompts, args.max_new_tokens, replicas, cpus, args.chunk,
+                                     args.ongoing)
                 rows.append((f"pool, {replicas} replica(s) x {cpus:g} CPU", out, spent))
     reference = rows[0][1]
     print("\n| run | generated tokens | seconds | tokens/s | same outputs as direct |\n|---|---|---|---|---|")

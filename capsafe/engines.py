@@ -35,6 +35,11 @@ class Engine(Protocol):
         """One completion per prompt, without the prompt and without special tokens."""
         ...
 
+    def generate_many(self, requests: list[Request]) -> list[list[str]]:
+        """Several generate calls (prompts, sampling, adapter) answered together, as one batch where the
+        engine can: this is how a replica batches requests that arrive while its engine is busy."""
+        ...
+
     def nll(self, prompts: list[str], continuations: list[str]) -> list[float]:
         """Mean negative log-likelihood per token of each continuation after its prompt (nan if empty)."""
         ...
@@ -42,6 +47,9 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release processes and memory; the engine is unusable afterwards."""
         ...
+
+
+Request = tuple[list[str], Sampling, str | None]
 
 
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
@@ -123,6 +131,9 @@ class TransformersEngine:
         model, ctx = self._model_for(adapter)
         with ctx:
             return _generate(model, self.tokenizer, prompts, sampling)
+
+    def generate_many(self, requests: list[Request]) -> list[list[str]]:
+        return [self.generate(*r) for r in requests]
 
     def nll(self, prompts: list[str], continuations: list[str]) -> list[float]:
         import torch

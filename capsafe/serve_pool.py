@@ -14,11 +14,12 @@ from typing import Any
 
 from ray import serve
 
-from capsafe.engines import Sampling, make_engine
+from capsafe.engines import Request, Sampling, make_engine
 
 
 class _LoadedEngine:
-    """An engine plus a lock: one generate call at a time per engine (vLLM's LLM is not thread-safe).
+    """An engine, a lock (vLLM's LLM is not thread-safe) and a queue: generate calls that arrive while the
+    engine is busy are answered together by its next batch, so concurrent requests share engine steps.
 
     Serve calls ``__del__`` when it evicts the model, which can happen while requests that already hold
     this engine wait for the lock or generate; the engine is then closed by the last of them."""
@@ -26,8 +27,29 @@ class _LoadedEngine:
     def __init__(self, engine: Any) -> None:
         self.engine: Any = engine
         self.lock = asyncio.Lock()
+        self.queue: list[tuple[Request, asyncio.Future[list[str]]]] = []
         self.users = 0
         self.evicted = False
+
+    async def generate(self, request: Request) -> list[str]:
+        self.users += 1
+        try:
+            answer: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+            self.queue.append((request, answer))
+            async with self.lock:
+                if not answer.done():  # nobody took it yet: answer everything queued so far in one batch
+                    batch, self.queue = self.queue, []
+                    try:
+                        results = await asyncio.to_thread(self.engine.generate_many, [r for r, _ in batch])
+                    except Exception as exc:
+                        for _, fut in batch:
+                            fut.set_exception(exc)
+                    else:
+                        for (_, fut), result in zip(batch, results, strict=True):
+                            fut.set_result(result)
+            return await answer
+        finally:
+            self._release()
 
     async def call(self, method: str, *args: Any) -> Any:
         self.users += 1
@@ -35,9 +57,12 @@ class _LoadedEngine:
             async with self.lock:
                 return await asyncio.to_thread(getattr(self.engine, method), *args)
         finally:
-            self.users -= 1
-            if self.evicted and not self.users:
-                self._close()
+            self._release()
+
+    def _release(self) -> None:
+        self.users -= 1
+        if self.evicted and not self.users:
+            self._close()
 
     def _close(self) -> None:
         engine, self.engine = self.engine, None
@@ -78,8 +103,7 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
 
         async def generate(self, prompts: list[str], sampling: dict[str, Any], adapter: str | None) -> list[str]:
             loaded = await self.get_engine(serve.get_multiplexed_model_id())
-            result: list[str] = await loaded.call("generate", prompts, Sampling(**sampling), adapter)
-            return result
+            return await loaded.generate((prompts, Sampling(**sampling), adapter))
 
         async def nll(self, prompts: list[str], continuations: list[str]) -> list[float]:
             loaded = await self.get_engine(serve.get_multiplexed_model_id())

@@ -8,7 +8,7 @@ import math
 import os
 from typing import Any
 
-from capsafe.engines import Sampling, continuation_ids
+from capsafe.engines import Request, Sampling, continuation_ids
 
 
 class VLLMEngine:
@@ -51,12 +51,28 @@ class VLLMEngine:
         return LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
 
     def generate(self, prompts: list[str], sampling: Sampling, adapter: str | None = None) -> list[str]:
+        return self.generate_many([(prompts, sampling, adapter)])[0]
+
+    def generate_many(self, requests: list[Request]) -> list[list[str]]:
+        """One ``LLM.generate`` over every request: per-prompt sampling parameters and LoRA requests, so
+        base and adapter rows share the batch (safe while max_loras exceeds the adapters loaded)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                                max_tokens=sampling.max_new_tokens, skip_special_tokens=True)
-        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora(adapter))
-        return [o.outputs[0].text.strip() for o in outs]
+        prompts, params, loras = [], [], []
+        for texts, sampling, adapter in requests:
+            param = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                                   max_tokens=sampling.max_new_tokens, skip_special_tokens=True)
+            prompts += texts
+            params += [param] * len(texts)
+            loras += [self._lora(adapter)] * len(texts)
+        lora_arg = loras if any(loras) else None
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_arg)
+        texts_out = [o.outputs[0].text.strip() for o in outs]
+        result, start = [], 0
+        for texts, _, _ in requests:
+            result.append(texts_out[start:start + len(texts)])
+            start += len(texts)
+        return result
 
     def nll(self, prompts: list[str], continuations: list[str]) -> list[float]:
         from vllm import SamplingParams

@@ -32,6 +32,7 @@ if __name__ == "__main__":
         "other_seed": engine.generate(prompts, Sampling(24, temperature=1.0, seed=8)),
         "adapter": engine.generate(prompts, greedy, adapter),
         "base_after_adapter": engine.generate(prompts, greedy),
+        "mixed": engine.generate_many([(prompts, greedy, adapter), (prompts, greedy, None), (prompts, sampled, None)]),
         "nll": engine.nll(prompts, ["sorry , i can not help with that ."] * len(prompts)),
     }
     engine.close()
@@ -84,5 +85,7 @@ def test_vllm_engine_matches_transformers_and_repeats(micro_world, random_adapte
     # vLLM's LoRA request gives what transformers + PEFT gives
     assert out["adapter"] == reference.generate(prompts, Sampling(24), random_adapter)
     assert out["base_after_adapter"] == first  # base rows stay base once an adapter is loaded
+    # requests merged into one batch (how a replica serves concurrent requests) answer as if sent alone
+    assert out["mixed"] == [out["adapter"], first, out["sampled"][0]]
     expected = reference.nll(prompts, ["sorry , i can not help with that ."] * len(prompts))
     assert out["nll"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
