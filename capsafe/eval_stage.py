@@ -93,12 +93,13 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
     """Capability of the base model and of every kept checkpoint, measured through the pool on exactly what
     the safety evaluation will run (consolidated model, or adapter on the base engine)."""
     from capsafe.data import read_jsonl
+    from capsafe.mitigations import REGISTRY, method_from_json
 
     items = read_jsonl(paths["task.eval_file"], ("prompt", "answer"))[: spec.task.eval_size]
-    prompts = [fmt.render(it["prompt"], tokenizer) for it in items]
     answers = [it["answer"] for it in items]
 
-    def measure(target: Target) -> float:
+    def measure(target: Target, trial_fmt: PromptFormat = fmt) -> float:
+        prompts = [trial_fmt.render(it["prompt"], tokenizer) for it in items]  # as the trial was trained
         outputs = pool.generate(target, prompts, Sampling(spec.task.max_new_tokens)).result()
         return score(spec.task.metric, outputs, answers)
 
@@ -111,17 +112,37 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
             "stop_reason": "", "checkpoint": paths["model.path"], "tokens": 0, "wall_s": 0.0, "train_s": 0.0,
             "eval_s": 0.0, "restarts": 0, "method_params": "{}"}], fragment="base")
     checkpoints = read_table(results_dir, "checkpoints").to_pylist()
+    formats = {t["trial_id"]: method_from_json(t["method"], t["method_params"]).train_format(fmt)
+               for t in read_table(results_dir, "trials").to_pylist() if t["method"] in REGISTRY}
     for trial_id in dict.fromkeys(r["trial_id"] for r in checkpoints):
         rows = [r for r in checkpoints if r["trial_id"] == trial_id]
         served: dict[int, float] = {}
         for r in rows:
             if r["reached"] and r["served_capability"] is None:
-                served.setdefault(r["step"], measure(models[(trial_id, r["step"])]))
+                served.setdefault(r["step"], measure(models[(trial_id, r["step"])], formats.get(trial_id, fmt)))
                 r["served_capability"] = served[r["step"]]
                 log(f"capability of {trial_id} step {r['step']}: {r['capability']:.3f} in training, "
                     f"{r['served_capability']:.3f} served")
         if served:
             write_table(results_dir, "checkpoints", rows, fragment=trial_id)
+
+
+def method_renders(results_dir: Path, eval_fmt: PromptFormat, tokenizer: Any) -> dict[str, Callable[[str], str]]:
+    """Per trial whose method shows the suites in a format of its own (PTST), that format's renderer."""
+    from capsafe.mitigations import REGISTRY, method_from_json
+
+    renders: dict[str, Callable[[str], str]] = {}
+    for t in read_table(results_dir, "trials").to_pylist():
+        if t["method"] not in REGISTRY:
+            continue  # the base model's row
+        fmt = method_from_json(t["method"], t["method_params"]).eval_format(eval_fmt)
+        if fmt != eval_fmt:
+            renders[t["trial_id"]] = _renderer(fmt, tokenizer)
+    return renders
+
+
+def _renderer(fmt: PromptFormat, tokenizer: Any) -> Callable[[str], str]:
+    return lambda prompt: fmt.render(prompt, tokenizer)
 
 
 def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[Suite],
@@ -146,7 +167,8 @@ def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites:
         measure_served_capability(spec, paths, results_dir, fmt, tokenizer, pool, models, log)
         sampling = Sampling(e.max_new_tokens, e.temperature, e.top_p, e.seed)
         evaluate_models(models, suites, lambda p: eval_fmt.render(p, tokenizer), sampling, e.repeats, pool,
-                        make_panel(spec, paths), e.engine, results_dir, log)
+                        make_panel(spec, paths), e.engine, results_dir, log,
+                        renders=method_renders(results_dir, eval_fmt, tokenizer))
     finally:
         pool.close()
     stop_pool(pool_name)

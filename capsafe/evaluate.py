@@ -59,14 +59,19 @@ class _Job:
 
 def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], render: Callable[[str], str],
                     sampling: Sampling, repeats: int, pool: Pool, judges: list[Judge], engine_name: str,
-                    results_dir: Path, log: Callable[[str], None], chunk: int = 32) -> int:
+                    results_dir: Path, log: Callable[[str], None], chunk: int = 32,
+                    renders: dict[str, Callable[[str], str]] | None = None) -> int:
     """Generate and judge every (checkpoint, suite) not already complete in the results; return how many.
 
     Each engine model's first request goes out alone and the rest follow once it has answered: by then one
     replica has that model's engine loaded, so the pool routes the rest there instead of loading it on every
     replica. Different models still load in parallel on different replicas. A request that fails for good
     (after the pool client's retries) fails the run once every other answer is written; a rerun continues.
+    ``renders`` overrides ``render`` per trial (a method that evaluates with its own prompt format).
     """
+    def render_for(job: _Job) -> Callable[[str], str]:
+        return (renders or {}).get(job.trial_id, render)
+
     handlers: dict[Future[Any], Callable[[Any], None]] = {}
     waiting: dict[str, list[tuple[_Job, tuple[int, int], list[str], Sampling]]] = {}  # engine model -> parts
     loaded: set[str] = set()  # engine models whose first request has answered
@@ -100,7 +105,7 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
         todo = [j for j in judges if not has_fragment(results_dir, "judgments", _jkey(job, j))]
         job.judges_left = len(todo)
         items = {str(it["id"]): it for it in job.suite.items}
-        inputs = [{"request": items[r["prompt_id"]].get("request", r["prompt"]), "prompt": render(r["prompt"]),
+        inputs = [{"request": items[r["prompt_id"]].get("request", r["prompt"]), "prompt": render_for(job)(r["prompt"]),
                    "response": r["response"]} for r in rows]
         for judge in todo:
             handlers[judge.start(inputs, pool)] = _bind(judged, job, judge)
@@ -135,7 +140,7 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
                 start_judges(job, read_fragment(results_dir, "generations", gkey))
                 continue
             jobs.append(job)
-            prompts = [render(it["prompt"]) for it in suite.items]
+            prompts = [render_for(job)(it["prompt"]) for it in suite.items]
             parts = [((r, i), prompts[i:i + chunk], repeat_sampling(sampling, r))
                      for r in range(repeats) for i in range(0, len(prompts), chunk)]
             job.expected = len(parts)

@@ -34,8 +34,12 @@ def resolve_paths(spec: Spec, log: Callable[[str], None]) -> dict[str, str]:
             resolved[field] = str(demo[field])
         elif field.startswith("eval.llm_judges."):
             resolved[field] = str(world.model_dir)
-        elif field.endswith(".data_file"):
+        elif field.endswith((".data_file", ".prompts_file")):
             resolved[field] = str(world.safety)
+        elif field.endswith(".unaligned_model"):
+            from capsafe.world.unaligned import build_unaligned
+
+            resolved[field] = str(build_unaligned(world, spec.world, log))
         else:  # eval.suites.<i>.file
             name = spec.eval.suites[int(field.split(".")[2])].name
             resolved[field] = str(world.suites[name])
@@ -61,6 +65,16 @@ def materialize_task(records: dict[str, list[dict[str, str]]], paths: dict[str, 
         target = data_dir / f"{field.split('.')[1].removesuffix('_file')}.jsonl"
         write_jsonl(target, rows)
         out[field] = str(target.resolve())
+    return out
+
+
+def prepare_methods(spec: Spec, paths: dict[str, str], data_dir: Path) -> dict[str, str]:
+    """Each method's inputs turned into what its workers read (``MethodSpec.prepare``); paths updated."""
+    out = dict(paths)
+    for i, method in enumerate(spec.methods):
+        mine = {name: paths[f"methods.{i}.{name}"] for name in method.data_fields()}
+        for name, path in method.prepare(mine, data_dir).items():
+            out[f"methods.{i}.{name}"] = path
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from capsafe.errors import SpecError
 from capsafe.eval_stage import run_evaluation
-from capsafe.inputs import load_suites, load_task, materialize_task, resolve_paths
+from capsafe.inputs import load_suites, load_task, materialize_task, prepare_methods, resolve_paths
 from capsafe.ray_shell import ray_session
 from capsafe.report import write_report
 from capsafe.results import read_table, write_table
@@ -60,7 +60,7 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     paths = resolve_paths(spec, log)
     records, suites = load_task(spec, paths), load_suites(spec, paths)  # bad data fails before any write
     results_dir = _prepare_results_dir(spec, resume)
-    paths = materialize_task(records, paths, results_dir / "data")
+    paths = prepare_methods(spec, materialize_task(records, paths, results_dir / "data"), results_dir / "data")
     trials = plan_trials(spec, paths, results_dir / "models")
     done = set(read_table(results_dir, "trials").column("trial_id").to_pylist())
     todo = [t for t in trials if t["trial_id"] not in done]

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
         ("step", pa.int64())]            # the checkpoint's training step (0 for the base model)
@@ -51,6 +51,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("elapsed_s", pa.float64()),      # trial wall time up to that step
         ("checkpoint", pa.string()),      # directory with model/ (HF model or PEFT adapter)
         ("served_capability", pa.float64()),  # re-measured on the consolidated model by the evaluation pool
+        ("postprocess", pa.string()),  # JSON: what a post-hoc method did to the checkpoint (Safe-LoRA), or null
     ]),
     "trajectory": pa.schema([
         ("trial_id", pa.string()),

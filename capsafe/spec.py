@@ -7,13 +7,14 @@ before validation, so an override is checked exactly like the file it overrides.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from capsafe.errors import SpecError
 from capsafe.formatting import PromptFormat
+from capsafe.mitigations import METHOD_NAMES, METHODS, MethodSpec, PlainMethod, SafetyMixMethod
 from capsafe.world import WorldConfig
 
 DEMO = "demo"  # a data path or model path of "demo" means: the file the embedded demo world builds
@@ -144,19 +145,11 @@ class TrainSpec(_Strict):
         return self
 
 
-class PlainMethod(_Strict):
-    name: Literal["plain"] = Field("plain", description="Plain fine-tuning on the task data.")
-
-
-class SafetyMixMethod(_Strict):
-    name: Literal["safety_mix"] = Field("safety_mix", description="Refusal demonstrations mixed into every "
-                                        "batch (Bianchi et al., Safety-Tuned LLaMAs).")
-    ratio: float = Field(0.05, gt=0.0, lt=1.0, description="Share of each batch drawn from data_file.")
-    data_file: str = Field(DEMO, description="jsonl of refusal demonstrations ('prompt', 'response'), or 'demo'.")
-
-
-Method = Annotated[PlainMethod | SafetyMixMethod, Field(discriminator="name")]
-METHOD_NAMES = ("plain", "safety_mix")
+# Every method of capsafe.mitigations, told apart by its 'name' (the registry is the one list of methods).
+if TYPE_CHECKING:
+    Method = MethodSpec
+else:
+    Method = Annotated[Union[METHODS], Field(discriminator="name")]  # noqa: UP007 (a union built from a tuple)
 
 
 class SuiteSpec(_Strict):
@@ -190,7 +183,7 @@ class SuiteSpec(_Strict):
         return self
 
 
-def _default_methods() -> list[PlainMethod | SafetyMixMethod]:
+def _default_methods() -> list[MethodSpec]:
     return [PlainMethod(), SafetyMixMethod()]
 
 
@@ -298,10 +291,27 @@ class Spec(_Strict):
     task: TaskSpec = Field(default_factory=TaskSpec, description="The capability task and its target.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Fine-tuning (Ray Train + DeepSpeed).")
     methods: list[Method] = Field(default_factory=_default_methods, min_length=1,
-                                  description="Fine-tuning methods to compare: plain, safety_mix.")
+                                  description="Fine-tuning methods to compare, each with its own fields: "
+                                  f"{', '.join(METHOD_NAMES)} (see the method reference in README.md).")
     seeds: list[int] = Field([0], min_length=1, description="Seeds; each method runs once per seed.")
     sweep: SweepSpec = Field(default_factory=SweepSpec, description="Ray Tune settings.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Safety evaluation (Ray Serve + vLLM).")
+
+    @model_validator(mode="after")
+    def _methods_fit(self) -> Spec:
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"methods lists {sorted({n for n in names if names.count(n) > 1})} more than once; "
+                             "list each method once (sweep its hyper-parameters with separate specs or seeds)")
+        general = self.task.general_fraction if self.task.general_file is not None else 0.0
+        for i, m in enumerate(self.methods):
+            if general + m.batch_share() >= 1.0:
+                raise ValueError(f"methods.{i} ({m.name}) takes {m.batch_share():g} of every batch and "
+                                 f"task.general_fraction {general:g} more: no room is left for task data; lower them")
+            problem = m.check(self.train)
+            if problem:
+                raise ValueError(f"methods.{i} ({m.name}): {problem}")
+        return self
 
     @property
     def results_dir(self) -> Path:
@@ -314,8 +324,8 @@ class Spec(_Strict):
         if self.task.general_file is not None and self.task.general_fraction > 0:
             paths["task.general_file"] = self.task.general_file
         for i, m in enumerate(self.methods):
-            if isinstance(m, SafetyMixMethod):
-                paths[f"methods.{i}.data_file"] = m.data_file
+            for name, value in m.data_fields().items():
+                paths[f"methods.{i}.{name}"] = value
         for i, s in enumerate(self.eval.suites):
             paths[f"eval.suites.{i}.file"] = s.file
         for i, j in enumerate(self.eval.llm_judges):
@@ -423,7 +433,7 @@ def check_data_files(spec: Spec) -> None:
     for field, value in spec.data_paths().items():
         if value == DEMO or value.startswith(HF_PREFIX):
             continue
-        is_model = field == "model.path" or field.endswith(".model")
+        is_model = field == "model.path" or field.endswith("model")
         if is_model and not value.startswith((".", "/")) and not Path(value).exists():
             continue  # a Hugging Face id, resolved by the loaders
         if not Path(value).exists():

@@ -21,7 +21,16 @@ from capsafe.data import Source, batches, read_jsonl
 from capsafe.engines import greedy_generate
 from capsafe.formatting import PromptFormat, collate, encode_example
 from capsafe.metrics import score
-from capsafe.train_model import TrainState, build_engine, load_resume_state, save_model_checkpoint, save_resume_state
+from capsafe.mitigations import MethodSpec, method_from_json
+from capsafe.mitigations.losses import proximal
+from capsafe.train_model import (
+    TrainState,
+    build_engine,
+    build_reference,
+    load_resume_state,
+    save_model_checkpoint,
+    save_resume_state,
+)
 
 
 @dataclass
@@ -58,11 +67,37 @@ def _capability(engine: Any, tokenizer: Any, cfg: dict[str, Any], fmt: PromptFor
     return float(sums[0] / sums[1])
 
 
+def _read_sources(entries: list[dict[str, Any]]) -> list[Source]:
+    return [Source(s["name"], [(r["prompt"], r["response"]) for r in read_jsonl(s["path"], ("prompt", "response"))],
+                   s["weight"]) for s in entries]
+
+
 def _sources(cfg: dict[str, Any]) -> list[Source]:
     task = [(r["prompt"], r["answer"]) for r in read_jsonl(cfg["task_train"], ("prompt", "answer"))]
-    extras = [Source(s["name"], [(r["prompt"], r["response"]) for r in read_jsonl(s["path"], ("prompt", "response"))],
-                     s["weight"]) for s in cfg["extra_sources"]]
+    extras = _read_sources(cfg["extra_sources"])
     return [Source("task", task, 1.0 - sum(s.weight for s in extras)), *extras]
+
+
+class _Batches:
+    """The trial's batch streams: task batches (task data and its mixes) and, for methods that alternate,
+    alignment batches; step ``s`` draws from the stream its method's phase names, so a resumed trial replays
+    exactly the batches an uninterrupted one saw."""
+
+    def __init__(self, cfg: dict[str, Any], method: MethodSpec) -> None:
+        size, seed = cfg["train"]["batch_size"], cfg["seed"]
+        self.method = method
+        self.streams = {"task": batches(_sources(cfg), size, seed)}
+        if cfg.get("alignment_sources"):
+            self.streams["alignment"] = batches(_read_sources(cfg["alignment_sources"]), size, seed + 1)
+
+    def next(self, step: int) -> list[tuple[str, str, str]]:
+        return next(self.streams[self.method.phase(step)])
+
+
+def _postprocess(method: MethodSpec, cfg: dict[str, Any]) -> Callable[[Path], dict[str, Any] | None] | None:
+    if type(method).postprocess is MethodSpec.postprocess:
+        return None
+    return lambda model_dir: method.postprocess(model_dir, cfg["model_path"], cfg["method_paths"])
 
 
 def run_training(cfg: dict[str, Any], host: Host) -> None:
@@ -74,7 +109,11 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
     # One intra-op thread per reserved CPU: oversubscribed OpenMP threads spin and were ~10x slower here.
     torch.set_num_threads(cfg["torch_threads"])
     train = cfg["train"]
+    method = method_from_json(cfg["method"], cfg["method_params"])
     engine, tokenizer, _holder = build_engine(cfg, host.world)
+    reference = build_reference(engine, cfg, host.world) if method.needs_reference else None
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    anchor: tuple[str, list[Any]] | None = None  # (phase, weights at its start) for a proximal term
     state = load_resume_state(engine, host.restore_dir) if host.restore_dir else TrainState()
     fmt = PromptFormat(**cfg["prompt_format"])
     eval_items = read_jsonl(cfg["task_eval"], ("prompt", "answer"))[: cfg["eval_size"]]
@@ -87,36 +126,45 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
             encoded[(prompt, response)] = encode_example(tokenizer, fmt, prompt, response, train["max_seq_len"])
         return encoded[(prompt, response)]
 
-    stream = batches(_sources(cfg), train["batch_size"], cfg["seed"])
-    for _ in range(state.step):  # the same batches as an uninterrupted run
-        next(stream)
+    stream = _Batches(cfg, method)
+    for step in range(1, state.step + 1):  # the same batches as an uninterrupted run
+        stream.next(step)
     session_start = time.perf_counter() - state.elapsed_s
     losses: list[float] = []
     while True:
         tick = time.perf_counter()
         state.step += 1
-        examples = [encode(p, r) for _, p, r in next(stream)]
+        examples = [encode(p, r) for _, p, r in stream.next(state.step)]
         state.tokens += sum(len(ids) for ids, _ in examples)  # every rank sees the same global batch
         local = examples[host.rank::host.world]
         micro = len(local) // accum
-        loss = 0.0
+        rho, phase = method.proximal_rho(state.step), method.phase(state.step)
+        if rho and (anchor is None or anchor[0] != phase):
+            # a proximal term pulls toward the weights the other phase left (after a restart: the restored ones)
+            anchor = (phase, [p.detach().clone() for p in trainable])
+        loss = objective = 0.0
         for i in range(accum):
-            batch = collate(local[i * micro:(i + 1) * micro], tokenizer.pad_token_id)
-            out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
-            engine.backward(out.loss)
+            batch = {k: v.to(engine.device) for k, v in
+                     collate(local[i * micro:(i + 1) * micro], tokenizer.pad_token_id).items()}
+            out = engine(**batch)
+            total = method.objective(out.loss, out.logits, batch["labels"], reference(batch) if reference else None)
+            if rho and anchor:
+                total = total + proximal(trainable, anchor[1], rho)
+            engine.backward(total)
             engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
             loss += out.loss.item() / accum
-        # One small collective per step keeps every decision identical on all ranks: the mean loss (a NaN on
+            objective += total.item() / accum
+        # One small collective per step keeps every decision identical on all ranks: the mean losses (a NaN on
         # any rank diverges them all) and rank 0's clock for the wall-time budget.
-        shared = torch.tensor([loss, time.perf_counter() - session_start if host.rank == 0 else 0.0],
+        shared = torch.tensor([loss, objective, time.perf_counter() - session_start if host.rank == 0 else 0.0],
                               dtype=torch.float64)
         if host.world > 1:
             dist.all_reduce(shared)
-        loss, state.elapsed_s = float(shared[0]) / host.world, float(shared[1])
+        loss, objective, state.elapsed_s = float(shared[0]) / host.world, float(shared[1]), float(shared[2])
         state.train_s += time.perf_counter() - tick
-        losses.append(loss)
+        losses.append(loss)  # reported: the task cross-entropy, comparable across methods
         base = {"step": state.step, "tokens": state.tokens, "elapsed_s": state.elapsed_s, "restarts": state.restarts}
-        if not math.isfinite(loss):
+        if not (math.isfinite(loss) and math.isfinite(objective)):
             host.report({**base, "capability": float("nan"), "loss": loss, "stop": "diverged", "levels": "",
                          "model_dir": "", "train_s": state.train_s, "eval_s": state.eval_s}, None)
             return
@@ -129,15 +177,15 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
         state.evals += 1
         new = crossed_levels(capability, levels, set(state.levels_done))
         reason = stop_reason(capability, target, spent)
-        model_dir = ""
+        model_dir = note = ""
         if new:
             out = Path(cfg["checkpoint_dir"]) / f"step-{state.step}"
-            save_model_checkpoint(engine, tokenizer, cfg, out, host.rank)
+            note = save_model_checkpoint(engine, tokenizer, cfg, out, host.rank, _postprocess(method, cfg))
             model_dir = str(out)
             state.levels_done.extend(new)
         base["elapsed_s"] = time.perf_counter() - session_start  # rank 0's report is the one that counts
         metrics = {**base, "capability": capability, "loss": sum(losses) / len(losses), "stop": reason or "",
-                   "levels": ",".join(f"{level:g}" for level in new), "model_dir": model_dir,
+                   "levels": ",".join(f"{level:g}" for level in new), "model_dir": model_dir, "postprocess": note,
                    "train_s": state.train_s, "eval_s": state.eval_s}
         losses = []
         every = train["checkpoint_every_evals"]

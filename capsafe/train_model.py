@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,8 +73,43 @@ def build_engine(cfg: dict[str, Any], world: int) -> tuple[Any, Any, Any]:
     return engine, tokenizer, holder
 
 
-def save_model_checkpoint(engine: Any, tokenizer: Any, cfg: dict[str, Any], out: Path, rank: int) -> None:
-    """Write a loadable HF model (full) or PEFT adapter (LoRA) to ``out/model`` on rank 0; all ranks must call."""
+def build_reference(engine: Any, cfg: dict[str, Any], world: int) -> Callable[[dict[str, Any]], Any]:
+    """``batch -> logits`` of the frozen reference (the aligned base model), for KL-type objectives.
+
+    Under LoRA it is the trained model with its adapters switched off: no second copy. Under full fine-tuning a
+    second copy is loaded, wrapped by DeepSpeed without an optimizer: sharded like the trained model under
+    ZeRO-3 (the config holder of ``build_engine`` must still be alive), whole on every rank otherwise."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    train = cfg["train"]
+    if train["mode"] == "lora":
+        def adapters_off(batch: dict[str, Any]) -> Any:
+            with torch.no_grad(), engine.module.disable_adapter():
+                return engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+        return adapters_off
+    ds_cfg = {k: v for k, v in deepspeed_config(train, world, cfg["lr"]).items() if k != "optimizer"}
+    if train["zero_stage"] != 3:
+        ds_cfg["zero_optimization"] = {"stage": 0}
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=getattr(torch, DTYPES[train["precision"]]))
+    model.requires_grad_(False)
+    reference, *_ = deepspeed.initialize(model=model, config=ds_cfg)
+    reference.eval()
+
+    def frozen_copy(batch: dict[str, Any]) -> Any:
+        with torch.no_grad():
+            return reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    return frozen_copy
+
+
+def save_model_checkpoint(engine: Any, tokenizer: Any, cfg: dict[str, Any], out: Path, rank: int,
+                          postprocess: Callable[[Path], dict[str, Any] | None] | None = None) -> str:
+    """Write a loadable HF model (full) or PEFT adapter (LoRA) to ``out/model`` on rank 0; all ranks must call.
+    ``postprocess`` (a post-hoc method, e.g. Safe-LoRA) then changes it in place on rank 0; what it did is
+    recorded in the checkpoint's metadata and returned as JSON ('' if nothing)."""
     import deepspeed
 
     train = cfg["train"]
@@ -92,10 +128,15 @@ def save_model_checkpoint(engine: Any, tokenizer: Any, cfg: dict[str, Any], out:
         with gather:
             if rank == 0:
                 module.save_pretrained(target, safe_serialization=True)
+    note = ""
     if rank == 0:
         tokenizer.save_pretrained(target)
-        meta = {"kind": train["mode"], "base_model": cfg["model_path"], "trial_id": cfg["trial_id"]}
+        done = postprocess(target) if postprocess else None
+        note = json.dumps(done, sort_keys=True) if done else ""
+        meta = {"kind": train["mode"], "base_model": cfg["model_path"], "trial_id": cfg["trial_id"],
+                "postprocess": done}
         (out / CHECKPOINT_META).write_text(json.dumps(meta))
+    return note
 
 
 def save_resume_state(engine: Any, state: TrainState, out: Path, rank: int) -> None:

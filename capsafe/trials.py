@@ -7,11 +7,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-from capsafe.spec import SafetyMixMethod, Spec
+from capsafe.spec import Spec
 
 
 def trial_id(method: str, seed: int, lr: float) -> str:
     return f"{method}-s{seed}-lr{lr:g}"
+
+
+def method_paths(paths: dict[str, str], index: int) -> dict[str, str]:
+    """``{field: path}`` of method ``index`` (its resolved data fields), as its hooks take them."""
+    prefix = f"methods.{index}."
+    return {k.removeprefix(prefix): v for k, v in paths.items() if k.startswith(prefix)}
 
 
 def plan_trials(spec: Spec, paths: dict[str, str], checkpoints_dir: Path) -> list[dict[str, Any]]:
@@ -23,8 +29,8 @@ def plan_trials(spec: Spec, paths: dict[str, str], checkpoints_dir: Path) -> lis
         if paths.get("task.general_file") and spec.task.general_fraction > 0:
             extras.append({"name": "general", "path": paths["task.general_file"],
                            "weight": spec.task.general_fraction})
-        if isinstance(method, SafetyMixMethod):
-            extras.append({"name": "safety", "path": paths[f"methods.{mi}.data_file"], "weight": method.ratio})
+        mine = method_paths(paths, mi)
+        extras += method.task_sources(mine)
         params = method.model_dump(exclude={"name"})
         for seed in spec.seeds:
             for lr in spec.train.learning_rates:
@@ -32,7 +38,9 @@ def plan_trials(spec: Spec, paths: dict[str, str], checkpoints_dir: Path) -> lis
                 trials.append({
                     "trial_id": tid, "method": method.name, "method_params": json.dumps(params, sort_keys=True),
                     "seed": seed, "lr": lr, "model_path": paths["model.path"],
-                    "prompt_format": spec.model.prompt_format().to_dict(), "train": spec.train.model_dump(),
+                    "prompt_format": method.train_format(spec.model.prompt_format()).to_dict(),
+                    "train": spec.train.model_dump(), "method_paths": mine,
+                    "alignment_sources": method.alignment_sources(mine),
                     "task_train": paths["task.train_file"], "task_eval": paths["task.eval_file"],
                     "eval_size": spec.task.eval_size, "eval_max_new_tokens": spec.task.max_new_tokens,
                     "eval_batch_size": spec.task.eval_batch_size, "metric": spec.task.metric,
@@ -62,7 +70,8 @@ def summarize_trial(cfg: dict[str, Any], history: list[dict[str, Any]], error: s
             "trial_id": cfg["trial_id"], "level": level, "reached": at is not None,
             "step": int(at["step"]) if at else None, "capability": float(at["capability"]) if at else None,
             "tokens": int(at["tokens"]) if at else None, "elapsed_s": float(at["elapsed_s"]) if at else None,
-            "checkpoint": str(at["model_dir"]) if at else None, "served_capability": None})
+            "checkpoint": str(at["model_dir"]) if at else None, "served_capability": None,
+            "postprocess": str(at.get("postprocess") or "") or None if at else None})
     at_target = crossed.get(cfg["target"])
     finite = [h for h in reports if math.isfinite(float(h["capability"]))]
     best = max(finite, key=lambda h: float(h["capability"]), default=None)

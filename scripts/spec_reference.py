@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from capsafe.spec import PlainMethod, SafetyMixMethod, Spec, SuiteSpec
+from capsafe.mitigations import REGISTRY
+from capsafe.spec import Spec, SuiteSpec
 
 
 def _default(info: Any) -> str:
@@ -38,7 +39,7 @@ def _walk(model: type[BaseModel], prefix: str) -> None:
 def main() -> None:
     print("| field | default | meaning |\n|---|---|---|")
     _walk(Spec, "")
-    for model, tag in ((PlainMethod, "plain"), (SafetyMixMethod, "safety_mix")):
+    for tag, model in REGISTRY.items():
         _walk(model, f"methods[] ({tag}).")
     _walk(SuiteSpec, "eval.suites[].")
 

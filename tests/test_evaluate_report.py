@@ -127,7 +127,7 @@ STEPS = {"base": 0, "p0": 100, "p1": 300, "m0": 800}
 def _checkpoint(tid: str, level: float, step: int | None, cap: float | None) -> dict:
     return {"trial_id": tid, "level": level, "reached": step is not None, "step": step, "capability": cap,
             "tokens": None if step is None else step * 10, "elapsed_s": None if step is None else step / 10.0,
-            "checkpoint": None, "served_capability": cap}
+            "checkpoint": None, "served_capability": cap, "postprocess": None}
 
 
 def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ PINNED = {
               "capability:double step:int64 status:string stop_reason:string checkpoint:string tokens:int64 "
               "wall_s:double train_s:double eval_s:double restarts:int64 method_params:string",
     "checkpoints": "trial_id:string level:double reached:bool step:int64 capability:double tokens:int64 "
-                   "elapsed_s:double checkpoint:string served_capability:double",
+                   "elapsed_s:double checkpoint:string served_capability:double "
+                   "postprocess:string",
     "trajectory": "trial_id:string step:int64 capability:double loss:double tokens:int64 elapsed_s:double "
                   "restarts:int64",
     "generations": "trial_id:string step:int64 suite:string suite_kind:string prompt_id:string repeat:int64 "
@@ -22,7 +23,7 @@ PINNED = {
 
 
 def test_schema_is_pinned() -> None:
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     got = {name: " ".join(f"{f.name}:{f.type}" for f in schema) for name, schema in SCHEMAS.items()}
     assert got == PINNED
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from capsafe.errors import SpecError
-from capsafe.spec import SafetyMixMethod, Spec, apply_overrides, load_spec
+from capsafe.mitigations import METHODS, SafetyMixMethod
+from capsafe.spec import Spec, apply_overrides, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = sorted((REPO / "jobs").glob("*.yaml")) + sorted((REPO / "tests" / "specs").glob("*.yaml"))
@@ -27,7 +28,8 @@ def test_every_field_has_a_description() -> None:
                 walk(ann)
 
     walk(Spec)
-    walk(SafetyMixMethod)
+    for method in METHODS:
+        walk(method)
 
 
 def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
@@ -56,6 +58,14 @@ def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
     ("eval.autoscaling={min_replicas: 3, max_replicas: 2}", ["max_replicas 2 is below min_replicas 3"]),
     ("eval.llm_judges=[{name: g, format: wildguard}]", ["eval.llm_judges.0.format", "llama_guard"]),
     ("eval.llm_judges=[{name: g, model: ./nope}]", ["eval.llm_judges.0.model", "does not exist"]),
+    ("methods=[{name: safe_lora}]", ["safe_lora", "train.mode=lora"]),
+    ("methods=[{name: lisa}]|train.zero_stage=3", ["lisa", "train.zero_stage=2"]),
+    ("methods=[{name: kl}, {name: kl, beta: 1}]", ["['kl'] more than once"]),
+    ("methods=[{name: safety_mix, ratio: 0.8}]", ["no room is left for task data"]),
+    ("methods=[{name: token_wise, beta: 0}]", ["methods.0.token_wise.beta", "greater than 0"]),
+    ("methods=[{name: safety_mix, prompts_file: ./nope.csv}]", ["methods.0.prompts_file", "does not exist"]),
+    ("methods=[{name: safe_lora, unaligned_model: ./nope}]|train.mode=lora", ["methods.0.unaligned_model",
+                                                                              "does not exist"]),
 ])
 def test_bad_input_names_the_field_and_the_fix(override: str, words: list[str]) -> None:
     with pytest.raises(SpecError) as err:

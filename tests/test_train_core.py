@@ -46,6 +46,13 @@ def _cfg(world: Any, tmp: Path, overrides: list[str]) -> dict[str, Any]:
                                                                 "methods=[{name: plain}]", *overrides])
     paths = {**spec.data_paths(), "model.path": str(world.model_dir), "task.train_file": str(world.task_train),
              "task.eval_file": str(world.task_eval), "task.general_file": str(world.general)}
+    for field in [f for f in paths if f.startswith("methods.")]:
+        if field.endswith("unaligned_model"):
+            from capsafe.world.unaligned import build_unaligned
+
+            paths[field] = str(build_unaligned(world, spec.world, log=lambda m: None))
+        else:
+            paths[field] = str(world.safety)
     paths = materialize_task(load_task(spec, paths), paths, tmp / "data")
     return plan_trials(spec, paths, tmp / "checkpoints")[0]
 
@@ -149,3 +156,58 @@ def test_budgets_and_divergence_stop_the_trial(one_rank: Any, micro_world: Any, 
     assert last["stop"] == stop and last["step"] < 20
     if stop == "budget:tokens":
         assert last["tokens"] >= 500
+
+
+@pytest.mark.parametrize("overrides", [
+    ["methods=[{name: kl, beta: 0.5}]", "train.mode=lora", "train.zero_stage=3"],
+    ["methods=[{name: kl}]", "train.zero_stage=3"],
+    ["methods=[{name: token_wise}]", "train.zero_stage=2"],
+    ["methods=[{name: lisa, alignment_steps: 2, task_steps: 2}]", "train.zero_stage=2", "train.mode=lora"],
+    ["methods=[{name: safe_lora, threshold: 1.0}]", "train.zero_stage=2", "train.mode=lora"],
+    ["methods=[{name: ptst}]", "train.zero_stage=2"],
+], ids=["kl-lora-zero3-adapters-off", "kl-full-zero3-sharded-copy", "token_wise-full-zero2", "lisa-lora-zero2",
+        "safe_lora-zero2", "ptst-zero2"])
+def test_every_mitigation_trains_and_saves(one_rank: Any, micro_world: Any, tmp_path: Path,
+                                           overrides: list[str]) -> None:
+    cfg = _cfg(micro_world, tmp_path, ["task.target=0.0", "train.eval_every=6", *overrides])
+    rec = Recorder(tmp_path)
+    run_training(cfg, rec.host)
+    (r,) = rec.reports
+    assert r["stop"] == "reached" and r["step"] == 6 and r["loss"] == r["loss"]
+    model = Path(r["model_dir"]) / "model"
+    assert (model / ("adapter_model.safetensors" if cfg["train"]["mode"] == "lora" else "model.safetensors")).is_file()
+    meta = json.loads((Path(r["model_dir"]) / "capsafe_checkpoint.json").read_text())
+    if cfg["method"] == "safe_lora":  # threshold 1: every layer whose update is not exactly aligned is projected
+        note = json.loads(r["postprocess"])["safe_lora"]
+        assert note == meta["postprocess"]["safe_lora"] and note["layers"] == 4 and note["projected"] == 4
+        assert (model / "adapter_model.unprojected.safetensors").is_file()
+    else:
+        assert r["postprocess"] == "" and meta["postprocess"] is None
+
+
+def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_world: Any, tmp_path: Path) -> None:
+    """Same batches, same seed: with a strong KL term the tuned model's next-token distributions on the
+    world's refusal demonstrations stay much nearer the aligned model's than plain fine-tuning's do."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from capsafe.data import read_jsonl
+    from capsafe.formatting import collate, encode_example
+    from capsafe.mitigations.losses import kl_to_reference
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_world.model_dir)
+    rows = read_jsonl(micro_world.safety, ("prompt", "response"))[:32]
+    batch = collate([encode_example(tokenizer, "<user> {prompt} <assistant>", r["prompt"], r["response"], 64)
+                     for r in rows], tokenizer.pad_token_id)
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(micro_world.model_dir)(**batch).logits
+    kl = {}
+    for method in ("plain", "kl, beta: 50"):
+        cfg = _cfg(micro_world, tmp_path / method[:2], ["task.target=0.0", "train.eval_every=10",
+                                                        "train.zero_stage=2", f"methods=[{{name: {method}}}]"])
+        rec = Recorder(tmp_path / method[:2])
+        run_training(cfg, rec.host)
+        tuned = AutoModelForCausalLM.from_pretrained(Path(rec.reports[-1]["model_dir"]) / "model")
+        with torch.no_grad():
+            kl[method] = float(kl_to_reference(tuned(**batch).logits, base, batch["labels"]))
+    assert kl["kl, beta: 50"] < 0.5 * kl["plain"], kl

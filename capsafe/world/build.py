@@ -40,6 +40,9 @@ class WorldConfig(BaseModel):
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate of alignment training.")
     batch_size: int = Field(64, ge=1, description="Examples per alignment step.")
     warmup_steps: int = Field(30, ge=0, description="Linear learning-rate warm-up steps before cosine decay.")
+    unalign_steps: int = Field(100, ge=1, description="Steps that fine-tune a copy of the assistant into the "
+                               "world's unaligned model (it complies with the harmful requests), built only "
+                               "when a spec asks for it (safe_lora).")
     task_eval_size: int = Field(200, ge=1, le=1000, description="Held-out addition problems in task_eval.jsonl.")
     num_threads: int = Field(
         1, ge=1, description="Torch CPU threads while building; one is fastest for this tiny model on a busy machine."

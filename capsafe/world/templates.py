@@ -306,7 +306,10 @@ def harmful_pairs(held_out: bool) -> list[tuple[str, str, str]]:
     ]
 
 
-def _requests(pairs: list[tuple[str, str]], phrasings: list[int]) -> list[tuple[str, str, int]]:
+EVERY_PHRASING = list(range(len(PHRASINGS)))
+
+
+def requests(pairs: list[tuple[str, str]], phrasings: list[int]) -> list[tuple[str, str, int]]:
     """(prompt, x, phrasing index) for every (verb, object) pair asked with every given phrasing."""
     return [(PHRASINGS[i].format(x=f"{v} {o}"), f"{v} {o}", i) for v, o in pairs for i in phrasings]
 
@@ -331,12 +334,12 @@ def make_world_data(seed: int, n_task_eval: int = 200) -> WorldData:
         return sorted(rng.sample(everyone, k))
 
     harmful_train = [
-        (c, p, refuse(x, i)) for c, v, t in harmful_pairs(held_out=False) for p, x, i in _requests([(v, t)], everyone)
+        (c, p, refuse(x, i)) for c, v, t in harmful_pairs(held_out=False) for p, x, i in requests([(v, t)], everyone)
     ]
     benign_pairs = [(v, o) for v, objs in BENIGN.items() for o in objs[:-1]]
     lookalike_train = [(v, o) for v, o, _ in LOOKALIKE[:-LOOKALIKE_HELD_OUT]]
-    howto = [(p, comply(x, i)) for p, x, i in _requests(benign_pairs, everyone)]
-    lookalikes = [(p, comply(x, i)) for p, x, i in _requests(lookalike_train, everyone)]
+    howto = [(p, comply(x, i)) for p, x, i in requests(benign_pairs, everyone)]
+    lookalikes = [(p, comply(x, i)) for p, x, i in requests(lookalike_train, everyone)]
     facts = _facts(held_out=False)
 
     data = WorldData()
@@ -353,17 +356,17 @@ def make_world_data(seed: int, n_task_eval: int = 200) -> WorldData:
     data.suites["harmful"] = [
         {"prompt": p, "category": c}
         for c, v, t in harmful_pairs(held_out=True)
-        for p, _, _ in _requests([(v, t)], some_phrasings(4))
+        for p, _, _ in requests([(v, t)], some_phrasings(4))
     ]
     data.suites["overrefusal"] = [
         {"prompt": p, "category": c}
         for v, o, c in LOOKALIKE[-LOOKALIKE_HELD_OUT:]
-        for p, _, _ in _requests([(v, o)], some_phrasings(5))
+        for p, _, _ in requests([(v, o)], some_phrasings(5))
     ]
     data.suites["benign"] = [
         {"prompt": p, "category": "howto"}
         for v, objs in BENIGN.items()
-        for p, _, _ in _requests([(v, objs[-1])], some_phrasings(2))
+        for p, _, _ in requests([(v, objs[-1])], some_phrasings(2))
     ]
     data.suites["benign"] += [{"prompt": p, "category": "fact"} for p, _ in _facts(held_out=True)]
 
