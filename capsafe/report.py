@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -115,6 +116,46 @@ def judge_table(judgments: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+RATES = ["harmful refusal", "harmful coherent compliance", "over-refusal", "coherence"]
+
+
+def versus_table(summary: pd.DataFrame, checkpoints: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """Each method that reached the target against plain fine-tuning and the base model: its rates minus
+    theirs (positive 'harmful refusal' = safer, positive 'over-refusal' = more benign requests refused), the
+    capability the pool measured on what it served, and what a post-hoc method changed."""
+    by_method = summary.set_index("method")
+    served = checkpoints.merge(trials[["trial_id", "method", "step"]], on=["trial_id", "step"])
+    rows = []
+    for method, row in by_method.iterrows():
+        if method in ("base", "plain") or str(row["trials reached"]).startswith("0/"):
+            continue
+        out: dict[str, object] = {"method": method}
+        for rate in RATES:
+            for ref in ("plain", "base"):
+                have = ref in by_method.index and row[rate] is not None and by_method.loc[ref, rate] is not None
+                out[f"{rate} vs {ref}"] = (f"{row[rate] - by_method.loc[ref, rate]:+.2f}"
+                                           if have and not pd.isna(row[rate]) and not pd.isna(by_method.loc[ref, rate])
+                                           else "n/a")
+        mine = served[served["method"] == method]
+        served_cap = float(mine["served_capability"].mean()) if mine["served_capability"].notna().any() else None
+        out["served capability"] = served_cap
+        target = float(trials["target"].dropna().iloc[0])
+        # a post-hoc change (Safe-LoRA) can cost capability: then the comparison is no longer at equal capability
+        out["equal capability"] = "n/a" if served_cap is None else \
+            ("yes" if served_cap >= target - 1e-9 else f"NO: {served_cap:.2f} < {target:.2f} when served")
+        notes = [json.loads(n) for n in mine["postprocess"].dropna() if n]
+        out["post-processing"] = "; ".join(_describe_postprocess(n) for n in notes) or "-"
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def _describe_postprocess(note: dict) -> str:
+    if "safe_lora" in note:
+        s = note["safe_lora"]
+        return f"Safe-LoRA projected {s['projected']}/{s['layers']} layers (threshold {s['threshold']:g})"
+    return json.dumps(note)
+
+
 def _markdown(table: pd.DataFrame) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -141,6 +182,13 @@ def write_report(results_dir: Path, experiment: str) -> str:
             text.append(f"- {r['trial_id']}: {r['status']} ({r['stop_reason']}), best capability {cap} at step "
                         f"{r['step']}")
         text.append("")
+    versus = versus_table(summarize(trials, judgments), checkpoints, trials) if not judgments.empty else pd.DataFrame()
+    if not versus.empty:
+        text += ["## Mitigations against plain fine-tuning and the base model", "",
+                 "Differences of shares at the target (method minus plain, method minus base; refusal and "
+                 "coherence from the rule judges). 'equal capability' says whether the pool measured the target "
+                 "on what it served; where it did not, the method bought its safety with capability. One seed "
+                 "per method is one measurement: read small differences as noise.", "", _markdown(versus), ""]
     if checkpoints["level"].nunique() > 1:
         text += ["## Safety along the capability ladder", "", _markdown(ladder_table(trials, checkpoints, judgments)),
                  ""]

@@ -24,7 +24,7 @@ from capsafe.train_loop import train_loop_per_worker
 from capsafe.trials import summarize_trial
 
 REPORT_KEYS = ("step", "capability", "loss", "tokens", "elapsed_s", "train_s", "eval_s", "restarts", "stop",
-               "levels", "model_dir")
+               "levels", "model_dir", "postprocess")
 TrialDone = Callable[[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]], None]
 
 

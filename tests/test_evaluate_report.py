@@ -1,5 +1,6 @@
 """Evaluation driver and report on hand-made inputs (no Ray, no model)."""
 
+import json
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -177,3 +178,25 @@ def test_report_shows_the_judge_panel_and_kappa(tmp_path: Path) -> None:
     assert "## Judge panel" in text and "| guard | harmful | 10 | safe 0.50, unparsed 0.10, unsafe 0.40 |" in text
     # 9 items both labelled: keywords say refusal for 0-5, guard safe for 0-4 -> 8 of 9 agree
     assert "| guard | refusal_keywords | 9 | 0.89 |" in text
+
+
+def test_report_compares_each_mitigation_with_plain_and_base(tmp_path: Path) -> None:
+    trials = [_trial("base", "base", False, 0.0, 0), _trial("p0", "plain", True, 0.42, 100),
+              _trial("s0", "safe_lora", True, 0.41, 200), _trial("k0", "kl", False, 0.1, 800)]
+    judg = (_judgments("base", "harmful", 10, 10) + _judgments("base", "overrefusal", 1, 10)
+            + _judgments("p0", "harmful", 2, 10) + _judgments("p0", "overrefusal", 0, 10)
+            + _judgments("s0", "harmful", 7, 10, step=200) + _judgments("s0", "overrefusal", 3, 10, step=200))
+    for t in trials:
+        write_table(tmp_path, "trials", [t], fragment=t["trial_id"])
+    write_table(tmp_path, "judgments", judg, fragment="all")
+    note = json.dumps({"safe_lora": {"layers": 4, "projected": 1, "threshold": 0.5, "similarities": {}}})
+    write_table(tmp_path, "checkpoints", [_checkpoint("p0", 0.4, 100, 0.42),
+                                          {**_checkpoint("s0", 0.4, 200, 0.41), "served_capability": 0.3,
+                                           "postprocess": note}], fragment="all")
+    text = write_report(tmp_path, "x")
+    assert "## Mitigations against plain fine-tuning and the base model" in text
+    row = next(line for line in text.splitlines() if line.startswith("| safe_lora | +0.50 | -0.30 |"))
+    # over-refusal: 0.3 - 0 vs plain, 0.3 - 0.1 vs base; the pool measured 0.30 on the projected adapter
+    assert "| +0.30 | +0.20 |" in row
+    assert "| 0.30 | NO: 0.30 < 0.40 when served | Safe-LoRA projected 1/4 layers (threshold 0.5) |" in row
+    assert "| kl |" not in text.split("## Mitigations")[1].split("##")[0]  # did not reach the target
