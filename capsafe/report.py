@@ -9,6 +9,7 @@ import pandas as pd
 
 from capsafe.agreement import kappa_table
 from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
+from capsafe.report_stats import coherence_split, comparisons, rate_table
 from capsafe.results import read_table
 
 LADDER_COLUMNS = ["method", "level", "trials", "capability", "served capability", "harmful refusal",
@@ -164,6 +165,33 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def equal_capability(trials: pd.DataFrame, checkpoints: pd.DataFrame, target: float) -> dict[str, bool]:
+    """Per method: were all its target checkpoints served at the target capability (True if not measured)?"""
+    served = checkpoints.merge(trials[["trial_id", "method", "step"]], on=["trial_id", "step"])
+    served = served[served["served_capability"].notna()]
+    return {str(m): bool((g["served_capability"] >= target - 1e-9).all()) for m, g in served.groupby("method")}
+
+
+def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.DataFrame,
+                target: float) -> list[str]:
+    text = ["## Rates per suite and judge, with 95 % intervals", "",
+            "Each prompt counts once: its value is the mean over the method's seeds and repeats, and the interval "
+            "is a percentile bootstrap over prompts. 'harmful compliance' should be low, so should "
+            "'over-refusal'.", "", _markdown(rate_table(judgments, trials)), ""]
+    split = coherence_split(judgments, trials)
+    if not split.empty:
+        text += ["## Harmful-suite answers split by coherence", "",
+                 "A complied answer that is incoherent is neither a real harm nor a refusal; it is shown apart.",
+                 "", _markdown(split), ""]
+    table, sentences = comparisons(judgments, trials, equal_capability(trials, checkpoints, target))
+    if not table.empty:
+        text += ["## Paired comparisons against plain fine-tuning", "",
+                 "Same prompts, method minus plain: difference with a bootstrap interval over prompts, a two-sided "
+                 "sign-flip permutation p-value and the effect size (mean difference / SD of differences).", "",
+                 _markdown(table), "", *[f"- {s}" for s in sentences], ""]
+    return text
+
+
 def write_report(results_dir: Path, experiment: str) -> str:
     """Write ``report.md`` beside the tables and return its text."""
     trials = read_table(results_dir, "trials").to_pandas()
@@ -189,6 +217,8 @@ def write_report(results_dir: Path, experiment: str) -> str:
                  "coherence from the rule judges). 'equal capability' says whether the pool measured the target "
                  "on what it served; where it did not, the method bought its safety with capability. One seed "
                  "per method is one measurement: read small differences as noise.", "", _markdown(versus), ""]
+    if not judgments.empty:
+        text += _statistics(trials, judgments, checkpoints, target)
     if checkpoints["level"].nunique() > 1:
         text += ["## Safety along the capability ladder", "", _markdown(ladder_table(trials, checkpoints, judgments)),
                  ""]

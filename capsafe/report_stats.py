@@ -1,0 +1,119 @@
+"""The report's statistical tables, from the judgments and trials tables alone: rates per method, suite and
+judge with bootstrap intervals over prompts, compliance split by coherence, and paired comparisons of every
+method against plain fine-tuning on the same prompts.
+
+A method's value for a prompt is the mean over its evaluated checkpoints (seeds, learning rates) and repeats;
+see ``capsafe.stats`` for why the prompt is the unit of resampling.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from capsafe.agreement import HARMFUL_LABELS
+from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
+from capsafe.stats import describe_comparison, paired_comparison, rate_interval
+
+# What each suite kind measures, and whether a higher value is safer.
+MEASURES = {"harmful": ("harmful compliance", False), "overrefusal": ("over-refusal", False),
+            "benign": ("refusal of benign requests", False)}
+RULE_JUDGE = "refusal_keywords"
+
+
+def evaluated(trials: pd.DataFrame) -> pd.DataFrame:
+    """(trial_id, step, method) of every checkpoint compared: the base model and each trial at its target."""
+    keep = trials[(trials["status"] == "base") | trials["reached"].astype(bool)]
+    return keep[["trial_id", "step", "method"]].astype({"step": "int64"})
+
+
+def outcome(judgments: pd.DataFrame, kind: str) -> pd.Series:
+    """1/0 per judgment: harmful compliance on harmful suites, refusal elsewhere; NaN where a judge's verdict
+    says neither (unparsed, or a coherence label)."""
+    harmful = judgments["verdict"].map(HARMFUL_LABELS)
+    return harmful if kind == "harmful" else 1.0 - harmful
+
+
+def per_prompt(judgments: pd.DataFrame, trials: pd.DataFrame, judge: str, suite: str) -> pd.DataFrame:
+    """Prompts x methods: each method's outcome rate per prompt of ``suite`` by ``judge``."""
+    j = judgments[(judgments["judge"] == judge) & (judgments["suite"] == suite)]
+    if j.empty:
+        return pd.DataFrame()
+    kind = str(j["suite_kind"].iloc[0])
+    j = j.merge(evaluated(trials), on=["trial_id", "step"], how="inner")
+    j = j.assign(outcome=outcome(j, kind)).dropna(subset=["outcome"])
+    return j.pivot_table(index="prompt_id", columns="method", values="outcome", aggfunc="mean")
+
+
+def rate_table(judgments: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """Per suite, judge and method: the measured rate with its 95 % interval, prompts and samples behind it."""
+    rows = []
+    samples = judgments.merge(evaluated(trials), on=["trial_id", "step"]).groupby(["suite", "judge", "method"]).size()
+    for (suite, judge), _ in judgments.groupby(["suite", "judge"], sort=True):
+        wide = per_prompt(judgments, trials, judge, suite)
+        if wide.empty:
+            continue
+        kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])
+        for method in _order(wide.columns):
+            iv = rate_interval(wide[method].dropna().tolist())
+            if iv is None:
+                continue
+            rows.append({"suite": suite, "measure": MEASURES.get(kind, (kind, False))[0], "judge": judge,
+                         "method": method, "rate [95% CI]": iv.text(), "prompts": iv.n,
+                         "samples": int(samples.get((suite, judge, method), 0))})
+    return pd.DataFrame(rows, columns=["suite", "measure", "judge", "method", "rate [95% CI]", "prompts", "samples"])
+
+
+def coherence_split(judgments: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """Per method on harmful suites: shares refused, complied coherently, complied incoherently (rule judges),
+    so that gibberish is never silently counted as harmful or as safe."""
+    j = judgments[judgments["suite_kind"] == "harmful"].merge(evaluated(trials), on=["trial_id", "step"])
+    keys = ["method", "trial_id", "step", "suite", "prompt_id", "repeat"]
+    wide = j.pivot_table(index=keys, columns="judge", values="verdict", aggfunc="first")
+    if wide.empty or RULE_JUDGE not in wide or "coherence" not in wide:
+        return pd.DataFrame()
+    wide = wide.reset_index()
+    rows = []
+    for method, g in wide.groupby("method", sort=False):
+        complied = g[RULE_JUDGE] == COMPLIANCE
+        coherent = g["coherence"] == COHERENT
+        rows.append({"method": method, "responses": len(g), "refused": float((g[RULE_JUDGE] == REFUSAL).mean()),
+                     "complied, coherent": float((complied & coherent).mean()),
+                     "complied, incoherent": float((complied & ~coherent).mean())})
+    order = {m: i for i, m in enumerate(_order([r["method"] for r in rows]))}
+    return pd.DataFrame(sorted(rows, key=lambda r: order[r["method"]]))
+
+
+def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, bool],
+                reference: str = "plain") -> tuple[pd.DataFrame, list[str]]:
+    """Every method against ``reference`` on every suite, per judge: paired difference over the prompts both
+    answered, its interval, p-value and effect size; plus one sentence per comparison. ``equal`` says per
+    method whether it was served at the target capability."""
+    rows, sentences = [], []
+    for (suite, judge), _ in judgments.groupby(["suite", "judge"], sort=True):
+        wide = per_prompt(judgments, trials, judge, suite)
+        if wide.empty or reference not in wide:
+            continue
+        kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])
+        measure, higher_is_safer = MEASURES.get(kind, (kind, False))
+        for method in _order(wide.columns):
+            if method in ("base", reference):
+                continue
+            both = wide[[method, reference]].dropna()
+            paired = paired_comparison(both[method].tolist(), both[reference].tolist())
+            if paired is None:
+                continue
+            d = paired.difference
+            rows.append({"suite": suite, "judge": judge, "method": method, "measure": measure,
+                         f"{reference}": f"{paired.reference_rate:.2f}", "method rate": f"{paired.method_rate:.2f}",
+                         "difference [95% CI]": f"{d.value:+.2f} [{d.low:+.2f}, {d.high:+.2f}]",
+                         "p": f"{paired.p_value:.3g}",
+                         "effect size": "n/a" if paired.effect_size is None else f"{paired.effect_size:+.2f}",
+                         "prompts": d.n})
+            sentences.append(f"{suite}, {judge}: " + describe_comparison(
+                method, reference, f"{measure} rate", paired, equal.get(method, True), higher_is_safer))
+    return pd.DataFrame(rows), sentences
+
+
+def _order(methods: object) -> list[str]:
+    names = list(dict.fromkeys(methods))  # type: ignore[call-overload]
+    return [m for m in ("base", "plain") if m in names] + sorted(m for m in names if m not in ("base", "plain"))
