@@ -238,4 +238,8 @@ def write_report(results_dir: Path, experiment: str) -> str:
     tmp = results_dir / ".report.md.tmp"
     tmp.write_text(out)
     tmp.replace(results_dir / "report.md")
+    from capsafe.report_html import write_html, write_plots
+
+    write_html(results_dir, out, write_plots(results_dir, trials, checkpoints, judgments, target),
+               f"capsafe report: {experiment}")
     return out

@@ -226,3 +226,29 @@ def test_statistics_average_seeds_and_repeats_per_prompt_then_compare(tmp_path: 
     assert split["safety_mix"]["refused"] == pytest.approx(0.9)
     assert split["safety_mix"]["complied, incoherent"] == pytest.approx(0.1)
     assert split["safety_mix"]["complied, coherent"] == 0.0
+
+
+def test_report_html_is_self_contained_and_its_plots_are_not_empty(tmp_path: Path) -> None:
+    import base64
+    import io
+    import re
+
+    import matplotlib.image as mpimg
+
+    trials = [_trial("base", "base", False, 0.0, 0), _trial("p0", "plain", True, 0.42, 100),
+              _trial("m0", "safety_mix", False, 0.3, 800)]
+    for t in trials:
+        write_table(tmp_path, "trials", [t], fragment=t["trial_id"])
+    judg = (_judgments("base", "harmful", 10, 10) + _judgments("p0", "harmful", 2, 10, incoherent=3)
+            + _judgments("base", "overrefusal", 1, 10) + _judgments("p0", "overrefusal", 0, 10))
+    write_table(tmp_path, "judgments", judg, fragment="all")
+    write_table(tmp_path, "checkpoints", [_checkpoint("p0", 0.4, 100, 0.42), _checkpoint("m0", 0.4, None, None)],
+                fragment="all")
+    write_report(tmp_path, "x")
+    page = (tmp_path / "report.html").read_text()
+    assert "<h1>capsafe report: x</h1>" in page and "<table>" in page and "src=\"http" not in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3 == len(list((tmp_path / "plots").glob("*.png")))
+    for data in images:
+        pixels = mpimg.imread(io.BytesIO(base64.b64decode(data)), format="png")
+        assert pixels.shape[0] > 100 and pixels.std() > 0.05  # something is drawn, not a blank canvas

@@ -1,0 +1,177 @@
+"""The report's plots (PNG files beside ``report.md``) and a self-contained ``report.html``: the markdown's
+headings, paragraphs, bullet lists and tables as HTML, with every plot embedded as a data URI so that the
+file can be mailed or copied off a cluster alone. matplotlib only, headless (Agg)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from capsafe.report_stats import coherence_split, per_prompt
+from capsafe.stats import rate_interval
+
+PLOTS_DIR = "plots"
+
+
+def _figure(width: float = 7.0, height: float = 3.6, rows: int = 1) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, 1, figsize=(width, height), dpi=110)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def capability_plot(trials: pd.DataFrame, checkpoints: pd.DataFrame, target: float, out: Path) -> Path | None:
+    """Capability reached by each trial at each kept checkpoint (training and as served), against the target."""
+    rows = checkpoints[checkpoints["reached"].astype(bool)].merge(trials[["trial_id", "method"]], on="trial_id")
+    best = trials[(trials["method"] != "base") & ~trials["reached"].astype(bool)]
+    if rows.empty and best.empty:
+        return None
+    fig, ax = _figure()
+    methods = sorted(set(rows["method"]) | set(best["method"]))
+    for i, m in enumerate(methods):
+        mine = rows[rows["method"] == m]
+        ax.scatter([i - 0.1] * len(mine), mine["capability"], color="tab:blue",
+                   label="in training" if i == 0 else None)
+        served = mine[mine["served_capability"].notna()]
+        ax.scatter([i + 0.1] * len(served), served["served_capability"], color="tab:orange",
+                   marker="s", label="served" if i == 0 else None)
+        missed = best[best["method"] == m]
+        ax.scatter([i] * len(missed), missed["capability"].fillna(0.0), color="tab:red",
+                   marker="x", label="best, target not reached" if not missed.empty else None)
+    ax.axhline(target, color="gray", linestyle="--", label=f"target {target:g}")
+    ax.set_xticks(range(len(methods)), methods, rotation=20)
+    ax.set_ylabel("capability")
+    ax.set_title("Capability at the kept checkpoints")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def rates_plot(judgments: pd.DataFrame, trials: pd.DataFrame, out: Path) -> Path | None:
+    """Per suite: each method's rate (harmful compliance, over-refusal ...) by judge, with 95 % intervals."""
+    suites = sorted(judgments["suite"].unique())
+    if not suites:
+        return None
+    fig, axes = _figure(7.0, 2.6 * len(suites), rows=len(suites))
+    import numpy as np
+
+    axes = list(np.atleast_1d(axes))
+    for ax, suite in zip(axes, suites, strict=True):
+        judges = [j for j in sorted(judgments["judge"].unique())
+                  if not per_prompt(judgments, trials, j, suite).empty]
+        for k, judge in enumerate(judges):
+            wide = per_prompt(judgments, trials, judge, suite)
+            methods = list(wide.columns)
+            ivs = [rate_interval(wide[m].dropna().tolist()) for m in methods]
+            xs = np.arange(len(methods)) + (k - (len(judges) - 1) / 2) * 0.8 / max(1, len(judges))
+            vals = [iv.value if iv else np.nan for iv in ivs]
+            err = [[iv.value - iv.low if iv else 0 for iv in ivs], [iv.high - iv.value if iv else 0 for iv in ivs]]
+            ax.bar(xs, vals, width=0.8 / max(1, len(judges)), yerr=err, capsize=3, label=judge)
+            ax.set_xticks(range(len(methods)), methods, rotation=20)
+        kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{suite}: {'harmful compliance' if kind == 'harmful' else 'refusal rate'} (95 % CI)")
+        if judges:
+            ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def coherence_plot(judgments: pd.DataFrame, trials: pd.DataFrame, out: Path) -> Path | None:
+    """Harmful-suite answers per method: refused, complied coherently, complied incoherently (stacked)."""
+    split = coherence_split(judgments, trials)
+    if split.empty:
+        return None
+    fig, ax = _figure()
+    bottom = [0.0] * len(split)
+    for col, color in (("refused", "tab:green"), ("complied, coherent", "tab:red"),
+                       ("complied, incoherent", "tab:gray")):
+        ax.bar(split["method"], split[col], bottom=bottom, label=col, color=color)
+        bottom = [b + v for b, v in zip(bottom, split[col], strict=True)]
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Harmful-suite answers by coherence")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def write_plots(results_dir: Path, trials: pd.DataFrame, checkpoints: pd.DataFrame, judgments: pd.DataFrame,
+                target: float) -> list[Path]:
+    """Every plot the results allow, as PNG files under ``results_dir/plots``."""
+    folder = results_dir / PLOTS_DIR
+    folder.mkdir(exist_ok=True)
+    made = [capability_plot(trials, checkpoints, target, folder / "capability.png")]
+    if not judgments.empty:
+        made += [rates_plot(judgments, trials, folder / "rates.png"),
+                 coherence_plot(judgments, trials, folder / "coherence.png")]
+    return [p for p in made if p is not None]
+
+
+def _inline(text: str) -> str:
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
+def markdown_to_html(markdown: str) -> str:
+    """The report's markdown subset (headings, paragraphs, '- ' lists, pipe tables) as HTML."""
+    parts: list[str] = []
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            parts.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head, body = rows[0], [r for r in rows[1:] if not all(set(c) <= {"-"} for c in r)]
+            parts.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                         + "</table>")
+            continue
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            parts.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif line.strip():
+            parts.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    return "\n".join(parts)
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+         "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f0f0f0}img{max-width:100%}")
+
+
+def write_html(results_dir: Path, markdown: str, plots: list[Path], title: str) -> Path:
+    """``report.html``: the markdown report with the plots embedded (no file beside it is needed)."""
+    figures = "".join(
+        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{p.name}</figcaption></figure>" for p in plots)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{markdown_to_html(markdown)}<h2>Plots</h2>{figures}</body></html>")
+    tmp = results_dir / ".report.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(results_dir / "report.html")
+    return results_dir / "report.html"
