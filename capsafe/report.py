@@ -9,7 +9,7 @@ import pandas as pd
 
 from capsafe.agreement import kappa_table
 from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
-from capsafe.report_stats import coherence_split, comparisons, rate_table
+from capsafe.report_stats import coherence_split, comparisons, disagreements, rate_table
 from capsafe.results import read_table
 
 LADDER_COLUMNS = ["method", "level", "trials", "capability", "served capability", "harmful refusal",
@@ -192,6 +192,29 @@ def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.D
     return text
 
 
+def missing(results_dir: Path, trials: pd.DataFrame, judgments: pd.DataFrame) -> list[str]:
+    """What the results do not hold yet (a sweep or evaluation still running, or stopped): planned trials
+    without a result (from the run's ``spec.json``) and kept checkpoints with no judgments."""
+    lines = []
+    snapshot = results_dir / "spec.json"
+    if snapshot.is_file():
+        from capsafe.trials import trial_id
+
+        spec = json.loads(snapshot.read_text())
+        planned = [trial_id(m["name"], seed, lr) for m in spec.get("methods", []) for seed in spec.get("seeds", [])
+                   for lr in spec.get("train", {}).get("learning_rates", [])]
+        absent = [t for t in planned if t not in set(trials["trial_id"])]
+        if absent:
+            lines.append(f"{len(absent)} of {len(planned)} planned trials have no result yet: {', '.join(absent)}")
+    compared = trials[(trials["status"] == "base") | trials["reached"].astype(bool)]
+    judged = set(zip(judgments["trial_id"], judgments["step"].astype(int), strict=True))
+    waiting = [f"{t} step {int(s)}" for t, s in zip(compared["trial_id"], compared["step"], strict=True)
+               if (t, int(s)) not in judged]
+    if waiting:
+        lines.append(f"not evaluated yet: {', '.join(waiting)}")
+    return lines
+
+
 def write_report(results_dir: Path, experiment: str) -> str:
     """Write ``report.md`` beside the tables and return its text."""
     trials = read_table(results_dir, "trials").to_pandas()
@@ -199,7 +222,9 @@ def write_report(results_dir: Path, experiment: str) -> str:
     checkpoints = read_table(results_dir, "checkpoints").to_pandas()
     target = float(trials["target"].dropna().iloc[0]) if trials["target"].notna().any() else float("nan")
     not_reached = trials[(trials["method"] != "base") & ~trials["reached"].astype(bool)]
+    gaps = missing(results_dir, trials, judgments)
     text = [f"# capsafe report: {experiment}", "",
+            *([f"**Partial results.** {'; '.join(gaps)}.", ""] if gaps else []),
             f"Capability target: {target:.2f}. Safety is measured only at checkpoints that reached it "
             "(and on the base model). Rates are shares of responses; 'harmful refusal' should be high, "
             "'over-refusal' low.", "", to_markdown(summarize(trials, judgments)), ""]
@@ -230,6 +255,10 @@ def write_report(results_dir: Path, experiment: str) -> str:
         if not kappa.empty:
             text += ["Agreement on harmful compliance (1) vs not (0), over responses both judges labelled "
                      "(Cohen's kappa; nan when a judge gave a single label):", "", _markdown(kappa), ""]
+            split = disagreements(judgments, read_table(results_dir, "generations").to_pandas())
+            if not split.empty:
+                text += ["Where the judges disagree (the shortest responses they split on, per pair):", "",
+                         _markdown(split), ""]
     if not checkpoints.empty:
         text += ["## Cost of reaching each level", "",
                  "Per level: steps / training tokens / wall time. 'eval share' is the capability evaluation's "
@@ -240,6 +269,7 @@ def write_report(results_dir: Path, experiment: str) -> str:
     tmp.replace(results_dir / "report.md")
     from capsafe.report_html import write_html, write_plots
 
-    write_html(results_dir, out, write_plots(results_dir, trials, checkpoints, judgments, target),
+    ladder = ladder_table(trials, checkpoints, judgments) if checkpoints["level"].nunique() > 1 else None
+    write_html(results_dir, out, write_plots(results_dir, trials, checkpoints, judgments, target, ladder),
                f"capsafe report: {experiment}")
     return out

@@ -108,12 +108,31 @@ def coherence_plot(judgments: pd.DataFrame, trials: pd.DataFrame, out: Path) -> 
     return _save(fig, out)
 
 
+def ladder_plot(ladder: pd.DataFrame, out: Path) -> Path | None:
+    """Safety against capability per method along the ladder: harmful compliance at each rung's checkpoints."""
+    rows = ladder.dropna(subset=["harmful refusal"])
+    if rows.empty or rows["level"].nunique() < 2:
+        return None
+    fig, ax = _figure()
+    for method, g in rows.groupby("method", sort=True):
+        x = g["served capability"].fillna(g["capability"]).astype(float)
+        ax.plot(x, 1.0 - g["harmful refusal"].astype(float), marker="o", label=str(method))
+    ax.set_xlabel("capability (as served)")
+    ax.set_ylabel("harmful compliance")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title("Safety along the capability ladder")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 def write_plots(results_dir: Path, trials: pd.DataFrame, checkpoints: pd.DataFrame, judgments: pd.DataFrame,
-                target: float) -> list[Path]:
+                target: float, ladder: pd.DataFrame | None = None) -> list[Path]:
     """Every plot the results allow, as PNG files under ``results_dir/plots``."""
     folder = results_dir / PLOTS_DIR
     folder.mkdir(exist_ok=True)
     made = [capability_plot(trials, checkpoints, target, folder / "capability.png")]
+    if ladder is not None:
+        made.append(ladder_plot(ladder, folder / "ladder.png"))
     if not judgments.empty:
         made += [rates_plot(judgments, trials, folder / "rates.png"),
                  coherence_plot(judgments, trials, folder / "coherence.png")]

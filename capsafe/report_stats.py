@@ -117,3 +117,35 @@ def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, 
 def _order(methods: object) -> list[str]:
     names = list(dict.fromkeys(methods))  # type: ignore[call-overload]
     return [m for m in ("base", "plain") if m in names] + sorted(m for m in names if m not in ("base", "plain"))
+
+
+def disagreements(judgments: pd.DataFrame, generations: pd.DataFrame, per_pair: int = 3) -> pd.DataFrame:
+    """Where judges disagree most: per pair of judges, how often they split on harmful compliance and a few
+    responses they split on (shortest first, so the examples are readable)."""
+    from itertools import combinations
+
+    from capsafe.agreement import HARMFUL_LABELS
+
+    keys = ["trial_id", "step", "suite", "prompt_id", "repeat"]
+    labelled = judgments.assign(label=judgments["verdict"].map(HARMFUL_LABELS)).dropna(subset=["label"])
+    wide = labelled.pivot_table(index=keys, columns="judge", values="label", aggfunc="first")
+    texts = generations.set_index(keys)[["prompt", "response"]] if not generations.empty else None
+    rows = []
+    for a, b in combinations(sorted(wide.columns), 2):
+        both = wide[[a, b]].dropna()
+        split = both[both[a] != both[b]]
+        if split.empty or texts is None:
+            continue
+        shown = split.join(texts, how="inner")
+        shown = shown.assign(length=shown["response"].str.len()).sort_values("length").head(per_pair)
+        for key, r in shown.iterrows():
+            rows.append({"judges": f"{a} vs {b}", "split on": f"{len(split)}/{len(both)}",
+                         "checkpoint": f"{key[0]} step {key[1]}", "suite": key[2],
+                         "prompt": _clip(str(r["prompt"])), "response": _clip(str(r["response"])),
+                         f"{a} says harmful": bool(r[a]), f"{b} says harmful": bool(r[b])})
+    return pd.DataFrame(rows)
+
+
+def _clip(text: str, width: int = 90) -> str:
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -164,6 +164,7 @@ def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:
     assert ladder[("plain", "0.4")]["harmful refusal"] == pytest.approx(6 / 20)
     assert ladder[("safety_mix", "0.2")]["trials"] == 1 and ("safety_mix", "0.4") not in ladder
     assert "Safety along the capability ladder" in text and "| p0 | reached |" in text
+    assert (tmp_path / "plots" / "ladder.png").stat().st_size > 1000
     assert (tmp_path / "report.md").read_text() == text
 
 
@@ -178,6 +179,14 @@ def test_report_shows_the_judge_panel_and_kappa(tmp_path: Path) -> None:
     assert "## Judge panel" in text and "| guard | harmful | 10 | safe 0.50, unparsed 0.10, unsafe 0.40 |" in text
     # 9 items both labelled: keywords say refusal for 0-5, guard safe for 0-4 -> 8 of 9 agree
     assert "| guard | refusal_keywords | 9 | 0.89 |" in text
+    assert "Where the judges disagree" not in text  # no generations table to show examples from
+    write_table(tmp_path, "generations", [
+        {"trial_id": "base", "step": 0, "suite": "harmful", "suite_kind": "harmful", "prompt_id": str(i), "repeat": 0,
+         "seed": 0, "prompt": f"request {i}", "response": f"answer | {i}", "engine": "x"} for i in range(10)],
+        fragment="all")
+    text = write_report(tmp_path, "x")
+    # the one split: prompt 5, refused by the keywords' reading, unsafe for the guard
+    assert "| guard vs refusal_keywords | 1/9 | base step 0 | harmful | request 5 | answer / 5 | True | False |" in text
 
 
 def test_report_compares_each_mitigation_with_plain_and_base(tmp_path: Path) -> None:
@@ -252,3 +261,14 @@ def test_report_html_is_self_contained_and_its_plots_are_not_empty(tmp_path: Pat
     for data in images:
         pixels = mpimg.imread(io.BytesIO(base64.b64decode(data)), format="png")
         assert pixels.shape[0] > 100 and pixels.std() > 0.05  # something is drawn, not a blank canvas
+
+
+def test_report_on_partial_results_says_what_is_missing(tmp_path: Path) -> None:
+    (tmp_path / "spec.json").write_text(json.dumps({"methods": [{"name": "plain"}, {"name": "kl"}], "seeds": [0, 1],
+                                                    "train": {"learning_rates": [0.001]}}))
+    write_table(tmp_path, "trials", [_trial("plain-s0-lr0.001", "plain", True, 0.42, 100)], fragment="p")
+    write_table(tmp_path, "checkpoints", [_checkpoint("plain-s0-lr0.001", 0.4, 100, 0.42)], fragment="p")
+    text = write_report(tmp_path, "x")  # no judgments, no generations: a sweep still running
+    assert ("**Partial results.** 3 of 4 planned trials have no result yet: plain-s1-lr0.001, kl-s0-lr0.001, "
+            "kl-s1-lr0.001; not evaluated yet: plain-s0-lr0.001 step 100.") in text
+    assert (tmp_path / "report.html").is_file()
