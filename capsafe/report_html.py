@@ -183,13 +183,20 @@ STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#22
          "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f0f0f0}img{max-width:100%}")
 
 
+# Once the page has loaded, each image records the size the browser decoded it at: a headless browser's DOM dump
+# then shows whether every plot rendered (scripts/check_report_html.py).
+RENDER_MARK = ("window.addEventListener('load',()=>document.querySelectorAll('img').forEach("
+               "i=>i.setAttribute('data-rendered',i.naturalWidth+'x'+i.naturalHeight)))")
+
+
 def write_html(results_dir: Path, markdown: str, plots: list[Path], title: str) -> Path:
     """``report.html``: the markdown report with the plots embedded (no file beside it is needed)."""
     figures = "".join(
         f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{p.name}</figcaption></figure>" for p in plots)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{markdown_to_html(markdown)}<h2>Plots</h2>{figures}</body></html>")
+            f"<style>{STYLE}</style></head><body>{markdown_to_html(markdown)}<h2>Plots</h2>{figures}"
+            f"<script>{RENDER_MARK}</script></body></html>")
     tmp = results_dir / ".report.html.tmp"
     tmp.write_text(page)
     tmp.replace(results_dir / "report.html")
