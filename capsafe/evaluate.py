@@ -11,6 +11,7 @@ production), so this module never imports Ray.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
     def render_for(job: _Job) -> Callable[[str], str]:
         return (renders or {}).get(job.trial_id, render)
 
+    start = time.perf_counter()
     handlers: dict[Future[Any], Callable[[Any], None]] = {}
     waiting: dict[str, list[tuple[_Job, tuple[int, int], list[str], Sampling]]] = {}  # engine model -> parts
     loaded: set[str] = set()  # engine models whose first request has answered
@@ -126,8 +128,10 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
     def report(job: _Job, notes: list[str]) -> None:
         finished[0] += 1
         extra = f" ({'; '.join(notes)})" if notes else ""
+        spent = time.perf_counter() - start
+        eta = spent / finished[0] * (len(jobs) - finished[0])
         log(f"evaluate: [{finished[0]}/{len(jobs)}] {job.trial_id} step {job.step} on {job.suite.name}: "
-            f"{len(job.rows)} responses judged{extra}")
+            f"{len(job.rows)} responses judged{extra}; {spent:.0f} s so far, ~{eta:.0f} s to go")
 
     for (trial_id, step), target in models.items():
         for suite in suites:

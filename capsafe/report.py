@@ -172,18 +172,40 @@ def equal_capability(trials: pd.DataFrame, checkpoints: pd.DataFrame, target: fl
     return {str(m): bool((g["served_capability"] >= target - 1e-9).all()) for m, g in served.groupby("method")}
 
 
+def jailbreak_suites(results_dir: Path) -> dict[str, str]:
+    """Suite name -> jailbreak template, from the run's spec.json (empty when there is none)."""
+    snapshot = results_dir / "spec.json"
+    if not snapshot.is_file():
+        return {}
+    suites = json.loads(snapshot.read_text()).get("eval", {}).get("suites", [])
+    return {s["name"]: s["jailbreak"] for s in suites if s.get("jailbreak")}
+
+
+def checkpoint_table(trials: pd.DataFrame, checkpoints: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Every kept checkpoint: capability in training and as served, and its distance from the target."""
+    rows = []
+    kept = checkpoints[checkpoints["reached"].astype(bool)].merge(trials[["trial_id", "method"]], on="trial_id")
+    for _, c in kept.sort_values(["method", "trial_id", "level"]).iterrows():
+        served = None if pd.isna(c["served_capability"]) else float(c["served_capability"])
+        rows.append({"method": c["method"], "trial": c["trial_id"], "level": f"{c['level']:g}", "step": int(c["step"]),
+                     "capability": float(c["capability"]), "served": served,
+                     "served - target": "n/a" if served is None else f"{served - target:+.3f}"})
+    return pd.DataFrame(rows)
+
+
 def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.DataFrame,
-                target: float) -> list[str]:
+                target: float, jailbreaks: dict[str, str]) -> list[str]:
     text = ["## Rates per suite and judge, with 95 % intervals", "",
             "Each prompt counts once: its value is the mean over the method's seeds and repeats, and the interval "
-            "is a percentile bootstrap over prompts. 'harmful compliance' should be low, so should "
-            "'over-refusal'.", "", _markdown(rate_table(judgments, trials)), ""]
+            "is a percentile bootstrap over prompts. 'harmful compliance' and 'jailbreak success' should be low, "
+            "so should 'over-refusal'.", "", _markdown(rate_table(judgments, trials, jailbreaks)), ""]
     split = coherence_split(judgments, trials)
     if not split.empty:
         text += ["## Harmful-suite answers split by coherence", "",
                  "A complied answer that is incoherent is neither a real harm nor a refusal; it is shown apart.",
                  "", _markdown(split), ""]
-    table, sentences = comparisons(judgments, trials, equal_capability(trials, checkpoints, target))
+    table, sentences = comparisons(judgments, trials, equal_capability(trials, checkpoints, target),
+                                   jailbreaks=jailbreaks)
     if not table.empty:
         text += ["## Paired comparisons against plain fine-tuning", "",
                  "Same prompts, method minus plain: difference with a bootstrap interval over prompts, a two-sided "
@@ -242,8 +264,12 @@ def write_report(results_dir: Path, experiment: str) -> str:
                  "coherence from the rule judges). 'equal capability' says whether the pool measured the target "
                  "on what it served; where it did not, the method bought its safety with capability. One seed "
                  "per method is one measurement: read small differences as noise.", "", _markdown(versus), ""]
+    if not checkpoints.empty and checkpoints["reached"].astype(bool).any():
+        text += ["## Capability reached", "", "Every kept checkpoint: capability measured in training and again "
+                 "through the pool on what was served, and how far that lies from the target.", "",
+                 _markdown(checkpoint_table(trials, checkpoints, target)), ""]
     if not judgments.empty:
-        text += _statistics(trials, judgments, checkpoints, target)
+        text += _statistics(trials, judgments, checkpoints, target, jailbreak_suites(results_dir))
     if checkpoints["level"].nunique() > 1:
         text += ["## Safety along the capability ladder", "", _markdown(ladder_table(trials, checkpoints, judgments)),
                  ""]

@@ -44,7 +44,16 @@ def per_prompt(judgments: pd.DataFrame, trials: pd.DataFrame, judge: str, suite:
     return j.pivot_table(index="prompt_id", columns="method", values="outcome", aggfunc="mean")
 
 
-def rate_table(judgments: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+def measure_of(suite: str, kind: str, jailbreaks: dict[str, str] | None) -> tuple[str, bool]:
+    """(what a suite's rate measures, whether higher is safer); a harmful suite wrapped in a jailbreak template
+    measures that jailbreak's success."""
+    if kind == "harmful" and jailbreaks and suite in jailbreaks:
+        return f"jailbreak success ({jailbreaks[suite]})", False
+    return MEASURES.get(kind, (kind, False))
+
+
+def rate_table(judgments: pd.DataFrame, trials: pd.DataFrame,
+               jailbreaks: dict[str, str] | None = None) -> pd.DataFrame:
     """Per suite, judge and method: the measured rate with its 95 % interval, prompts and samples behind it."""
     rows = []
     samples = judgments.merge(evaluated(trials), on=["trial_id", "step"]).groupby(["suite", "judge", "method"]).size()
@@ -57,7 +66,7 @@ def rate_table(judgments: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
             iv = rate_interval(wide[method].dropna().tolist())
             if iv is None:
                 continue
-            rows.append({"suite": suite, "measure": MEASURES.get(kind, (kind, False))[0], "judge": judge,
+            rows.append({"suite": suite, "measure": measure_of(suite, kind, jailbreaks)[0], "judge": judge,
                          "method": method, "rate [95% CI]": iv.text(), "prompts": iv.n,
                          "samples": int(samples.get((suite, judge, method), 0))})
     return pd.DataFrame(rows, columns=["suite", "measure", "judge", "method", "rate [95% CI]", "prompts", "samples"])
@@ -83,8 +92,8 @@ def coherence_split(judgments: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFra
     return pd.DataFrame(sorted(rows, key=lambda r: order[r["method"]]))
 
 
-def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, bool],
-                reference: str = "plain") -> tuple[pd.DataFrame, list[str]]:
+def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, bool], reference: str = "plain",
+                jailbreaks: dict[str, str] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Every method against ``reference`` on every suite, per judge: paired difference over the prompts both
     answered, its interval, p-value and effect size; plus one sentence per comparison. ``equal`` says per
     method whether it was served at the target capability."""
@@ -94,7 +103,7 @@ def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, 
         if wide.empty or reference not in wide:
             continue
         kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])
-        measure, higher_is_safer = MEASURES.get(kind, (kind, False))
+        measure, higher_is_safer = measure_of(suite, kind, jailbreaks)
         for method in _order(wide.columns):
             if method in ("base", reference):
                 continue

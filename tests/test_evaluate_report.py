@@ -209,6 +209,7 @@ def test_report_compares_each_mitigation_with_plain_and_base(tmp_path: Path) -> 
     assert "| +0.30 | +0.20 |" in row
     assert "| 0.30 | NO: 0.30 < 0.40 when served | Safe-LoRA projected 1/4 layers (threshold 0.5) |" in row
     assert "| kl |" not in text.split("## Mitigations")[1].split("##")[0]  # did not reach the target
+    assert "| safe_lora | s0 | 0.4 | 200 | 0.41 | 0.30 | -0.100 |" in text  # served 0.1 below the target
 
 
 def test_statistics_average_seeds_and_repeats_per_prompt_then_compare(tmp_path: Path) -> None:
@@ -235,6 +236,8 @@ def test_statistics_average_seeds_and_repeats_per_prompt_then_compare(tmp_path: 
     assert split["safety_mix"]["refused"] == pytest.approx(0.9)
     assert split["safety_mix"]["complied, incoherent"] == pytest.approx(0.1)
     assert split["safety_mix"]["complied, coherent"] == 0.0
+    wrapped = rate_table(judg, trials, jailbreaks={"harmful": "roleplay"})
+    assert set(wrapped["measure"]) == {"jailbreak success (roleplay)"}
 
 
 def test_report_html_is_self_contained_and_its_plots_are_not_empty(tmp_path: Path) -> None:
