@@ -69,14 +69,21 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     log(f"experiment {spec.experiment}: {len(trials)} trial(s){skipped}, target {spec.task.metric} >= "
         f"{spec.task.target}{ladder}, results in {results_dir}")
 
+    finished: list[str] = []
+    sweep_start = time.perf_counter()
+
     def record(cfg: dict[str, Any], rows: list[dict], checkpoints: list[dict], trajectory: list[dict]) -> None:
         # trials last: its fragment marks the trial as finished for --resume
         write_table(results_dir, "trajectory", trajectory, fragment=cfg["trial_id"])
         write_table(results_dir, "checkpoints", checkpoints, fragment=cfg["trial_id"])
         write_table(results_dir, "trials", rows, fragment=cfg["trial_id"])
         r = rows[0]
+        finished.append(r["trial_id"])
+        left = len(todo) - len(finished)
+        eta = (time.perf_counter() - sweep_start) / len(finished) * left
         log(f"trial {r['trial_id']}: {r['status']} ({r['stop_reason']}), capability {r['capability']} at step "
-            f"{r['step']}, {r['tokens']} tokens, {r['restarts']} restart(s)")
+            f"{r['step']}, {r['tokens']} tokens, {r['restarts']} restart(s) — [{len(finished)}/{len(todo)} trials "
+            f"done{f', ~{eta:.0f} s to go' if left else ''}]")
 
     need = spec.train.num_workers * spec.train.cpus_per_worker * spec.sweep.max_concurrent_trials + 0.5
     with ray_session(spec.ray_address, need):
