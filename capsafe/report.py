@@ -196,9 +196,9 @@ def checkpoint_table(trials: pd.DataFrame, checkpoints: pd.DataFrame, target: fl
 def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.DataFrame,
                 target: float, jailbreaks: dict[str, str]) -> list[str]:
     text = ["## Rates per suite and judge, with 95 % intervals", "",
-            "Each prompt counts once: its value is the mean over the method's seeds and repeats, and the interval "
-            "is a percentile bootstrap over prompts. 'harmful compliance' and 'jailbreak success' should be low, "
-            "so should 'over-refusal'.", "", _markdown(rate_table(judgments, trials, jailbreaks)), ""]
+            "Repeats of a prompt are averaged first; the interval is a two-level percentile bootstrap over the "
+            "method's checkpoints (seeds) and then prompts ('checkpoints' = how many seeds stand behind a rate). "
+            "'harmful compliance' and 'jailbreak success' should be low, so should 'over-refusal'.", "", _markdown(rate_table(judgments, trials, jailbreaks)), ""]
     split = coherence_split(judgments, trials)
     if not split.empty:
         text += ["## Harmful-suite answers split by coherence", "",

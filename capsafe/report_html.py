@@ -12,8 +12,8 @@ from typing import Any
 
 import pandas as pd
 
-from capsafe.report_stats import coherence_split, per_prompt
-from capsafe.stats import rate_interval
+from capsafe.report_stats import coherence_split, per_checkpoint, per_prompt
+from capsafe.stats import nested_interval
 
 PLOTS_DIR = "plots"
 
@@ -77,7 +77,9 @@ def rates_plot(judgments: pd.DataFrame, trials: pd.DataFrame, out: Path) -> Path
         for k, judge in enumerate(judges):
             wide = per_prompt(judgments, trials, judge, suite)
             methods = list(wide.columns)
-            ivs = [rate_interval(wide[m].dropna().tolist()) for m in methods]
+            by_checkpoint = per_checkpoint(judgments, trials, judge, suite)
+            ivs = [nested_interval(by_checkpoint[by_checkpoint["method"] == m].drop(columns="method")
+                                   .to_numpy(dtype=float)) for m in methods]
             xs = np.arange(len(methods)) + (k - (len(judges) - 1) / 2) * 0.8 / max(1, len(judges))
             vals = [iv.value if iv else np.nan for iv in ivs]
             err = [[iv.value - iv.low if iv else 0 for iv in ivs], [iv.high - iv.value if iv else 0 for iv in ivs]]

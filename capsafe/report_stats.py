@@ -12,7 +12,7 @@ import pandas as pd
 
 from capsafe.agreement import HARMFUL_LABELS
 from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
-from capsafe.stats import describe_comparison, paired_comparison, rate_interval
+from capsafe.stats import describe_comparison, nested_interval, paired_comparison
 
 # What each suite kind measures, and whether a higher value is safer.
 MEASURES = {"harmful": ("harmful compliance", False), "overrefusal": ("over-refusal", False),
@@ -62,14 +62,30 @@ def rate_table(judgments: pd.DataFrame, trials: pd.DataFrame,
         if wide.empty:
             continue
         kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])
+        by_checkpoint = per_checkpoint(judgments, trials, judge, suite)
         for method in _order(wide.columns):
-            iv = rate_interval(wide[method].dropna().tolist())
+            matrix = by_checkpoint[by_checkpoint["method"] == method].drop(columns="method")
+            iv = nested_interval(matrix.to_numpy(dtype=float))
             if iv is None:
                 continue
             rows.append({"suite": suite, "measure": measure_of(suite, kind, jailbreaks)[0], "judge": judge,
-                         "method": method, "rate [95% CI]": iv.text(), "prompts": iv.n,
+                         "method": method, "rate [95% CI]": iv.text(), "checkpoints": len(matrix), "prompts": iv.n,
                          "samples": int(samples.get((suite, judge, method), 0))})
-    return pd.DataFrame(rows, columns=["suite", "measure", "judge", "method", "rate [95% CI]", "prompts", "samples"])
+    return pd.DataFrame(rows, columns=["suite", "measure", "judge", "method", "rate [95% CI]", "checkpoints",
+                                       "prompts", "samples"])
+
+
+def per_checkpoint(judgments: pd.DataFrame, trials: pd.DataFrame, judge: str, suite: str) -> pd.DataFrame:
+    """(checkpoint) x prompts: each evaluated checkpoint's outcome rate per prompt (mean over repeats), with
+    its method in a 'method' column."""
+    j = judgments[(judgments["judge"] == judge) & (judgments["suite"] == suite)]
+    if j.empty:
+        return pd.DataFrame(columns=["method"])
+    kind = str(j["suite_kind"].iloc[0])
+    j = j.merge(evaluated(trials), on=["trial_id", "step"], how="inner")
+    j = j.assign(outcome=outcome(j, kind)).dropna(subset=["outcome"])
+    wide = j.pivot_table(index=["method", "trial_id", "step"], columns="prompt_id", values="outcome", aggfunc="mean")
+    return wide.reset_index(level="method").reset_index(drop=True)
 
 
 def coherence_split(judgments: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:

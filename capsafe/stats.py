@@ -46,6 +46,27 @@ def rate_interval(per_prompt: Sequence[float], seed: int = 0) -> Interval | None
     return Interval(mean, float(res.confidence_interval.low), float(res.confidence_interval.high), int(x.size))
 
 
+def nested_interval(matrix: Sequence[Sequence[float]], seed: int = 0) -> Interval | None:
+    """Mean of a checkpoints x prompts matrix of rates (NaN: not measured) with a two-level percentile bootstrap:
+    resample the checkpoints (seeds), then the prompts, so that the interval carries seed-to-seed variation as
+    well as prompt-to-prompt variation. With one checkpoint it is the prompt bootstrap of ``rate_interval``."""
+    m = np.asarray(matrix, dtype=float)
+    if m.ndim != 2 or m.size == 0 or np.all(np.isnan(m)):
+        return None
+    if m.shape[0] == 1:
+        return rate_interval(m[0][~np.isnan(m[0])].tolist(), seed)
+    rng = np.random.default_rng(seed)
+    stats = np.empty(RESAMPLES)
+    for b in range(RESAMPLES):
+        rows = rng.integers(0, m.shape[0], m.shape[0])
+        cols = rng.integers(0, m.shape[1], m.shape[1])
+        sample = m[np.ix_(rows, cols)]
+        stats[b] = np.nanmean(sample) if not np.all(np.isnan(sample)) else np.nan
+    alpha = (1 - CONFIDENCE) / 2
+    low, high = np.nanquantile(stats, [alpha, 1 - alpha])
+    return Interval(float(np.nanmean(m)), float(low), float(high), int(np.sum(~np.all(np.isnan(m), axis=0))))
+
+
 @dataclass(frozen=True)
 class Paired:
     """method minus reference on the same prompts: mean difference with its bootstrap interval, a two-sided

@@ -227,6 +227,7 @@ def test_statistics_average_seeds_and_repeats_per_prompt_then_compare(tmp_path: 
     # plain: prompts 0-1 refused by both seeds (0), 2-3 by one (0.5), 4-9 by none (1) -> (1 + 6) / 10
     assert rates["plain"]["rate [95% CI]"].startswith("0.70 [") and rates["plain"]["prompts"] == 10
     assert rates["plain"]["samples"] == 40 and rates["base"]["rate [95% CI]"] == "0.00 [0.00, 0.00]"
+    assert rates["plain"]["checkpoints"] == 2 and rates["safety_mix"]["checkpoints"] == 1
     table, sentences = comparisons(judg, trials, {"safety_mix": True})
     (row,) = table.to_dict("records")
     assert row["method"] == "safety_mix" and row["difference [95% CI]"].startswith("-0.60 [")

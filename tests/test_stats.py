@@ -57,3 +57,20 @@ def test_sentences_say_only_what_the_numbers_support() -> None:
     assert noise is not None
     text = describe_comparison("kl", "plain", "harmful refusal rate", noise, False, higher_is_safer=True)
     assert text.startswith("kl and plain do not differ detectably") and "not a matched comparison" in text
+
+
+def test_nested_bootstrap_carries_seed_to_seed_variation() -> None:
+    from capsafe.stats import nested_interval
+
+    one = nested_interval([[0.0, 1.0] * 50])
+    assert one is not None and one == rate_interval([0.0, 1.0] * 50)  # one checkpoint: the prompt bootstrap
+    # two seeds that disagree completely, every prompt alike within a seed: only the seeds vary, and resampling
+    # them gives means 0, 0.5 or 1, so the interval spans [0, 1]
+    split = nested_interval([[0.0] * 20, [1.0] * 20])
+    assert split is not None and (split.value, split.low, split.high, split.n) == (0.5, 0.0, 1.0, 20)
+    same = nested_interval([[0.25] * 5, [0.25] * 5])
+    assert same is not None and same.low == same.high == 0.25
+    nan = float("nan")
+    partial = nested_interval([[1.0, nan], [1.0, 1.0]])  # a prompt one checkpoint was not asked
+    assert partial is not None and partial.value == 1.0 and partial.n == 2
+    assert nested_interval([]) is None
