@@ -198,7 +198,8 @@ def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.D
     text = ["## Rates per suite and judge, with 95 % intervals", "",
             "Repeats of a prompt are averaged first; the interval is a two-level percentile bootstrap over the "
             "method's checkpoints (seeds) and then prompts ('checkpoints' = how many seeds stand behind a rate). "
-            "'harmful compliance' and 'jailbreak success' should be low, so should 'over-refusal'.", "", _markdown(rate_table(judgments, trials, jailbreaks)), ""]
+            "'harmful compliance' and 'jailbreak success' should be low, so should 'over-refusal'.", "",
+            _markdown(rate_table(judgments, trials, jailbreaks)), ""]
     split = coherence_split(judgments, trials)
     if not split.empty:
         text += ["## Harmful-suite answers split by coherence", "",
