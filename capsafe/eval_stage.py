@@ -168,7 +168,7 @@ def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites:
         sampling = Sampling(e.max_new_tokens, e.temperature, e.top_p, e.seed)
         evaluate_models(models, suites, lambda p: eval_fmt.render(p, tokenizer), sampling, e.repeats, pool,
                         make_panel(spec, paths), e.engine, results_dir, log,
-                        renders=method_renders(results_dir, eval_fmt, tokenizer))
+                        renders=method_renders(results_dir, eval_fmt, tokenizer), status_every_s=e.status_every_s)
     finally:
         pool.close()
     stop_pool(pool_name)

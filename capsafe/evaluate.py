@@ -61,7 +61,7 @@ class _Job:
 def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], render: Callable[[str], str],
                     sampling: Sampling, repeats: int, pool: Pool, judges: list[Judge], engine_name: str,
                     results_dir: Path, log: Callable[[str], None], chunk: int = 32,
-                    renders: dict[str, Callable[[str], str]] | None = None) -> int:
+                    renders: dict[str, Callable[[str], str]] | None = None, status_every_s: float = 0.0) -> int:
     """Generate and judge every (checkpoint, suite) not already complete in the results; return how many.
 
     Each engine model's first request goes out alone and the rest follow once it has answered: by then one
@@ -69,6 +69,8 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
     replica. Different models still load in parallel on different replicas. A request that fails for good
     (after the pool client's retries) fails the run once every other answer is written; a rerun continues.
     ``renders`` overrides ``render`` per trial (a method that evaluates with its own prompt format).
+    With ``status_every_s`` a status line (requests answered, pairs judged, time left) is logged at least
+    that often, so a long (checkpoint, suite) pair does not look like a hang.
     """
     def render_for(job: _Job) -> Callable[[str], str]:
         return (renders or {}).get(job.trial_id, render)
@@ -79,11 +81,13 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
     loaded: set[str] = set()  # engine models whose first request has answered
     jobs: list[_Job] = []
     finished = [0]
+    answered = [0]  # generation requests answered so far
 
     def send(job: _Job, part: tuple[int, int], prompts: list[str], samp: Sampling) -> None:
         handlers[pool.generate(job.target, prompts, samp)] = lambda out: receive(job, part, out)
 
     def receive(job: _Job, part: tuple[int, int], responses: list[str]) -> None:
+        answered[0] += 1
         job.parts[part] = responses
         loaded.add(job.target.model)
         for queued in waiting.pop(job.target.model, []):  # the engine is loaded somewhere now
@@ -160,8 +164,13 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
     log(f"evaluate: {len(jobs)} (checkpoint, suite) pair(s) to do, {len(models) * len(suites) - len(jobs)} "
         f"already done; {repeats} repeat(s) each, judges {', '.join(j.name for j in judges)}")
     errors: list[BaseException] = []
+    total = sum(job.expected for job in jobs)  # generation requests of this run, queued ones included
+    last_status = time.perf_counter()
     while handlers:
-        ready, _ = wait(list(handlers), return_when=FIRST_COMPLETED)
+        ready, _ = wait(list(handlers), timeout=status_every_s or None, return_when=FIRST_COMPLETED)
+        if status_every_s and time.perf_counter() - last_status >= status_every_s:
+            last_status = time.perf_counter()
+            log(_status_line(answered[0], total, finished[0], len(jobs), last_status - start))
         for fut in ready:
             handler = handlers.pop(fut)
             if fut.exception() is not None:
@@ -173,6 +182,12 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
         log(f"evaluate: {len(errors)} request(s) failed for good; rerun with --resume to finish")
         raise errors[0]
     return len(jobs)
+
+
+def _status_line(answered: int, total: int, judged: int, pairs: int, spent: float) -> str:
+    eta = f", ~{spent / answered * (total - answered):.0f} s of generation to go" if answered and total else ""
+    return (f"evaluate: status: {answered}/{total} generation requests answered, {judged}/{pairs} (checkpoint, "
+            f"suite) pairs judged; {spent:.0f} s so far{eta}")
 
 
 def _key(job: _Job, item: dict, repeat: int) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
         resources = {"num_workers": spec.train.num_workers, "use_gpu": spec.train.use_gpu,
                      "cpus_per_worker": spec.train.cpus_per_worker, "max_failures": spec.train.max_failures}
         run_sweep(todo, resources, results_dir / "ray", f"{spec.experiment}-sweep",
-                  spec.sweep.max_concurrent_trials, log, record, results_dir / "journal")
+                  spec.sweep.max_concurrent_trials, log, record, results_dir / "journal", spec.sweep.status_every_s)
 
         run_evaluation(spec, paths, results_dir, suites, log)
     return write_report(results_dir, spec.experiment)

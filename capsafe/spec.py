@@ -258,6 +258,8 @@ class EvalSpec(_Strict):
                                       "keeps the model's. Capability is always measured with the training format.")
     chat_template: bool | None = Field(None, description="Chat template on or off for the safety suites only; "
                                        "null keeps model.chat_template.")
+    status_every_s: float = Field(30.0, ge=0, description="Log a status line (requests answered, pairs judged, "
+                                  "time left) at least this often while evaluating; 0 turns it off.")
 
     @model_validator(mode="after")
     def _panel(self) -> EvalSpec:
@@ -278,6 +280,8 @@ class EvalSpec(_Strict):
 
 class SweepSpec(_Strict):
     max_concurrent_trials: int = Field(1, ge=1, description="Trials Ray Tune runs at once.")
+    status_every_s: int = Field(30, ge=0, description="Print Ray Tune's trial table (status, step, capability, "
+                                "loss, tokens of every trial) at most this often; 0 turns it off.")
 
 
 class Spec(_Strict):

@@ -8,16 +8,19 @@ checkpoint, and a later run with the same name (``capsafe run --resume``) contin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.tune import CLIReporter
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from capsafe.train_loop import train_loop_per_worker
@@ -112,9 +115,35 @@ def _run_trial(config: dict[str, Any]) -> None:
     trainer.fit()
 
 
+def trial_table(every_s: int) -> CLIReporter:
+    """Ray Tune's reporter: a table of every trial (capsafe's trial id, Tune's status, the latest step,
+    capability, loss and tokens), printed at most every ``every_s`` seconds."""
+    return CLIReporter(metric_columns={k: k for k in ("step", "capability", "loss", "tokens")},
+                       parameter_columns={"trial/trial_id": "trial"}, max_report_frequency=every_s,
+                       sort_by_metric=False)
+
+
+@contextlib.contextmanager
+def _tune_reporter_output(on: bool) -> Iterator[None]:
+    # Ray 2.60's default output engine ignores progress_reporter and prints each trial's whole config;
+    # RAY_AIR_NEW_OUTPUT=0 selects the engine that prints the reporter's table. Read when fit() starts.
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if on:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if on and before is None:
+            del os.environ["RAY_AIR_NEW_OUTPUT"]
+        elif on and before is not None:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
 def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: Path, name: str,
-              max_concurrent: int, log: Callable[[str], None], on_done: TrialDone, journal: Path) -> None:
-    """Run all trials; ``on_done(cfg, trial rows, checkpoint rows, trajectory rows)`` as each one ends."""
+              max_concurrent: int, log: Callable[[str], None], on_done: TrialDone, journal: Path,
+              status_every_s: int = 0) -> None:
+    """Run all trials; ``on_done(cfg, trial rows, checkpoint rows, trajectory rows)`` as each one ends.
+    With ``status_every_s`` Ray Tune's trial table is printed at most that often."""
     if not trials:
         return
     storage.mkdir(parents=True, exist_ok=True)
@@ -126,9 +155,11 @@ def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: 
         # a fresh Tune experiment per run; trial state that must survive lives in the TorchTrainer runs
         run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str((storage / "_tune").resolve()),
-                                  stop=CapabilityStopper(trials[0]["target"]), verbose=0,
+                                  stop=CapabilityStopper(trials[0]["target"]), verbose=1 if status_every_s else 0,
+                                  progress_reporter=trial_table(status_every_s) if status_every_s else None,
                                   callbacks=[TrialRecorder(log, on_done, journal)]),
     )
     started = time.perf_counter()
-    tuner.fit()
+    with _tune_reporter_output(status_every_s > 0):
+        tuner.fit()
     log(f"sweep: {len(trials)} trial(s) finished in {time.perf_counter() - started:.0f} s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,7 +65,10 @@ def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[floa
     assert set(gens["repeat"]) == set(range(repeats))
     assert not judg.duplicated(["trial_id", "step", "suite", "prompt_id", "repeat", "judge"]).any()
     assert len(judg) == judges * len(gens)
-    assert (out / "report.md").read_text().count("| base |") == 1
+    report = (out / "report.md").read_text()
+    summary = report.split("\n## ", 1)[0]  # the per-method table comes before the first section
+    assert summary.count("| base |") == 1 and "## Rates per suite and judge" in report
+    assert (out / "report.html").is_file() and list((out / "plots").glob("*.png"))
     for name in ("trials", "checkpoints", "trajectory", "generations", "judgments"):
         pq.read_table(out / name)  # plain Parquet datasets, readable without capsafe
 
@@ -76,6 +80,9 @@ def test_run_micro_flow_with_vllm(tmp_path: Path) -> None:
     out = tmp_path / "micro"
     _check_results(out, "vllm", {"plain", "safety_mix"})
     assert "| plain |" in proc.stdout  # the report is printed at the end
+    # Ray Tune's reporter printed its trial table (capsafe's trial id, status, step, capability, loss, tokens)
+    row = r"\| TERMINATED +\|[^\n]*\| plain-s0-lr0\.003 +\| +\d+ \| +[\d.]+ \|"
+    assert re.search(row, proc.stdout), proc.stdout[-3000:]
 
 
 def _ray_pids(temp_dir: str) -> list[int]:

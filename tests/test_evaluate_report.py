@@ -1,6 +1,11 @@
 """Evaluation driver and report on hand-made inputs (no Ray, no model)."""
 
 import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -101,6 +106,27 @@ def test_a_failed_request_fails_the_run_and_a_rerun_finishes_it(tmp_path: Path) 
     gens = read_table(tmp_path, "generations").to_pandas()
     assert len(gens) == 18 and not gens.duplicated(KEYS[:-1]).any()
     assert sum(c[1] for c in pool.calls) == 18 - written  # only the missing fragments were generated
+
+
+class SlowPool(FakePool):
+    """Answers each request after a delay, from a timer thread, as a busy pool would."""
+
+    def generate(self, target: Target, prompts: list[str], sampling: Sampling) -> Future:
+        answer = super().generate(target, prompts, sampling)
+        late: Future = Future()
+        threading.Timer(0.15, lambda: late.set_result(answer.result())).start()
+        return late
+
+
+def test_a_long_evaluation_logs_status_lines(tmp_path: Path) -> None:
+    lines: list[str] = []
+    models = {("base", 0): Target("m-base"), ("plain", 40): Target("m-plain")}
+    evaluate_models(models, SUITES, str, Sampling(8), 1, SlowPool(), [rule_judge("refusal_keywords")], "fake",
+                    tmp_path, lines.append, chunk=1, status_every_s=0.2)
+    status = [line for line in lines if line.startswith("evaluate: status: ")]
+    assert status, lines  # 12 requests of 0.15 s, mostly one after another: more than 0.2 s in all
+    assert re.search(r"\d+/12 generation requests answered, \d/4 \(checkpoint, suite\) pairs judged", status[0])
+    assert len(read_table(tmp_path, "generations")) == 12
 
 
 def _trial(tid: str, method: str, reached: bool, cap: float, step: int) -> dict:
@@ -265,6 +291,13 @@ def test_report_html_is_self_contained_and_its_plots_are_not_empty(tmp_path: Pat
     for data in images:
         pixels = mpimg.imread(io.BytesIO(base64.b64decode(data)), format="png")
         assert pixels.shape[0] > 100 and pixels.std() > 0.05  # something is drawn, not a blank canvas
+    if shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome"):
+        # the page as a browser shows it (scripts/check_report_html.py; Chromium is optional, see the README)
+        check = subprocess.run([sys.executable, "scripts/check_report_html.py", str(tmp_path / "report.html"),
+                                "--screenshot", str(tmp_path / "shot.png")], capture_output=True, text=True,
+                               timeout=300, cwd=Path(__file__).resolve().parent.parent)
+        assert check.returncode == 0, check.stderr
+        assert "3 plot(s) rendered" in check.stdout
 
 
 def test_report_on_partial_results_says_what_is_missing(tmp_path: Path) -> None:
