@@ -1,5 +1,5 @@
-"""The Serve pool for real (local Ray, transformers engines on the micro world's model): a LoRA adapter on the
-base engine, seeded repeats, the whole judge panel, and a replica killed mid-evaluation. About a minute."""
+"""The Serve pool for real (local Ray, vLLM engines on the micro world's model): a LoRA adapter on the base
+engine, seeded repeats, the whole judge panel, and a replica killed mid-evaluation. A few minutes."""
 
 from __future__ import annotations
 
@@ -37,6 +37,29 @@ def _replica_pids() -> list[int]:
             if a.class_name.startswith("ServeReplica") and "generation-pool" in a.class_name]
 
 
+def _stat(pid: int) -> list[str] | None:
+    """State, parent pid, ... of a process (None once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _descendants(pid: int) -> set[int]:
+    """Processes started by ``pid`` (vLLM's EngineCore and the like), transitively."""
+    stats = {int(p.name): _stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    parents = {child: int(st[1]) for child, st in stats.items() if st}
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if (st := _stat(p)) is not None and st[0] != "Z"}
+
+
 def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, random_adapter: str,
                                                                   tmp_path: Path) -> None:
     from capsafe.pool_client import PoolClient
@@ -51,14 +74,15 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, r
     with ray_session(None, 4):
         options = deployment_options(2, 1.0, 0.0, {"min_replicas": 2, "max_replicas": 2,
                                                    "target_ongoing_requests": 1.0})
-        handle = start_pool(build_pool("transformers", {}, options, max_models=2, max_ongoing_requests=2), "t-pool")
+        engine = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8}  # one adapter: max_loras above it
+        handle = start_pool(build_pool("vllm", engine, options, max_models=2, max_ongoing_requests=2), "t-pool")
         pool = PoolClient(handle, retries=4, log=logs.append)
         judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity(base, 1000.0),
                   LLMJudge("guard", "llama_guard", Target(base), str, 4)]
 
         def evaluate() -> int:
             return evaluate_models(models, suites, render, Sampling(16, temperature=1.0, seed=3), 2, pool, judges,
-                                   "transformers", tmp_path, logs.append, chunk=4)
+                                   "vllm", tmp_path, logs.append, chunk=4)
 
         errors: list[BaseException] = []
 
@@ -73,11 +97,18 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, r
         deadline = time.time() + 300
         while not list((tmp_path / "generations").glob("*.parquet")) and time.time() < deadline:
             time.sleep(0.2)
-        victims = _replica_pids()
-        assert len(victims) == 2, victims
-        os.kill(victims[0], signal.SIGKILL)  # a replica dies with requests in flight
+        replicas = _replica_pids()
+        assert len(replicas) == 2, replicas
+        victim = max(replicas, key=lambda pid: len(_descendants(pid)))  # one that has started a vLLM engine
+        engine_procs = _descendants(victim)
+        assert engine_procs, "no replica has a vLLM engine process yet"
+        os.kill(victim, signal.SIGKILL)  # a replica dies with requests in flight
         worker.join(timeout=600)
         assert not worker.is_alive() and not errors, (errors, logs[-10:])
+        deadline = time.time() + 60
+        while _alive(engine_procs) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _alive(engine_procs), "the killed replica's engine processes outlived it"
         assert pool.retried >= 1, logs  # the killed replica's requests were sent again
         assert evaluate() == 0  # a rerun finds everything done
         print("\n".join(line for line in logs if "retry" in line or "[1/" in line))
