@@ -124,18 +124,17 @@ def trial_table(every_s: int) -> CLIReporter:
 
 
 @contextlib.contextmanager
-def _tune_reporter_output(on: bool) -> Iterator[None]:
+def _tune_reporter_output() -> Iterator[None]:
     # Ray 2.60's default output engine ignores progress_reporter and prints each trial's whole config;
     # RAY_AIR_NEW_OUTPUT=0 selects the engine that prints the reporter's table. Read when fit() starts.
     before = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    if on:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         yield
     finally:
-        if on and before is None:
+        if before is None:
             del os.environ["RAY_AIR_NEW_OUTPUT"]
-        elif on and before is not None:
+        else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
@@ -160,6 +159,6 @@ def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: 
                                   callbacks=[TrialRecorder(log, on_done, journal)]),
     )
     started = time.perf_counter()
-    with _tune_reporter_output(status_every_s > 0):
+    with _tune_reporter_output() if status_every_s else contextlib.nullcontext():
         tuner.fit()
     log(f"sweep: {len(trials)} trial(s) finished in {time.perf_counter() - started:.0f} s")
