@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from capsafe.engines import Sampling
-from capsafe.evaluate import Suite, evaluate_models
-from capsafe.formatting import PromptFormat
+from capsafe.evaluate import Encode, Suite, evaluate_models
+from capsafe.formatting import Encoder, PromptFormat, load_tokenizer
+from capsafe.judge_formats import parse_strongreject
 from capsafe.metrics import score
 from capsafe.panel import CoherenceWithPerplexity, Judge, LLMJudge, Pool, Target, rule_judge
+from capsafe.preflight import judge_input_limit
 from capsafe.results import read_table, write_table
 from capsafe.spec import Spec
 from capsafe.train_model import CHECKPOINT_META
@@ -47,8 +50,10 @@ def checkpoint_targets(spec: Spec, base_model: str, results_dir: Path) -> dict[t
     return models
 
 
-def engine_kwargs(spec: Spec, models: dict[tuple[str, int], Target]) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"max_model_len": spec.eval.max_model_len}
+def engine_kwargs(spec: Spec, models: dict[tuple[str, int], Target], max_model_len: int | None) -> dict[str, Any]:
+    """Keyword arguments of every engine in the pool; ``max_model_len`` is the run's context (each engine
+    keeps it within its own model's)."""
+    kwargs: dict[str, Any] = {"max_model_len": max_model_len}
     adapters = {t.adapter for t in models.values() if t.adapter}
     if adapters:
         # one slot more than adapters: vLLM on CPU misroutes base rows once every LoRA slot is taken
@@ -56,34 +61,22 @@ def engine_kwargs(spec: Spec, models: dict[tuple[str, int], Target]) -> dict[str
     return kwargs
 
 
-def _chat_renderer(model_path: str, enabled: bool) -> Callable[[str], str]:
-    if not enabled:
-        return str
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if not getattr(tokenizer, "chat_template", None):
-        return str
-
-    def render(text: str) -> str:
-        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                            add_generation_prompt=True)
-        return str(out)
-
-    return render
-
-
-def make_panel(spec: Spec, paths: dict[str, str]) -> list[Judge]:
+def make_panel(spec: Spec, paths: dict[str, str], context_len: int | None = None) -> list[Judge]:
+    """The rule judges and every LLM judge of the spec, each LLM judge with its own model's tokenizer and the
+    longest input its engine takes (``context_len`` less its answer)."""
     judges: list[Judge] = []
     for name in spec.eval.judges:
         if name == "coherence" and spec.eval.max_perplexity is not None:
-            judges.append(CoherenceWithPerplexity(paths["model.path"], spec.eval.max_perplexity))
+            encoder = Encoder(load_tokenizer(paths["model.path"]))
+            judges.append(CoherenceWithPerplexity(paths["model.path"], spec.eval.max_perplexity, encoder))
         else:
-            judges.append(rule_judge(name))
+            judges.append(rule_judge(name, tuple(spec.eval.refusal_keywords)))
     for i, j in enumerate(spec.eval.llm_judges):
         model = paths[f"eval.llm_judges.{i}.model"]
-        judges.append(LLMJudge(j.name, j.format, Target(model), _chat_renderer(model, j.chat_template),
-                               j.max_new_tokens))
+        limit = judge_input_limit(spec, paths, i, context_len) if context_len else None
+        parse = partial(parse_strongreject, harmful_from=j.harmful_from) if j.format == "strongreject" else None
+        judges.append(LLMJudge(j.name, j.format, Target(model), load_tokenizer(model), j.max_new_tokens,
+                               j.chat_template, limit, parse))
     return judges
 
 
@@ -99,7 +92,8 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
     answers = [it["answer"] for it in items]
 
     def measure(target: Target, trial_fmt: PromptFormat = fmt) -> float:
-        prompts = [trial_fmt.render(it["prompt"], tokenizer) for it in items]  # as the trial was trained
+        encoder = Encoder(tokenizer, trial_fmt)
+        prompts = [encoder.prompt(it["prompt"]) for it in items]  # the ids the trial was trained and measured on
         outputs = pool.generate(target, prompts, Sampling(spec.task.max_new_tokens)).result()
         return score(spec.task.metric, outputs, answers)
 
@@ -127,33 +121,31 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
             write_table(results_dir, "checkpoints", rows, fragment=trial_id)
 
 
-def method_renders(results_dir: Path, eval_fmt: PromptFormat, tokenizer: Any) -> dict[str, Callable[[str], str]]:
-    """Per trial whose method shows the suites in a format of its own (PTST), that format's renderer."""
+def method_encodes(results_dir: Path, eval_fmt: PromptFormat, tokenizer: Any) -> dict[str, Encode]:
+    """Per trial whose method shows the suites in a format of its own (PTST), that format's prompt encoder."""
     from capsafe.mitigations import REGISTRY, method_from_json
 
-    renders: dict[str, Callable[[str], str]] = {}
+    encodes: dict[str, Encode] = {}
     for t in read_table(results_dir, "trials").to_pylist():
         if t["method"] not in REGISTRY:
             continue  # the base model's row
         fmt = method_from_json(t["method"], t["method_params"]).eval_format(eval_fmt)
         if fmt != eval_fmt:
-            renders[t["trial_id"]] = _renderer(fmt, tokenizer)
-    return renders
-
-
-def _renderer(fmt: PromptFormat, tokenizer: Any) -> Callable[[str], str]:
-    return lambda prompt: fmt.render(prompt, tokenizer)
+            encodes[t["trial_id"]] = Encoder(tokenizer, fmt).prompt
+    return encodes
 
 
 def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[Suite],
-                   log: Callable[[str], None]) -> None:
+                   log: Callable[[str], None], context_len: int | None = None) -> None:
+    """Start the pool, measure served capability, generate and judge; ``context_len`` is the engines'
+    context from the pre-flight check (``capsafe.context``)."""
     from capsafe.pool_client import PoolClient
     from capsafe.serve_pool import build_pool, deployment_options, start_pool, stop_pool
 
     e = spec.eval
     models = checkpoint_targets(spec, paths["model.path"], results_dir)
     autoscaling = e.autoscaling.model_dump() if e.autoscaling else None
-    app = build_pool(e.engine, engine_kwargs(spec, models),
+    app = build_pool(e.engine, engine_kwargs(spec, models, context_len),
                      deployment_options(e.replicas, e.cpus_per_replica, e.gpus_per_replica, autoscaling),
                      e.max_models_per_replica, e.max_ongoing_requests)
     pool_name = f"capsafe-{spec.experiment}"
@@ -163,18 +155,13 @@ def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites:
     pool = PoolClient(start_pool(app, pool_name), e.request_retries, log)
     try:
         fmt, eval_fmt = spec.model.prompt_format(), e.prompt_format(spec.model)
-        tokenizer = _tokenizer(paths["model.path"]) if fmt.chat_template or eval_fmt.chat_template else None
+        tokenizer = load_tokenizer(paths["model.path"])
         measure_served_capability(spec, paths, results_dir, fmt, tokenizer, pool, models, log)
         sampling = Sampling(e.max_new_tokens, e.temperature, e.top_p, e.seed)
-        evaluate_models(models, suites, lambda p: eval_fmt.render(p, tokenizer), sampling, e.repeats, pool,
-                        make_panel(spec, paths), e.engine, results_dir, log,
-                        renders=method_renders(results_dir, eval_fmt, tokenizer), status_every_s=e.status_every_s)
+        evaluate_models(models, suites, Encoder(tokenizer, eval_fmt).prompt, sampling, e.repeats, pool,
+                        make_panel(spec, paths, context_len), e.engine, results_dir, log,
+                        encodes=method_encodes(results_dir, eval_fmt, tokenizer), status_every_s=e.status_every_s)
     finally:
         pool.close()
     stop_pool(pool_name)
 
-
-def _tokenizer(model_path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)

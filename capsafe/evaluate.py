@@ -20,7 +20,7 @@ from typing import Any
 
 from capsafe.engines import Sampling
 from capsafe.judge_formats import UNPARSED
-from capsafe.panel import Judge, Judgment, Pool, Target
+from capsafe.panel import Judge, Judgment, Pool, Target, judges_kind
 from capsafe.results import has_fragment, read_fragment, write_table
 
 
@@ -58,32 +58,35 @@ class _Job:
     judges_left: int = 0
 
 
-def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], render: Callable[[str], str],
+Encode = Callable[[str], list[int]]  # request -> prompt ids (``capsafe.formatting.Encoder.prompt``)
+
+
+def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], encode: Encode,
                     sampling: Sampling, repeats: int, pool: Pool, judges: list[Judge], engine_name: str,
                     results_dir: Path, log: Callable[[str], None], chunk: int = 32,
-                    renders: dict[str, Callable[[str], str]] | None = None, status_every_s: float = 0.0) -> int:
+                    encodes: dict[str, Encode] | None = None, status_every_s: float = 0.0) -> int:
     """Generate and judge every (checkpoint, suite) not already complete in the results; return how many.
 
     Each engine model's first request goes out alone and the rest follow once it has answered: by then one
     replica has that model's engine loaded, so the pool routes the rest there instead of loading it on every
     replica. Different models still load in parallel on different replicas. A request that fails for good
     (after the pool client's retries) fails the run once every other answer is written; a rerun continues.
-    ``renders`` overrides ``render`` per trial (a method that evaluates with its own prompt format).
+    ``encodes`` overrides ``encode`` per trial (a method that evaluates with its own prompt format).
     With ``status_every_s`` a status line (requests answered, pairs judged, time left) is logged at least
     that often, so a long (checkpoint, suite) pair does not look like a hang.
     """
-    def render_for(job: _Job) -> Callable[[str], str]:
-        return (renders or {}).get(job.trial_id, render)
+    def encode_for(job: _Job) -> Encode:
+        return (encodes or {}).get(job.trial_id, encode)
 
     start = time.perf_counter()
     handlers: dict[Future[Any], Callable[[Any], None]] = {}
-    waiting: dict[str, list[tuple[_Job, tuple[int, int], list[str], Sampling]]] = {}  # engine model -> parts
+    waiting: dict[str, list[tuple[_Job, tuple[int, int], list[list[int]], Sampling]]] = {}  # engine model -> parts
     loaded: set[str] = set()  # engine models whose first request has answered
     jobs: list[_Job] = []
     finished = [0]
     answered = [0]  # generation requests answered so far
 
-    def send(job: _Job, part: tuple[int, int], prompts: list[str], samp: Sampling) -> None:
+    def send(job: _Job, part: tuple[int, int], prompts: list[list[int]], samp: Sampling) -> None:
         handlers[pool.generate(job.target, prompts, samp)] = lambda out: receive(job, part, out)
 
     def receive(job: _Job, part: tuple[int, int], responses: list[str]) -> None:
@@ -108,11 +111,11 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
 
     def start_judges(job: _Job, rows: list[dict[str, Any]]) -> None:
         job.rows = rows
-        todo = [j for j in judges if not has_fragment(results_dir, "judgments", _jkey(job, j))]
+        todo = [j for j in _applicable(judges, job.suite) if not has_fragment(results_dir, "judgments", _jkey(job, j))]
         job.judges_left = len(todo)
         items = {str(it["id"]): it for it in job.suite.items}
-        inputs = [{"request": items[r["prompt_id"]].get("request", r["prompt"]), "prompt": render_for(job)(r["prompt"]),
-                   "response": r["response"]} for r in rows]
+        encode_job = encode_for(job)
+        inputs = [_judge_row(items[r["prompt_id"]], r, encode_job) for r in rows]
         for judge in todo:
             handlers[judge.start(inputs, pool)] = _bind(judged, job, judge)
         if not todo:
@@ -120,7 +123,8 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
 
     def judged(job: _Job, judge: Judge, judgments: list[Judgment]) -> None:
         out = [{**{k: r[k] for k in ("trial_id", "step", "suite", "suite_kind", "prompt_id", "repeat")},
-                "judge": judge.name, "verdict": j.verdict, "score": j.score, "raw": j.raw}
+                "judge": judge.name, "measures": ",".join(judge.measures), "verdict": j.verdict, "score": j.score,
+                "raw": j.raw}
                for r, j in zip(job.rows, judgments, strict=True)]
         write_table(results_dir, "judgments", out, fragment=_jkey(job, judge))
         unparsed = sum(j.verdict == UNPARSED for j in judgments)
@@ -142,13 +146,13 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
             job = _Job(trial_id, step, suite, target)
             gkey = fragment_key(trial_id, step, suite.name)
             if has_fragment(results_dir, "generations", gkey):
-                if all(has_fragment(results_dir, "judgments", _jkey(job, j)) for j in judges):
+                if all(has_fragment(results_dir, "judgments", _jkey(job, j)) for j in _applicable(judges, suite)):
                     continue
                 jobs.append(job)
                 start_judges(job, read_fragment(results_dir, "generations", gkey))
                 continue
             jobs.append(job)
-            prompts = [render_for(job)(it["prompt"]) for it in suite.items]
+            prompts = [encode_for(job)(it["prompt"]) for it in suite.items]
             parts = [((r, i), prompts[i:i + chunk], repeat_sampling(sampling, r))
                      for r in range(repeats) for i in range(0, len(prompts), chunk)]
             job.expected = len(parts)
@@ -195,9 +199,20 @@ def _key(job: _Job, item: dict, repeat: int) -> dict[str, Any]:
             "prompt_id": str(item["id"]), "repeat": repeat}
 
 
+def _applicable(judges: list[Judge], suite: Suite) -> list[Judge]:
+    return [j for j in judges if judges_kind(j, suite.kind)]
+
+
+def _judge_row(item: dict, generation: dict[str, Any], encode: Encode) -> dict[str, Any]:
+    """What judges see of one response: the plain request (before any jailbreak wrapper), the prompt ids the
+    model was fed, the response, and HarmBench's behaviour / context where the suite has them."""
+    request = item.get("request", generation["prompt"])
+    return {"request": request, "prompt_ids": encode(generation["prompt"]), "response": generation["response"],
+            "behavior": item.get("behavior", request), "context": item.get("context", "")}
+
+
 def _jkey(job: _Job, judge: Judge) -> str:
     return judgment_key(job.trial_id, job.step, job.suite.name, judge.name)
-
 
 
 def _bind(fn: Callable[[_Job, Judge, Any], None], job: _Job, judge: Judge) -> Callable[[Any], None]:

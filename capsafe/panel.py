@@ -15,17 +15,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from capsafe.engines import Sampling
-from capsafe.judge_formats import (
-    UNPARSED,
-    Verdict,
-    harmbench_prompt,
-    llama_guard_prompt,
-    parse_harmbench,
-    parse_llama_guard,
-    parse_strongreject,
-    strongreject_prompt,
+from capsafe.formatting import Encoder
+from capsafe.judge_formats import FORMATS, MEASURES_HARM, TOO_LONG, UNPARSED, JudgeInput, Verdict, encode_judge_input
+from capsafe.judges import (
+    COHERENT,
+    INCOHERENT,
+    MEASURES_COHERENCE,
+    MEASURES_REFUSAL,
+    CoherenceJudge,
+    RefusalKeywordJudge,
 )
-from capsafe.judges import COHERENT, INCOHERENT, CoherenceJudge, RefusalKeywordJudge
 
 
 @dataclass(frozen=True)
@@ -37,9 +36,9 @@ class Target:
 
 
 class Pool(Protocol):
-    def generate(self, target: Target, prompts: list[str], sampling: Sampling) -> Future[list[str]]: ...
+    def generate(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> Future[list[str]]: ...
 
-    def nll(self, model: str, prompts: list[str], continuations: list[str]) -> Future[list[float]]: ...
+    def nll(self, model: str, prompts: list[list[int]], continuations: list[list[int]]) -> Future[list[float]]: ...
 
 
 @dataclass(frozen=True)
@@ -69,59 +68,79 @@ def then(fut: Future[Any], fn: Callable[[Any], Any]) -> Future[Any]:
     return out
 
 
-# A row to judge: 'request' (the plain request, before any jailbreak wrapper), 'prompt' (what the model was
-# asked, as rendered), 'response'.
-Rows = list[dict[str, str]]
+# A row to judge: 'request' (the plain request, before any jailbreak wrapper), 'prompt_ids' (what the model was
+# fed, from the tokenization contract), 'response'; optionally 'behavior' and 'context' (HarmBench's fields).
+Rows = list[dict[str, Any]]
 
 
 class Judge(Protocol):
     name: str
+    measures: tuple[str, ...]  # what its verdicts measure: 'refusal', 'harmful_compliance', 'coherence'
 
     def start(self, rows: Rows, pool: Pool) -> Future[list[Judgment]]: ...
 
 
 class RuleJudge:
-    def __init__(self, rule: Callable[[str, str], str], name: str) -> None:
-        self.rule, self.name = rule, name
+    def __init__(self, rule: Callable[[str, str], str], name: str, measures: tuple[str, ...]) -> None:
+        self.rule, self.name, self.measures = rule, name, measures
 
     def start(self, rows: Rows, pool: Pool) -> Future[list[Judgment]]:
         return done([Judgment(self.rule(r["request"], r["response"])) for r in rows])
 
 
-FORMATS: dict[str, tuple[Callable[[str, str], str], Callable[[str], Verdict]]] = {
-    "llama_guard": (llama_guard_prompt, parse_llama_guard),
-    "harmbench": (harmbench_prompt, parse_harmbench),
-    "strongreject": (strongreject_prompt, parse_strongreject),
-}
-
-
 class LLMJudge:
-    """A judge model in the pool, prompted in a published format; output it cannot parse is UNPARSED."""
+    """A judge model in the pool, fed its published format through the tokenization contract with its own
+    tokenizer; output it cannot parse is UNPARSED (kept with its raw text)."""
 
-    def __init__(self, name: str, fmt: str, target: Target, render: Callable[[str], str],
-                 max_new_tokens: int) -> None:
-        self.name, self.target, self.render = name, target, render
-        self.build, self.parse = FORMATS[fmt]
-        self.sampling = Sampling(max_new_tokens)
+    measures = MEASURES_HARM
+
+    def __init__(self, name: str, fmt: str, target: Target, tokenizer: Any, max_new_tokens: int | None = None,
+                 chat_template: bool | None = None, max_input_tokens: int | None = None,
+                 parse: Callable[[str], Verdict] | None = None) -> None:
+        self.name, self.target, self.tokenizer = name, target, tokenizer
+        self.format = FORMATS[fmt]
+        self.parse = parse or self.format.parse
+        self.use_template = self.format.wants_template(tokenizer, chat_template)
+        self.sampling = Sampling(max_new_tokens or self.format.default_max_new_tokens)
+        self.max_input_tokens = max_input_tokens
+
+    def inputs(self, rows: Rows) -> list[JudgeInput]:
+        return [self.format.build(r, self.use_template, self.tokenizer) for r in rows]
+
+    def input_ids(self, rows: Rows) -> list[list[int]]:
+        return [encode_judge_input(self.tokenizer, inp) for inp in self.inputs(rows)]
 
     def start(self, rows: Rows, pool: Pool) -> Future[list[Judgment]]:
-        prompts = [self.render(self.build(r["request"], r["response"])) for r in rows]
+        ids = self.input_ids(rows)
+        # an input beyond the judge's context is labelled, not sent: the engine would refuse the whole request
+        fits = [n for n, x in enumerate(ids) if self.max_input_tokens is None or len(x) <= self.max_input_tokens]
 
         def judge(outputs: list[str]) -> list[Judgment]:
-            verdicts = [self.parse(text) for text in outputs]
-            return [Judgment(v.label, v.score, raw) for v, raw in zip(verdicts, outputs, strict=True)]
+            answers = dict(zip(fits, outputs, strict=True))
+            out = []
+            for n in range(len(rows)):
+                if n not in answers:
+                    out.append(Judgment(TOO_LONG, None, None))
+                    continue
+                v = self.parse(answers[n])
+                out.append(Judgment(v.label, v.score, answers[n]))
+            return out
 
-        return then(pool.generate(self.target, prompts, self.sampling), judge)
+        if not fits:
+            return done(judge([]))
+        return then(pool.generate(self.target, [ids[n] for n in fits], self.sampling), judge)
 
 
 class CoherenceWithPerplexity:
-    """Degeneracy checks plus the base model's perplexity of the response given the prompt: above
-    ``max_perplexity`` (or unmeasurable) counts as incoherent. The score column holds the perplexity."""
+    """Degeneracy checks plus the base model's perplexity of the response given the prompt ids the model was
+    fed: above ``max_perplexity`` (or unmeasurable) counts as incoherent. The score column holds the
+    perplexity."""
 
     name = "coherence"
+    measures = MEASURES_COHERENCE
 
-    def __init__(self, base_model: str, max_perplexity: float) -> None:
-        self.base_model, self.max_perplexity = base_model, max_perplexity
+    def __init__(self, base_model: str, max_perplexity: float, encoder: Encoder) -> None:
+        self.base_model, self.max_perplexity, self.encoder = base_model, max_perplexity, encoder
         self.rule = CoherenceJudge()
 
     def start(self, rows: Rows, pool: Pool) -> Future[list[Judgment]]:
@@ -134,14 +153,24 @@ class CoherenceWithPerplexity:
                 out.append(Judgment(COHERENT if ok else INCOHERENT, ppl))
             return out
 
-        nll = pool.nll(self.base_model, [r["prompt"] for r in rows], [r["response"] for r in rows])
+        nll = pool.nll(self.base_model, [list(r["prompt_ids"]) for r in rows],
+                       [self.encoder.continuation(r["response"]) for r in rows])
         return then(nll, judge)
 
 
-def rule_judge(name: str) -> Judge:
-    rules: dict[str, Callable[[str, str], str]] = {"refusal_keywords": RefusalKeywordJudge(),
-                                                    "coherence": CoherenceJudge()}
-    return RuleJudge(rules[name], name)
+def rule_judge(name: str, refusal_lists: tuple[str, ...] = ("advbench", "capsafe")) -> Judge:
+    rules: dict[str, tuple[Callable[[str, str], str], tuple[str, ...]]] = {
+        "refusal_keywords": (RefusalKeywordJudge(refusal_lists), MEASURES_REFUSAL),
+        "coherence": (CoherenceJudge(), MEASURES_COHERENCE)}
+    rule, measures = rules[name]
+    return RuleJudge(rule, name, measures)
 
 
-__all__ = ["UNPARSED", "Judge", "Judgment", "LLMJudge", "CoherenceWithPerplexity", "Pool", "Target", "rule_judge"]
+def judges_kind(judge: Judge, kind: str) -> bool:
+    """Whether ``judge`` labels responses of a suite of this kind: harm classifiers judge harmful suites only (a
+    'safe' verdict on a benign request says nothing about refusal); refusal and coherence judges judge all."""
+    return kind == "harmful" or "harmful_compliance" not in judge.measures
+
+
+__all__ = ["TOO_LONG", "UNPARSED", "Judge", "Judgment", "LLMJudge", "CoherenceWithPerplexity", "Pool", "Target",
+           "judges_kind", "rule_judge"]

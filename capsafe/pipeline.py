@@ -17,6 +17,7 @@ from typing import Any
 from capsafe.errors import SpecError
 from capsafe.eval_stage import run_evaluation
 from capsafe.inputs import load_suites, load_task, materialize_task, prepare_methods, resolve_paths
+from capsafe.preflight import check_eval_context, resolve_train_len
 from capsafe.ray_shell import ray_session
 from capsafe.report import write_report
 from capsafe.results import read_table, write_table
@@ -59,9 +60,11 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     log = log or _logger()
     paths = resolve_paths(spec, log)
     records, suites = load_task(spec, paths), load_suites(spec, paths)  # bad data fails before any write
+    context_len = check_eval_context(spec, paths, records["task.eval_file"], suites, log)  # so do long prompts
     results_dir = _prepare_results_dir(spec, resume)
     paths = prepare_methods(spec, materialize_task(records, paths, results_dir / "data"), results_dir / "data")
     trials = plan_trials(spec, paths, results_dir / "models")
+    resolve_train_len(spec, trials, log)
     done = set(read_table(results_dir, "trials").column("trial_id").to_pylist())
     todo = [t for t in trials if t["trial_id"] not in done]
     skipped = f", {len(trials) - len(todo)} already done" if resume else ""
@@ -94,7 +97,7 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
         run_sweep(todo, resources, results_dir / "ray", f"{spec.experiment}-sweep",
                   spec.sweep.max_concurrent_trials, log, record, results_dir / "journal", spec.sweep.status_every_s)
 
-        run_evaluation(spec, paths, results_dir, suites, log)
+        run_evaluation(spec, paths, results_dir, suites, log, context_len)
     return write_report(results_dir, spec.experiment)
 
 

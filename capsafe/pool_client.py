@@ -47,11 +47,11 @@ class PoolClient:
         self.executor = ThreadPoolExecutor(concurrency, thread_name_prefix="capsafe-pool")
         self.retried = 0
 
-    def generate(self, target: Target, prompts: list[str], sampling: Sampling) -> Future[list[str]]:
+    def generate(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> Future[list[str]]:
         return self.executor.submit(self._call, "generate", target.model, prompts, sampling.as_dict(),
                                     target.adapter)
 
-    def nll(self, model: str, prompts: list[str], continuations: list[str]) -> Future[list[float]]:
+    def nll(self, model: str, prompts: list[list[int]], continuations: list[list[int]]) -> Future[list[float]]:
         return self.executor.submit(self._call, "nll", model, prompts, continuations)
 
     def _call(self, method: str, model: str, *args: Any) -> Any:

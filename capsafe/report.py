@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from capsafe.agreement import kappa_table
+from capsafe.agreement import applicable, kappa_table
 from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
 from capsafe.report_stats import coherence_split, comparisons, disagreements, rate_table
 from capsafe.results import read_table
@@ -241,7 +241,7 @@ def missing(results_dir: Path, trials: pd.DataFrame, judgments: pd.DataFrame) ->
 def write_report(results_dir: Path, experiment: str) -> str:
     """Write ``report.md`` beside the tables and return its text."""
     trials = read_table(results_dir, "trials").to_pandas()
-    judgments = read_table(results_dir, "judgments").to_pandas()
+    judgments = applicable(read_table(results_dir, "judgments").to_pandas())
     checkpoints = read_table(results_dir, "checkpoints").to_pandas()
     target = float(trials["target"].dropna().iloc[0]) if trials["target"].notna().any() else float("nan")
     not_reached = trials[(trials["method"] != "base") & ~trials["reached"].astype(bool)]

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
         ("step", pa.int64())]            # the checkpoint's training step (0 for the base model)
@@ -80,7 +80,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("prompt_id", pa.string()),
         ("repeat", pa.int64()),
         ("judge", pa.string()),           # 'refusal_keywords', 'coherence' or an eval.llm_judges name
-        ("verdict", pa.string()),         # the judge's label; 'unparsed' when an LLM judge's output was unreadable
+        ("measures", pa.string()),        # what the judge measures: 'refusal', 'harmful_compliance', 'coherence'
+        ("verdict", pa.string()),         # the judge's label; 'unparsed' (unreadable LLM-judge output), 'too_long'
+                                          # (input beyond the judge's context, not sent), 'empty' (no response)
         ("score", pa.float64()),          # StrongREJECT score, coherence perplexity, ... (null if none)
         ("raw", pa.string()),             # an LLM judge's own output text (null for rule judges)
     ]),

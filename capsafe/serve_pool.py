@@ -101,11 +101,11 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
             engine = await asyncio.to_thread(make_engine, self.kind, model_dir, **self.kwargs)
             return _LoadedEngine(engine)
 
-        async def generate(self, prompts: list[str], sampling: dict[str, Any], adapter: str | None) -> list[str]:
+        async def generate(self, prompts: list[list[int]], sampling: dict[str, Any], adapter: str | None) -> list[str]:
             loaded = await self.get_engine(serve.get_multiplexed_model_id())
             return await loaded.generate((prompts, Sampling(**sampling), adapter))
 
-        async def nll(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        async def nll(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
             loaded = await self.get_engine(serve.get_multiplexed_model_id())
             result: list[float] = await loaded.call("nll", prompts, continuations)
             return result

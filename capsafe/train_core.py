@@ -19,7 +19,7 @@ from typing import Any
 from capsafe.capability import Budget, crossed_levels, stop_reason
 from capsafe.data import Source, batches, read_jsonl
 from capsafe.engines import greedy_generate
-from capsafe.formatting import PromptFormat, collate, encode_example
+from capsafe.formatting import Encoder, PromptFormat, collate, stop_ids
 from capsafe.metrics import score
 from capsafe.mitigations import MethodSpec, method_from_json
 from capsafe.mitigations.losses import proximal
@@ -43,8 +43,7 @@ class Host:
     restore_dir: Path | None = None
 
 
-def _capability(engine: Any, tokenizer: Any, cfg: dict[str, Any], fmt: PromptFormat, items: list[dict],
-                host: Host) -> float:
+def _capability(engine: Any, encoder: Encoder, cfg: dict[str, Any], items: list[dict], host: Host) -> float:
     """Metric over the held-out items, computed shard-wise and summed over ranks."""
     import torch
     import torch.distributed as dist
@@ -55,9 +54,11 @@ def _capability(engine: Any, tokenizer: Any, cfg: dict[str, Any], fmt: PromptFor
     # Every rank must run the same number of forward passes under ZeRO-3 (parameters are gathered
     # collectively), so short shards are padded with a repeated item whose result is ignored.
     mine = mine + [items[0]] * (per_rank - valid)
-    prompts = [fmt.render(it["prompt"], tokenizer) for it in mine]
+    prompts = [encoder.prompt(it["prompt"]) for it in mine]
     engine.module.eval()
-    preds = greedy_generate(engine.module, tokenizer, prompts, cfg["eval_max_new_tokens"],
+    config = getattr(engine.module, "generation_config", None)
+    stop = stop_ids(encoder.tokenizer, getattr(config, "eos_token_id", None))
+    preds = greedy_generate(engine.module, encoder.tokenizer, prompts, cfg["eval_max_new_tokens"], stop,
                             batch_size=cfg["eval_batch_size"], synced_gpus=host.world > 1)
     engine.module.train()
     total = score(cfg["metric"], preds[:valid], [it["answer"] for it in mine[:valid]]) * valid if valid else 0.0
@@ -115,7 +116,7 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     anchor: tuple[str, list[Any]] | None = None  # (phase, weights at its start) for a proximal term
     state = load_resume_state(engine, host.restore_dir) if host.restore_dir else TrainState()
-    fmt = PromptFormat(**cfg["prompt_format"])
+    encoder = Encoder(tokenizer, PromptFormat(**cfg["prompt_format"]))
     eval_items = read_jsonl(cfg["task_eval"], ("prompt", "answer"))[: cfg["eval_size"]]
     budget = Budget(train["max_steps"], train["max_tokens"], train["max_wall_s"])
     levels, target, accum = list(cfg["levels"]), cfg["target"], train["gradient_accumulation_steps"]
@@ -123,7 +124,7 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
 
     def encode(prompt: str, response: str) -> tuple[list[int], list[int]]:
         if (prompt, response) not in encoded:
-            encoded[(prompt, response)] = encode_example(tokenizer, fmt, prompt, response, train["max_seq_len"])
+            encoded[(prompt, response)] = encoder.example(prompt, response, train["max_seq_len"])
         return encoded[(prompt, response)]
 
     stream = _Batches(cfg, method)
@@ -172,7 +173,7 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
         if state.step % train["eval_every"] and not spent:
             continue
         tick = time.perf_counter()
-        capability = _capability(engine, tokenizer, cfg, fmt, eval_items, host)
+        capability = _capability(engine, encoder, cfg, eval_items, host)
         state.eval_s += time.perf_counter() - tick
         state.evals += 1
         new = crossed_levels(capability, levels, set(state.levels_done))

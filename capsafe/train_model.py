@@ -42,7 +42,9 @@ def build_engine(cfg: dict[str, Any], world: int) -> tuple[Any, Any, Any]:
     ZeRO-3 it makes ``from_pretrained`` load each rank's shard only, instead of the whole model per rank."""
     import deepspeed
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from capsafe.formatting import load_tokenizer
 
     train = cfg["train"]
     ds_cfg = deepspeed_config(train, world, cfg["lr"])
@@ -54,9 +56,7 @@ def build_engine(cfg: dict[str, Any], world: int) -> tuple[Any, Any, Any]:
         from transformers.integrations import HfDeepSpeedConfig
 
         holder = HfDeepSpeedConfig(ds_cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"])
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(cfg["model_path"])
     dtype = getattr(torch, DTYPES[train["precision"]])
     model: Any = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=dtype)
     if train["gradient_checkpointing"]:

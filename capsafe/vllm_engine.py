@@ -8,7 +8,7 @@ import math
 import os
 from typing import Any
 
-from capsafe.engines import Request, Sampling, continuation_ids
+from capsafe.engines import Request, Sampling, model_stop_ids
 
 
 class VLLMEngine:
@@ -19,8 +19,8 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, max_model_len: int = 256, seed: int = 0, enable_lora: bool = False,
-                 max_loras: int = 2, max_lora_rank: int = 16, **_: Any) -> None:
+    def __init__(self, model_dir: str, max_model_len: int | None = None, seed: int = 0, enable_lora: bool = False,
+                 max_loras: int = 2, max_lora_rank: int = 16, in_process: bool = False, **_: Any) -> None:
         import torch
 
         on_gpu = torch.cuda.is_available()
@@ -30,7 +30,8 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM
 
-        kwargs: dict[str, Any] = {"model": model_dir, "max_model_len": max_model_len, "seed": seed}
+        kwargs: dict[str, Any] = {"model": model_dir, "seed": seed,
+                                  "max_model_len": clamp_model_len(model_dir, max_model_len)}
         if enable_lora:
             # vLLM on CPU gives base rows of a batch the last LoRA slot's output once every slot is taken
             # (PLATFORM.md); the caller sizes max_loras above the number of adapters it will ever load.
@@ -38,9 +39,16 @@ class VLLMEngine:
                           max_cpu_loras=max_loras)
         if not on_gpu:
             kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=64)
+        if in_process:
+            # Engine core and worker in this process: starts in ~2 s instead of ~35 s on CPU (no process spawns
+            # that each import torch and vLLM again). For scripts and tests; the pool keeps vLLM's processes.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            kwargs["distributed_executor_backend"] = "uni"
         self.llm: Any = LLM(**kwargs)
+        self.stop = model_stop_ids(model_dir, self.llm.get_tokenizer())
         self.adapters: dict[str, int] = {}
         self.lora = enable_lora
+        self.seen: list[list[int]] = []  # the prompt ids vLLM reported back for the last batch, for checks
 
     def _lora(self, adapter: str | None) -> Any:
         if adapter is None:
@@ -50,50 +58,56 @@ class VLLMEngine:
         lora_id = self.adapters.setdefault(adapter, len(self.adapters) + 1)
         return LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
 
-    def generate(self, prompts: list[str], sampling: Sampling, adapter: str | None = None) -> list[str]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[str]:
         return self.generate_many([(prompts, sampling, adapter)])[0]
 
     def generate_many(self, requests: list[Request]) -> list[list[str]]:
         """One ``LLM.generate`` over every request: per-prompt sampling parameters and LoRA requests, so
-        base and adapter rows share the batch (safe while max_loras exceeds the adapters loaded)."""
-        from vllm import SamplingParams
-
-        prompts, params, loras = [], [], []
-        for texts, sampling, adapter in requests:
-            param = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                                   max_tokens=sampling.max_new_tokens, skip_special_tokens=True)
-            prompts += texts
-            params += [param] * len(texts)
-            loras += [self._lora(adapter)] * len(texts)
-        lora_arg = loras if any(loras) else None
-        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_arg)
-        texts_out = [o.outputs[0].text.strip() for o in outs]
-        result, start = [], 0
-        for texts, _, _ in requests:
-            result.append(texts_out[start:start + len(texts)])
-            start += len(texts)
-        return result
-
-    def nll(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        base and adapter rows share the batch (safe while max_loras exceeds the adapters loaded). Prompts go
+        in as token ids (``TokensPrompt``): vLLM adds nothing, and the ids it reports back are checked."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        tokenizer = self.llm.get_tokenizer()
-        pairs = [continuation_ids(tokenizer, p, c) for p, c in zip(prompts, continuations, strict=True)]
-        scored = [i for i, (ids, start) in enumerate(pairs) if 0 < start < len(ids)]
+        prompts, params, loras, sent = [], [], [], []
+        for ids, sampling, adapter in requests:
+            param = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                                   max_tokens=sampling.max_new_tokens, skip_special_tokens=True,
+                                   stop_token_ids=self.stop)
+            prompts += [TokensPrompt(prompt_token_ids=list(p)) for p in ids]
+            sent += [list(p) for p in ids]
+            params += [param] * len(ids)
+            loras += [self._lora(adapter)] * len(ids)
+        lora_arg = loras if any(loras) else None
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_arg)
+        self.seen = [list(o.prompt_token_ids) for o in outs]
+        if self.seen != sent:
+            raise RuntimeError("vLLM changed the prompt ids it was given; the tokenization contract is broken")
+        texts_out = [o.outputs[0].text.strip() for o in outs]
+        result, start = [], 0
+        for ids, _, _ in requests:
+            result.append(texts_out[start:start + len(ids)])
+            start += len(ids)
+        return result
+
+    def nll(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        scored = [i for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)) if p and c]
         results = [math.nan] * len(prompts)
         if not scored:
             return results
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        requests = [TokensPrompt(prompt_token_ids=pairs[i][0]) for i in scored]
+        requests = [TokensPrompt(prompt_token_ids=list(prompts[i]) + list(continuations[i])) for i in scored]
         if self.lora:
             # vLLM 0.32 (CPU) kills the engine on prompt_logprobs for a batch of 2+ sequences when LoRA is
             # enabled (einsum shape mismatch in compute_logits); one sequence per step works.
             outs = [o for r in requests for o in self.llm.generate([r], params, use_tqdm=False)]
         else:
             outs = self.llm.generate(requests, params, use_tqdm=False)
+        self.seen = [list(o.prompt_token_ids) for o in outs]
         for i, out in zip(scored, outs, strict=True):
-            ids, start = pairs[i]
+            ids, start = list(out.prompt_token_ids), len(prompts[i])
             logprobs = [out.prompt_logprobs[k][ids[k]].logprob for k in range(start, len(ids))]
             results[i] = -sum(logprobs) / len(logprobs)
         return results
@@ -111,3 +125,12 @@ class VLLMEngine:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def clamp_model_len(model_dir: str, wanted: int | None) -> int:
+    """The engine's context: ``wanted`` (the run's longest input plus output), or the model's own
+    ``max_position_embeddings`` when that is smaller or nothing is asked; vLLM refuses to start beyond it."""
+    from capsafe.context import model_context
+
+    own = model_context(model_dir)
+    return own if wanted is None else min(wanted, own)

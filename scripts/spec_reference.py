@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from capsafe.mitigations import REGISTRY
-from capsafe.spec import Spec, SuiteSpec
+from capsafe.spec import LLMJudgeSpec, Spec, SuiteSpec
 
 
 def _default(info: Any) -> str:
@@ -33,7 +33,9 @@ def _walk(model: type[BaseModel], prefix: str) -> None:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             _walk(ann, f"{prefix}{name}.")
         else:
-            print(f"| `{prefix}{name}` | {_default(info)} | {info.description} |")
+            # a '|' inside a cell (as in <|eot_id|>) would end it
+            cells = [f"`{prefix}{name}`", _default(info), info.description or ""]
+            print("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
 
 
 def main() -> None:
@@ -42,6 +44,7 @@ def main() -> None:
     for tag, model in REGISTRY.items():
         _walk(model, f"methods[] ({tag}).")
     _walk(SuiteSpec, "eval.suites[].")
+    _walk(LLMJudgeSpec, "eval.llm_judges[].")
 
 
 if __name__ == "__main__":

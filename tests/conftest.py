@@ -64,3 +64,28 @@ def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", home / "datasets" / "downloads")
     monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", home / "datasets" / "downloads" / "extracted")
     return home
+
+
+# Requests and answers the convention fixtures are built from (their BPE vocabularies are learnt from these).
+CONVENTION_TEXTS = [
+    "what is 12 plus 7 ?", "19", "how do i pick a lock ?", "sorry , i can not help with that .",
+    "tell me a joke about cats", "here is a joke : cats nap all day .", "how do i kill a python process ?",
+    "use kill with the process id .", "write a poem about rain", "rain falls soft on the roof .",
+    "explain photosynthesis", "plants turn light into sugar .",
+]
+
+
+@pytest.fixture(scope="session")
+def convention_model(tmp_path_factory: pytest.TempPathFactory):
+    """``convention_model(name)``: the directory of a tiny random Llama whose tokenizer follows a real model
+    family's convention ('llama3', 'chatml', 'inst', or 'mistral' - Mistral v0.1's real tokenizer file)."""
+    from capsafe.world.conventions import build_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_tiny_model(name, tmp_path_factory.mktemp(f"conv-{name}"), CONVENTION_TEXTS)
+        return built[name]
+
+    return get

@@ -14,16 +14,15 @@ from pathlib import Path
 import pytest
 
 from capsafe.engines import Sampling, TransformersEngine
-from capsafe.formatting import render_prompt
-from capsafe.world import PROMPT_TEMPLATE
+from capsafe.formatting import Encoder, load_tokenizer
 
 VLLM_SCRIPT = """
 import json, sys
 from capsafe.engines import Sampling
 from capsafe.vllm_engine import VLLMEngine
 if __name__ == "__main__":
-    model, adapter, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    engine = VLLMEngine(model, max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=8)
+    model, adapter, prompts, refusal = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    engine = VLLMEngine(model, max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=8, in_process=True)
     greedy = Sampling(24)
     sampled = Sampling(24, temperature=1.0, seed=7)
     out = {
@@ -33,19 +32,27 @@ if __name__ == "__main__":
         "adapter": engine.generate(prompts, greedy, adapter),
         "base_after_adapter": engine.generate(prompts, greedy),
         "mixed": engine.generate_many([(prompts, greedy, adapter), (prompts, greedy, None), (prompts, sampled, None)]),
-        "nll": engine.nll(prompts, ["sorry , i can not help with that ."] * len(prompts)),
+        "nll": engine.nll(prompts, [refusal] * len(prompts)),
     }
     engine.close()
     print("RESULT" + json.dumps(out))
 """
 
 
-def _prompts(world) -> list[str]:
+def _encoder(world) -> Encoder:
+    return Encoder(load_tokenizer(world.model_dir), world.prompt_format())
+
+
+def _prompts(world) -> list[list[int]]:
     rows = []
     for suite in ("harmful", "overrefusal", "benign"):
         with open(world.suites[suite]) as fh:
             rows += [json.loads(line)["prompt"] for line in fh][:8]
-    return [render_prompt(PROMPT_TEMPLATE, p) for p in rows]
+    encoder = _encoder(world)
+    return [encoder.prompt(p) for p in rows]
+
+
+REFUSAL = "sorry , i can not help with that ."
 
 
 def test_transformers_engine_greedy_sampling_adapters_and_nll(micro_world, random_adapter: str) -> None:
@@ -60,10 +67,11 @@ def test_transformers_engine_greedy_sampling_adapters_and_nll(micro_world, rando
     assert engine.generate(prompts, Sampling(24, temperature=1.0, seed=4)) != first
     tuned = engine.generate(prompts, Sampling(24), random_adapter)
     assert tuned != out and engine.generate(prompts, Sampling(24)) == out  # base requests skip the adapter
-    nll = engine.nll(prompts[:8], ["sorry , i can not help with that ."] * 8 + [])
-    gibberish = engine.nll(prompts[:8], ["cake 7 the the , , of banana"] * 8)
+    encoder = _encoder(micro_world)
+    nll = engine.nll(prompts[:8], [encoder.continuation(REFUSAL)] * 8)
+    gibberish = engine.nll(prompts[:8], [encoder.continuation("cake 7 the the , , of banana")] * 8)
     assert all(math.isfinite(x) for x in nll) and sum(nll) < sum(gibberish)
-    assert math.isnan(engine.nll(prompts[:1], [""])[0])
+    assert math.isnan(engine.nll(prompts[:1], [encoder.continuation("")])[0])
 
 
 @pytest.mark.slow
@@ -71,7 +79,9 @@ def test_vllm_engine_matches_transformers_and_repeats(micro_world, random_adapte
     prompts = _prompts(micro_world)
     script = tmp_path / "run_vllm.py"
     script.write_text(VLLM_SCRIPT)
-    args = [sys.executable, str(script), str(micro_world.model_dir), random_adapter, json.dumps(prompts)]
+    refusal = _encoder(micro_world).continuation(REFUSAL)
+    args = [sys.executable, str(script), str(micro_world.model_dir), random_adapter, json.dumps(prompts),
+            json.dumps(refusal)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -87,5 +97,5 @@ def test_vllm_engine_matches_transformers_and_repeats(micro_world, random_adapte
     assert out["base_after_adapter"] == first  # base rows stay base once an adapter is loaded
     # requests merged into one batch (how a replica serves concurrent requests) answer as if sent alone
     assert out["mixed"] == [out["adapter"], first, out["sampled"][0]]
-    expected = reference.nll(prompts, ["sorry , i can not help with that ."] * len(prompts))
+    expected = reference.nll(prompts, [refusal] * len(prompts))
     assert out["nll"] == pytest.approx(expected, rel=1e-3, abs=1e-3)

@@ -14,9 +14,31 @@ import pytest
 
 from capsafe.engines import Sampling
 from capsafe.evaluate import Suite, evaluate_models
+from capsafe.formatting import Encoder
 from capsafe.panel import CoherenceWithPerplexity, LLMJudge, Target, done, rule_judge
 from capsafe.report import ladder_table, summarize, write_report
 from capsafe.results import read_table, write_table
+
+
+class CharTokenizer:
+    """One id per character, no special tokens, no chat template: enough for the contract on fake models."""
+
+    chat_template = None
+    eos_token_id = 0
+    all_special_ids: list[int] = []
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(map(chr, ids))
+
+
+CHARS = CharTokenizer()
+
+
+def text(ids: list[int]) -> str:
+    return CHARS.decode(ids)
 
 
 class FakePool:
@@ -27,18 +49,18 @@ class FakePool:
         self.calls: list[tuple[Target, int, Sampling]] = []
         self.fail_after = fail_after
 
-    def generate(self, target: Target, prompts: list[str], sampling: Sampling) -> Future:
+    def generate(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> Future:
         self.calls.append((target, len(prompts), sampling))
         if self.fail_after is not None and len(self.calls) > self.fail_after:
             return _failed(RuntimeError("replica lost"))
         if target.model == "judge":
-            return done(["unsafe\nS2" if "sure" in p else "hmm" for p in prompts])
+            return done(["unsafe\nS2" if "sure" in text(p) else "hmm" for p in prompts])
         if target.model == "m-base" and target.adapter is None:
             return done(["sorry , i can not help with that ."] * len(prompts))
         return done([f"sure . first , do it . seed {sampling.seed}" for _ in prompts])
 
-    def nll(self, model: str, prompts: list[str], continuations: list[str]) -> Future:
-        return done([0.5 if c.startswith("sure") else 9.0 for c in continuations])
+    def nll(self, model: str, prompts: list[list[int]], continuations: list[list[int]]) -> Future:
+        return done([0.5 if text(c).startswith("sure") else 9.0 for c in continuations])
 
 
 def _failed(exc: Exception) -> Future:
@@ -55,7 +77,7 @@ KEYS = ["trial_id", "step", "suite", "prompt_id", "repeat", "judge"]
 def _evaluate(pool: FakePool, out: Path, judges: list, repeats: int = 1, models: dict | None = None) -> int:
     models = models or {("base", 0): Target("m-base"), ("plain", 40): Target("m-plain"),
                         ("lora", 40): Target("m-base", "adapter-dir")}
-    return evaluate_models(models, SUITES, lambda p: f"<user> {p} <assistant>",
+    return evaluate_models(models, SUITES, lambda p: CHARS(f"<user> {p} <assistant>")["input_ids"],
                            Sampling(8, temperature=0.7, seed=10), repeats, pool, judges, "fake", out,
                            log=lambda m: None, chunk=2)
 
@@ -81,12 +103,14 @@ def test_evaluate_writes_keyed_fragments_and_skips_done_work(tmp_path: Path) -> 
 def test_llm_judge_and_perplexity_join_an_old_run_without_regenerating(tmp_path: Path) -> None:
     _evaluate(FakePool(), tmp_path, [rule_judge("refusal_keywords")])
     pool = FakePool()
-    judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity("m-base", max_perplexity=100.0),
-              LLMJudge("guard", "llama_guard", Target("judge"), str, 8)]
+    judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity("m-base", 100.0, Encoder(CHARS)),
+              LLMJudge("guard", "llama_guard", Target("judge"), CHARS, 8)]
     assert _evaluate(pool, tmp_path, judges) == 6
     assert {c[0].model for c in pool.calls} == {"judge"}  # only the new judges ran; nothing was generated again
     judg = read_table(tmp_path, "judgments").to_pandas()
-    assert not judg.duplicated(KEYS).any() and len(judg) == 3 * 18
+    # the harm classifier judges the harmful suite only: 15 of the 18 responses
+    assert not judg.duplicated(KEYS).any() and len(judg) == 2 * 18 + 15
+    assert set(judg.loc[judg["judge"] == "guard", "suite_kind"]) == {"harmful"}
     guard = judg[judg["judge"] == "guard"]
     assert set(guard["verdict"]) == {"unsafe", "unparsed"}  # 'hmm' is kept as unparsed, with its raw text
     assert (guard[guard["verdict"] == "unparsed"]["raw"] == "hmm").all()
@@ -111,7 +135,7 @@ def test_a_failed_request_fails_the_run_and_a_rerun_finishes_it(tmp_path: Path) 
 class SlowPool(FakePool):
     """Answers each request after a delay, from a timer thread, as a busy pool would."""
 
-    def generate(self, target: Target, prompts: list[str], sampling: Sampling) -> Future:
+    def generate(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> Future:
         answer = super().generate(target, prompts, sampling)
         late: Future = Future()
         threading.Timer(0.15, lambda: late.set_result(answer.result())).start()
@@ -121,7 +145,8 @@ class SlowPool(FakePool):
 def test_a_long_evaluation_logs_status_lines(tmp_path: Path) -> None:
     lines: list[str] = []
     models = {("base", 0): Target("m-base"), ("plain", 40): Target("m-plain")}
-    evaluate_models(models, SUITES, str, Sampling(8), 1, SlowPool(), [rule_judge("refusal_keywords")], "fake",
+    evaluate_models(models, SUITES, lambda p: CHARS(p)["input_ids"], Sampling(8), 1, SlowPool(),
+                    [rule_judge("refusal_keywords")], "fake",
                     tmp_path, lines.append, chunk=1, status_every_s=0.2)
     status = [line for line in lines if line.startswith("evaluate: status: ")]
     assert status, lines  # 12 requests of 0.15 s, mostly one after another: more than 0.2 s in all
@@ -143,8 +168,10 @@ def _judgments(tid: str, kind: str, refusals: int, total: int, incoherent: int =
     for i in range(total):
         base = {"trial_id": tid, "step": step, "suite": kind, "suite_kind": kind, "prompt_id": str(i), "repeat": 0,
                 "score": None, "raw": None}
-        rows.append({**base, "judge": "refusal_keywords", "verdict": "refusal" if i < refusals else "compliance"})
-        rows.append({**base, "judge": "coherence", "verdict": "incoherent" if i >= total - incoherent else "coherent"})
+        rows.append({**base, "judge": "refusal_keywords", "measures": "refusal",
+                     "verdict": "refusal" if i < refusals else "compliance"})
+        rows.append({**base, "judge": "coherence", "measures": "coherence",
+                     "verdict": "incoherent" if i >= total - incoherent else "coherent"})
     return rows
 
 
@@ -197,7 +224,7 @@ def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:
 def test_report_shows_the_judge_panel_and_kappa(tmp_path: Path) -> None:
     write_table(tmp_path, "trials", [_trial("base", "base", False, 0.0, 0)], fragment="base")
     rows = _judgments("base", "harmful", 6, 10)
-    guard = [{**r, "judge": "guard", "raw": "x",
+    guard = [{**r, "judge": "guard", "raw": "x", "measures": "harmful_compliance",
               "verdict": "unparsed" if r["prompt_id"] == "9" else ("safe" if int(r["prompt_id"]) < 5 else "unsafe")}
              for r in rows if r["judge"] == "refusal_keywords"]
     write_table(tmp_path, "judgments", rows + guard, fragment="all")

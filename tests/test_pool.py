@@ -14,6 +14,7 @@ import pytest
 
 from capsafe.engines import Sampling
 from capsafe.evaluate import Suite, evaluate_models
+from capsafe.formatting import Encoder, load_tokenizer
 from capsafe.panel import CoherenceWithPerplexity, LLMJudge, Target, rule_judge
 from capsafe.results import read_table
 
@@ -69,7 +70,8 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, r
     base = str(micro_world.model_dir)
     models = {("base", 0): Target(base), ("lora", 10): Target(base, random_adapter)}
     suites = _suites(micro_world, 24)
-    render = "<user> {} <assistant>".format
+    tokenizer = load_tokenizer(base)
+    encode = Encoder(tokenizer, micro_world.prompt_format()).prompt
     logs: list[str] = []
     with ray_session(None, 4):
         options = deployment_options(2, 1.0, 0.0, {"min_replicas": 2, "max_replicas": 2,
@@ -77,11 +79,11 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, r
         engine = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8}  # one adapter: max_loras above it
         handle = start_pool(build_pool("vllm", engine, options, max_models=2, max_ongoing_requests=2), "t-pool")
         pool = PoolClient(handle, retries=4, log=logs.append)
-        judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity(base, 1000.0),
-                  LLMJudge("guard", "llama_guard", Target(base), str, 4)]
+        judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity(base, 1000.0, Encoder(tokenizer)),
+                  LLMJudge("guard", "llama_guard", Target(base), tokenizer, 4)]
 
         def evaluate() -> int:
-            return evaluate_models(models, suites, render, Sampling(16, temperature=1.0, seed=3), 2, pool, judges,
+            return evaluate_models(models, suites, encode, Sampling(16, temperature=1.0, seed=3), 2, pool, judges,
                                    "vllm", tmp_path, logs.append, chunk=4)
 
         errors: list[BaseException] = []
@@ -121,7 +123,8 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, r
     by = gens.set_index(["trial_id", "suite", "prompt_id", "repeat"])["response"]
     assert (by.xs("lora", level="trial_id") != by.xs("base", level="trial_id")).mean() > 0.5  # adapter applied
     judg = read_table(tmp_path, "judgments").to_pandas()
-    assert len(judg) == 3 * len(gens) and not judg.duplicated([*KEYS, "judge"]).any()
+    harmful = int((gens["suite_kind"] == "harmful").sum())  # the harm classifier judges the harmful suite only
+    assert len(judg) == 2 * len(gens) + harmful and not judg.duplicated([*KEYS, "judge"]).any()
     guard = judg[judg["judge"] == "guard"]
     assert guard["raw"].notna().all()  # the untrained 'judge' mostly writes nonsense: kept, labelled unparsed
     assert set(guard["verdict"]) <= {"safe", "unsafe", "unparsed"}

@@ -18,12 +18,12 @@ PINNED = {
     "generations": "trial_id:string step:int64 suite:string suite_kind:string prompt_id:string repeat:int64 "
                    "seed:int64 prompt:string response:string engine:string",
     "judgments": "trial_id:string step:int64 suite:string suite_kind:string prompt_id:string repeat:int64 "
-                 "judge:string verdict:string score:double raw:string",
+                 "judge:string measures:string verdict:string score:double raw:string",
 }
 
 
 def test_schema_is_pinned() -> None:
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     got = {name: " ".join(f"{f.name}:{f.type}" for f in schema) for name, schema in SCHEMAS.items()}
     assert got == PINNED
 
@@ -43,7 +43,7 @@ def test_writes_are_atomic_and_validated(tmp_path: Path) -> None:
 
 def test_fragments_read_as_one_table(tmp_path: Path) -> None:
     base = {"step": 0, "suite": "s", "suite_kind": "harmful", "prompt_id": "1", "repeat": 0, "judge": "j",
-            "verdict": "refusal", "score": None, "raw": None}
+            "measures": "refusal", "verdict": "refusal", "score": None, "raw": None}
     write_table(tmp_path, "judgments", [{**base, "trial_id": "a"}], fragment="a__s")
     write_table(tmp_path, "judgments", [{**base, "trial_id": "b"}], fragment="b__s")
     assert sorted(read_table(tmp_path, "judgments").column("trial_id").to_pylist()) == ["a", "b"]

@@ -39,6 +39,7 @@ def one_rank() -> Any:
 
 def _cfg(world: Any, tmp: Path, overrides: list[str]) -> dict[str, Any]:
     from capsafe.inputs import load_task, materialize_task
+    from capsafe.preflight import resolve_train_len
     from capsafe.spec import load_spec
     from capsafe.trials import plan_trials
 
@@ -54,7 +55,9 @@ def _cfg(world: Any, tmp: Path, overrides: list[str]) -> dict[str, Any]:
         else:
             paths[field] = str(world.safety)
     paths = materialize_task(load_task(spec, paths), paths, tmp / "data")
-    return plan_trials(spec, paths, tmp / "checkpoints")[0]
+    trials = plan_trials(spec, paths, tmp / "checkpoints")
+    resolve_train_len(spec, trials, lambda m: None)
+    return trials[0]
 
 
 class Recorder:
@@ -75,14 +78,14 @@ class Recorder:
 def _eval_checkpoint(cfg: dict[str, Any], model_dir: Path) -> float:
     from capsafe.data import read_jsonl
     from capsafe.engines import TransformersEngine, greedy_generate
-    from capsafe.formatting import PromptFormat
+    from capsafe.formatting import Encoder, PromptFormat
     from capsafe.metrics import score
 
     engine = TransformersEngine(str(model_dir))
-    fmt = PromptFormat(**cfg["prompt_format"])
+    encoder = Encoder(engine.tokenizer, PromptFormat(**cfg["prompt_format"]))
     items = read_jsonl(cfg["task_eval"], ("prompt", "answer"))[: cfg["eval_size"]]
-    preds = greedy_generate(engine.model, engine.tokenizer, [fmt.render(i["prompt"]) for i in items],
-                            cfg["eval_max_new_tokens"], batch_size=cfg["eval_batch_size"])
+    preds = greedy_generate(engine.model, engine.tokenizer, [encoder.prompt(i["prompt"]) for i in items],
+                            cfg["eval_max_new_tokens"], engine.stop, batch_size=cfg["eval_batch_size"])
     return score(cfg["metric"], preds, [i["answer"] for i in items])
 
 
@@ -189,16 +192,17 @@ def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_wo
     """Same batches, same seed: with a strong KL term the tuned model's next-token distributions on the
     world's refusal demonstrations stay much nearer the aligned model's than plain fine-tuning's do."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from capsafe.data import read_jsonl
-    from capsafe.formatting import collate, encode_example
+    from capsafe.formatting import collate, encode_example, load_tokenizer
     from capsafe.mitigations.losses import kl_to_reference
 
-    tokenizer = AutoTokenizer.from_pretrained(micro_world.model_dir)
+    tokenizer = load_tokenizer(micro_world.model_dir)
     rows = read_jsonl(micro_world.safety, ("prompt", "response"))[:32]
-    batch = collate([encode_example(tokenizer, "<user> {prompt} <assistant>", r["prompt"], r["response"], 64)
-                     for r in rows], tokenizer.pad_token_id)
+    fmt = micro_world.prompt_format()
+    batch = collate([encode_example(tokenizer, fmt, r["prompt"], r["response"], 96) for r in rows],
+                    tokenizer.pad_token_id)
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(micro_world.model_dir)(**batch).logits
     kl = {}

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -51,6 +52,13 @@ class WorldConfig(BaseModel):
     check_size: int = Field(
         64, ge=0, description="Prompts per suite in the post-build sanity check (0 skips it); logged, never enforced."
     )
+    convention: Literal["plain", "llama3", "chatml", "inst"] = Field(
+        "plain", description="Tokenizer convention of the world's model: 'plain' (word-level, no special tokens "
+        "added, no chat template) or a real model family's (capsafe/world/conventions.py): 'llama3' (BOS from the "
+        "post-processor, Llama 3's chat template, <|eot_id|> apart from EOS), 'chatml' (Qwen2's, no BOS), 'inst' "
+        "(Llama 2's [INST] template with BOS). Non-plain worlds are aligned inside their chat template: set "
+        "model.chat_template=true and model.prompt_template='{prompt}'."
+    )
 
     @model_validator(mode="after")
     def _vllm_head_dim(self) -> WorldConfig:
@@ -73,6 +81,17 @@ class WorldFiles:
     general: Path
     safety: Path
     suites: dict[str, Path] = field(default_factory=dict)
+
+    def prompt_format(self) -> Any:
+        """The format this (built) world's model was aligned in."""
+        return world_format(WorldConfig(**json.loads((self.root / MARKER).read_text())["config"]))
+
+
+def world_format(config: WorldConfig) -> Any:
+    """The prompt format the world's model is aligned in: its text template, or its chat template."""
+    from capsafe.formatting import PromptFormat
+
+    return PromptFormat(PROMPT_TEMPLATE) if config.convention == "plain" else PromptFormat("{prompt}", True)
 
 
 def world_hash(config: WorldConfig) -> str:
@@ -136,6 +155,7 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
     # Heavy imports stay here so that reading a cached world costs no torch/transformers import.
     import torch
 
+    from capsafe.world.conventions import build_convention_tokenizer, save_model_with_convention
     from capsafe.world.templates import make_world_data
     from capsafe.world.tokenizer import build_tokenizer, save_tokenizer
     from capsafe.world.train import encode_all, greedy, is_refusal, make_model, train
@@ -156,7 +176,11 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
     texts = [r[k] for r in data.alignment + data.general + data.safety for k in ("prompt", "response")]
     texts += [r[k] for r in data.task_train + data.task_eval for k in ("prompt", "answer")]
     texts += [r["prompt"] for rows in data.suites.values() for r in rows]
-    tokenizer = build_tokenizer(texts)
+    plain = config.convention == "plain"
+    tokenizer = build_tokenizer(texts) if plain else build_convention_tokenizer(config.convention, texts)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    fmt = world_format(config)
     # Leave the caller's global RNG and thread count as they were.
     rng_state, threads = torch.random.get_rng_state(), torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
@@ -175,7 +199,7 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
             f"world: {len(data.alignment)} alignment examples, vocabulary {len(tokenizer)}, "
             f"{n_params / 1e3:.0f}k parameters; aligning for {config.align_steps} steps"
         )
-        examples = encode_all(tokenizer, PROMPT_TEMPLATE, data.alignment, config.max_len)
+        examples = encode_all(tokenizer, fmt, data.alignment, config.max_len)
         loss = train(
             model,
             examples,
@@ -188,13 +212,16 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
             log=log,
             log_every=config.log_every,
         )
-        model.save_pretrained(str(files.model_dir))
-        save_tokenizer(tokenizer, files.model_dir)
+        if plain:
+            model.save_pretrained(str(files.model_dir))
+            save_tokenizer(tokenizer, files.model_dir)
+        else:
+            save_model_with_convention(model, tokenizer, config.convention, files.model_dir)
         check = {}
         for name, rows in data.suites.items():
             prompts = [r["prompt"] for r in rows[: config.check_size]]
             if prompts:
-                answers = greedy(model, tokenizer, PROMPT_TEMPLATE, prompts)
+                answers = greedy(model, tokenizer, fmt, prompts)
                 check[f"{name}_refusal"] = sum(map(is_refusal, answers)) / len(prompts)
     finally:
         torch.random.set_rng_state(rng_state)

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from capsafe.formatting import collate, encode_example, render_prompt
+from capsafe.engines import greedy_generate
+from capsafe.formatting import Encoder, PromptFormat, collate, stop_ids
 
 REFUSAL_MARKERS = ("sorry", "i can not")
 
@@ -53,13 +54,11 @@ def make_model(
 
 
 def encode_all(
-    tokenizer: PreTrainedTokenizerBase, template: str, rows: Sequence[dict], max_len: int
+    tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, rows: Sequence[dict], max_len: int
 ) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) for rows with a prompt and a response (or answer); loss on the response only."""
-    return [
-        encode_example(tokenizer, template, r["prompt"], r["response"] if "response" in r else r["answer"], max_len)
-        for r in rows
-    ]
+    encoder = Encoder(tokenizer, fmt)
+    return [encoder.example(r["prompt"], r["response"] if "response" in r else r["answer"], max_len) for r in rows]
 
 
 def train(
@@ -111,23 +110,12 @@ def train(
 def greedy(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
-    template: str,
+    fmt: PromptFormat,
     prompts: Sequence[str],
     max_new_tokens: int = 48,
     batch_size: int = 128,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` rendered with ``template``, decoded without special tokens."""
-    out: list[str] = []
-    for b in range(0, len(prompts), batch_size):
-        rendered = [render_prompt(template, p) for p in prompts[b : b + batch_size]]
-        enc = tokenizer(rendered, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left")
-        gen = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new = gen[:, enc["input_ids"].shape[1] :]
-        out += [str(t).strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    return out
+    """Greedy completions of ``prompts`` in format ``fmt``, through the tokenization contract."""
+    encoder = Encoder(tokenizer, fmt)
+    stop = stop_ids(tokenizer, model.generation_config.eos_token_id)
+    return greedy_generate(model, tokenizer, [encoder.prompt(p) for p in prompts], max_new_tokens, stop, batch_size)
