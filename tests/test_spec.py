@@ -83,6 +83,12 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path, micro_world: o
                  ["run", "jobs/demo.yaml", f"output_dir={out}", "bogus=1"],
                  ["run", "jobs/demo.yaml", f"output_dir={out}", "task.eval_file=missing.jsonl"],
                  ["run", "jobs/demo.yaml", f"output_dir={out}", "methods.0.name=nope"],
+                 # the micro world's chat prompts do not fit 20 tokens: named before anything trains
+                 ["run", "tests/specs/micro.yaml", f"output_dir={out}", "eval.max_model_len=20"],
+                 # HarmBench's prompt carries its own [INST]: a chat template would wrap it twice
+                 ["run", "tests/specs/micro.yaml", f"output_dir={out}",
+                  "eval.llm_judges=[{name: hb, format: harmbench, chat_template: true}]"],
+                 ["validate", "jobs/demo.yaml", "world.convention=llama3"],
                  ["run", "jobs/missing.yaml"]):
         proc = subprocess.run([sys.executable, "-m", "capsafe.cli", *args], cwd=REPO, capture_output=True,
                               text=True, timeout=120)
