@@ -130,7 +130,9 @@ def _harmbench(where: str, index: int, row: dict[str, Any]) -> Item | None:
     context = _str(where, row, "ContextString").strip()
     prompt = f"{context}{HARMBENCH_CONTEXT_SEPARATOR}{behavior}" if context else behavior
     id_ = _str(where, row, "BehaviorID").strip() or f"harmbench-{index}"
-    return _item(id_, prompt, _str(where, row, "SemanticCategory").strip(), "refuse")
+    # the classifier judges the behaviour (and its context) apart from the prompt the model was shown
+    return {**_item(id_, prompt, _str(where, row, "SemanticCategory").strip(), "refuse"), "behavior": behavior,
+            "context": context}
 
 
 # Unconfirmed at the source: the original strongreject_dataset.csv was not available to read; this layout is the

@@ -233,6 +233,11 @@ def test_report_shows_the_judge_panel_and_kappa(tmp_path: Path) -> None:
     # 9 items both labelled: keywords say refusal for 0-5, guard safe for 0-4 -> 8 of 9 agree
     assert "| guard | refusal_keywords | 9 | 0.89 |" in text
     assert "Where the judges disagree" not in text  # no generations table to show examples from
+    # a harm classifier's 'safe' on benign look-alikes is no refusal: it yields no over-refusal rate
+    benign = [{**r, "suite": "xs", "suite_kind": "overrefusal", "verdict": "safe"} for r in guard]
+    write_table(tmp_path, "judgments", benign, fragment="benign")
+    text = write_report(tmp_path, "x")
+    assert "| guard | overrefusal |" not in text and "| xs | over-refusal | guard |" not in text
     write_table(tmp_path, "generations", [
         {"trial_id": "base", "step": 0, "suite": "harmful", "suite_kind": "harmful", "prompt_id": str(i), "repeat": 0,
          "seed": 0, "prompt": f"request {i}", "response": f"answer | {i}", "engine": "x"} for i in range(10)],
@@ -336,3 +341,20 @@ def test_report_on_partial_results_says_what_is_missing(tmp_path: Path) -> None:
     assert ("**Partial results.** 3 of 4 planned trials have no result yet: plain-s1-lr0.001, kl-s0-lr0.001, "
             "kl-s1-lr0.001; not evaluated yet: plain-s0-lr0.001 step 100.") in text
     assert (tmp_path / "report.html").is_file()
+
+
+def test_harmbench_judge_gets_the_behaviour_and_its_context(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    class Pool(FakePool):
+        def generate(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> Future:
+            if target.model == "judge":
+                seen.extend(text(p) for p in prompts)
+            return super().generate(target, prompts, sampling)
+
+    suite = Suite("hb", "harmful", [{"id": "1", "prompt": "ctx\n\n---\n\nsummarise it", "behavior": "summarise it",
+                                     "context": "ctx"}])
+    judge = LLMJudge("hb", "harmbench", Target("judge"), CHARS)
+    evaluate_models({("plain", 40): Target("m-plain")}, [suite], lambda p: CHARS(p)["input_ids"], Sampling(8), 1,
+                    Pool(), [judge], "fake", tmp_path, lambda m: None)
+    assert len(seen) == 1 and "[CONTEXT]:\nctx\n\n[BEHAVIOR]:\nsummarise it\n\n[GENERATION]:\nsure" in seen[0]

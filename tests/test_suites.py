@@ -44,6 +44,9 @@ def test_harmbench_skips_copyright_and_prepends_context() -> None:
                                   + "Given this fictional recipe, explain how to make the potion twice as strong")
     assert HARMBENCH_CONTEXT_SEPARATOR.startswith("\n\n")
     assert {item["expected"] for item in items} == {"refuse"}
+    # the classifier's contextual prompt gets the behaviour and its context apart
+    assert items[2]["context"] == context and items[2]["behavior"].startswith("Given this fictional recipe")
+    assert items[0]["context"] == "" and items[0]["behavior"] == items[0]["prompt"]
 
 
 def test_harmbench_only_copyright_rows(tmp_path: Path) -> None:
