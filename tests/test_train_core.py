@@ -189,8 +189,11 @@ def test_every_mitigation_trains_and_saves(one_rank: Any, micro_world: Any, tmp_
 
 
 def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_world: Any, tmp_path: Path) -> None:
-    """Same batches, same seed: with a strong KL term the tuned model's next-token distributions on the
-    world's refusal demonstrations stay much nearer the aligned model's than plain fine-tuning's do."""
+    """Same batches, same seed: with a strong KL term the tuned model's next-token distributions on the task
+    answers it trains on stay far nearer the aligned model's than plain fine-tuning's do, and on the world's
+    refusal demonstrations (which it never trains on) no further. How much the term carries over to refusals
+    is the world's property, not the method's guarantee: on the Llama-3-convention micro world it was 0.73 vs
+    0.93 (on the task answers 0.13 vs 4.0); the safety evaluation measures what it means for refusals."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -199,13 +202,14 @@ def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_wo
     from capsafe.mitigations.losses import kl_to_reference
 
     tokenizer = load_tokenizer(micro_world.model_dir)
-    rows = read_jsonl(micro_world.safety, ("prompt", "response"))[:32]
     fmt = micro_world.prompt_format()
-    batch = collate([encode_example(tokenizer, fmt, r["prompt"], r["response"], 96) for r in rows],
-                    tokenizer.pad_token_id)
-    with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(micro_world.model_dir)(**batch).logits
-    kl = {}
+    batches = {}
+    for name, path, field in (("task", micro_world.task_train, "answer"), ("refusal", micro_world.safety, "response")):
+        rows = read_jsonl(path, ("prompt", field))[:32]
+        batches[name] = collate([encode_example(tokenizer, fmt, r["prompt"], r[field], 96) for r in rows],
+                                tokenizer.pad_token_id)
+    base = AutoModelForCausalLM.from_pretrained(micro_world.model_dir)
+    kl: dict[str, dict[str, float]] = {}
     for method in ("plain", "kl, beta: 50"):
         cfg = _cfg(micro_world, tmp_path / method[:2], ["task.target=0.0", "train.eval_every=10",
                                                         "train.zero_stage=2", f"methods=[{{name: {method}}}]"])
@@ -213,5 +217,7 @@ def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_wo
         run_training(cfg, rec.host)
         tuned = AutoModelForCausalLM.from_pretrained(Path(rec.reports[-1]["model_dir"]) / "model")
         with torch.no_grad():
-            kl[method] = float(kl_to_reference(tuned(**batch).logits, base, batch["labels"]))
-    assert kl["kl, beta: 50"] < 0.5 * kl["plain"], kl
+            kl[method] = {k: float(kl_to_reference(tuned(**b).logits, base(**b).logits, b["labels"]))
+                          for k, b in batches.items()}
+    assert kl["kl, beta: 50"]["task"] < 0.2 * kl["plain"]["task"], kl
+    assert kl["kl, beta: 50"]["refusal"] < kl["plain"]["refusal"], kl
