@@ -33,19 +33,23 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def _prompts(world: Any, n: int) -> list[str]:
+def _prompts(world: Any, tokenizer: Any, n: int) -> list[list[int]]:
+    """``n`` suite prompts as the tokenization contract feeds them to the model."""
+    from capsafe.formatting import Encoder
+
     rows: list[str] = []
     for name in ("harmful", "overrefusal", "benign"):
         with open(world.suites[name]) as fh:
             rows += [json.loads(line)["prompt"] for line in fh]
-    return [f"<user> {p} <assistant>" for p in (rows * (n // len(rows) + 1))[:n]]
+    encoder = Encoder(tokenizer, world.prompt_format())
+    return [encoder.prompt(p) for p in (rows * (n // len(rows) + 1))[:n]]
 
 
 def _tokens(tokenizer: Any, texts: list[str]) -> int:
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
 
-def direct(model: str, prompts: list[str], max_new_tokens: int) -> tuple[list[str], float]:
+def direct(model: str, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[str], float]:
     from capsafe.engines import Sampling
     from capsafe.vllm_engine import VLLMEngine
 
@@ -58,7 +62,7 @@ def direct(model: str, prompts: list[str], max_new_tokens: int) -> tuple[list[st
     return out, spent
 
 
-def pooled(model: str, prompts: list[str], max_new_tokens: int, replicas: int, cpus: float,
+def pooled(model: str, prompts: list[list[int]], max_new_tokens: int, replicas: int, cpus: float,
            chunk: int, ongoing: int) -> tuple[list[str], float]:
     from ray import serve
 
@@ -109,7 +113,7 @@ def main() -> None:
         model = str(build_model(world, Path(tmp) / "model", args.hidden, args.layers))
         params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
         tokenizer = AutoTokenizer.from_pretrained(model)
-        prompts = _prompts(world, args.prompts)
+        prompts = _prompts(world, tokenizer, args.prompts)
         print(f"model: {params / 1e6:.1f}M parameters; {len(prompts)} prompts, {args.max_new_tokens} new tokens")
         rows: list[tuple[str, list[str], float]] = []
         out, spent = direct(model, prompts, args.max_new_tokens)

@@ -106,6 +106,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from capsafe.inputs import load_task, materialize_task, resolve_paths
+    from capsafe.preflight import resolve_train_len
     from capsafe.ray_shell import cache_root, ray_session
     from capsafe.spec import load_spec
     from capsafe.trials import plan_trials
@@ -121,7 +122,9 @@ def main() -> None:
         paths = materialize_task(load_task(spec, paths), paths, Path(tmp) / "data")
         world = build_world(spec.world, cache_root() / "worlds")
         paths["model.path"] = str(build_model(world, Path(tmp) / "model", args.hidden, args.layers))
-        cfg = plan_trials(spec, paths, Path(tmp) / "models")[0]
+        trials = plan_trials(spec, paths, Path(tmp) / "models")
+        resolve_train_len(spec, trials, print)  # train.max_seq_len from the data, as a run derives it
+        cfg = trials[0]
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(paths["model.path"]).parameters())
         bare, ours = [], []
         with ray_session(None, args.threads + 0.5):

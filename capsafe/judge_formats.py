@@ -30,8 +30,8 @@ LLAMA_GUARD_CATEGORIES = (
     "S9: Indiscriminate Weapons.", "S10: Hate.", "S11: Self-Harm.", "S12: Sexual Content.", "S13: Elections.",
     "S14: Code Interpreter Abuse.",
 )
-# The hazard names as the model card lists them (PurpleLlama, Llama-Guard3/8B/MODEL_CARD.md @ 4be64c3), used
-# when the report names a violated category.
+# The hazard names as the model card lists them (PurpleLlama, Llama-Guard3/8B/MODEL_CARD.md @ 4be64c3): how the
+# report's judge panel names the violated categories it counts.
 LLAMA_GUARD_CARD_NAMES = {
     "S1": "Violent Crimes", "S2": "Non-Violent Crimes", "S3": "Sex-Related Crimes", "S4": "Child Sexual Exploitation",
     "S5": "Defamation", "S6": "Specialized Advice", "S7": "Privacy", "S8": "Intellectual Property",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from capsafe.agreement import applicable, kappa_table
+from capsafe.judge_formats import LLAMA_GUARD_CARD_NAMES, parse_llama_guard
 from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
 from capsafe.report_stats import coherence_split, comparisons, disagreements, rate_table
 from capsafe.results import read_table
@@ -113,8 +114,20 @@ def judge_table(judgments: pd.DataFrame) -> pd.DataFrame:
         shares = group["verdict"].value_counts(normalize=True).sort_index()
         rows.append({"judge": judge, "suite kind": kind, "responses": len(group),
                      "verdicts": ", ".join(f"{v} {p:.2f}" for v, p in shares.items()),
-                     "mean score": group["score"].mean() if group["score"].notna().any() else None})
+                     "mean score": group["score"].mean() if group["score"].notna().any() else None,
+                     "violated categories": _categories(group)})
     return pd.DataFrame(rows)
+
+
+def _categories(group: pd.DataFrame) -> str:
+    """Llama Guard's violated categories among 'unsafe' verdicts, by the model card's names, most frequent
+    first ('-' for other judges)."""
+    unsafe = group[(group["verdict"] == "unsafe") & group["raw"].notna()]
+    codes = [c for raw in unsafe["raw"] for c in parse_llama_guard(str(raw)).detail.split(",") if c]
+    if not codes:
+        return "-"
+    counts = pd.Series(codes).value_counts()
+    return ", ".join(f"{code} {LLAMA_GUARD_CARD_NAMES.get(code, '?')} ({n})" for code, n in counts.items())
 
 
 RATES = ["harmful refusal", "harmful coherent compliance", "over-refusal", "coherence"]

@@ -224,12 +224,14 @@ def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:
 def test_report_shows_the_judge_panel_and_kappa(tmp_path: Path) -> None:
     write_table(tmp_path, "trials", [_trial("base", "base", False, 0.0, 0)], fragment="base")
     rows = _judgments("base", "harmful", 6, 10)
-    guard = [{**r, "judge": "guard", "raw": "x", "measures": "harmful_compliance",
+    guard = [{**r, "judge": "guard", "raw": "unsafe\nS2,S11", "measures": "harmful_compliance",
               "verdict": "unparsed" if r["prompt_id"] == "9" else ("safe" if int(r["prompt_id"]) < 5 else "unsafe")}
              for r in rows if r["judge"] == "refusal_keywords"]
     write_table(tmp_path, "judgments", rows + guard, fragment="all")
     text = write_report(tmp_path, "x")
     assert "## Judge panel" in text and "| guard | harmful | 10 | safe 0.50, unparsed 0.10, unsafe 0.40 |" in text
+    assert "| refusal_keywords | harmful | 10 | compliance 0.40, refusal 0.60 | n/a | - |" in text
+    assert "S11 Suicide & Self-Harm (4)" in text  # the unsafe verdicts' categories, by the model card's names
     # 9 items both labelled: keywords say refusal for 0-5, guard safe for 0-4 -> 8 of 9 agree
     assert "| guard | refusal_keywords | 9 | 0.89 |" in text
     assert "Where the judges disagree" not in text  # no generations table to show examples from
