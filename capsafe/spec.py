@@ -22,7 +22,8 @@ HF_PREFIX = "hf:"  # a data path 'hf:<id>[@config]' names a Hugging Face dataset
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity pass every ge/le bound (comparisons with NaN are false), so they are refused outright.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -109,7 +110,8 @@ class TrainSpec(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks) per trial.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU workers (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each training worker.")
-    learning_rates: list[float] = Field([1e-3], min_length=1, description="Learning rates to sweep (each "
+    learning_rates: list[Annotated[float, Field(gt=0)]] = Field([1e-3], min_length=1, description="Learning "
+                                                                "rates to sweep, each above 0 (each "
                                         "one a separate trial per method and seed).")
     batch_size: int = Field(32, ge=1, description="Global batch size per optimizer step, split over workers "
                             "and accumulation steps.")
@@ -367,13 +369,25 @@ class Spec(_Strict):
         return DEMO in self.data_paths().values()
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's complaint on one line: what, and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(problem)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict/list, in place."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise SpecError(f"override '{item}' is not of the form key.sub=value; write e.g. task.target=0.5.")
-        value = yaml.safe_load(text) if text else ""
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise SpecError(f"override '{item}': the value is not valid YAML ({_yaml_problem(exc)}); quote it or "
+                            "fix it, e.g. "
+                            "task.ladder=[0.2, 0.3] or model.system_prompt='be brief'.") from None
         node: Any = raw
         parts = key.split(".")
         for depth, part in enumerate(parts):
@@ -444,9 +458,12 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, check_files:
     if not p.is_file():
         raise SpecError(f"spec file '{path}' does not exist; pass the path of a YAML file such as jobs/demo.yaml.")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise SpecError(f"spec file '{path}' is not valid YAML ({exc}); fix the syntax.") from None
+        raise SpecError(f"spec file '{path}' is not valid YAML ({_yaml_problem(exc)}); fix the syntax.") from None
+    if raw is None:  # empty, whitespace or comments only: almost surely the wrong file, not "all defaults"
+        raise SpecError(f"spec file '{path}' is empty (or holds only comments); write the experiment's sections "
+                        "(experiment, task, train, ...) into it, e.g. start from jobs/demo.yaml.")
     if not isinstance(raw, dict):
         raise SpecError(f"spec file '{path}' must hold a mapping of sections (experiment, task, train, ...).")
     apply_overrides(raw, overrides or [])

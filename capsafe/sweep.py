@@ -61,7 +61,9 @@ class TrialRecorder(tune.Callback):
         with self._journal(trial).open("a") as fh:
             fh.write(json.dumps(report) + "\n")
         name = trial.config["trial"]["trial_id"]
-        extra = f", levels {result['levels']} kept" if result.get("levels") else ""
+        levels = trial.config["trial"]["levels"]
+        kept = [levels[int(i)] for i in str(result.get("levels") or "").split(",") if i]
+        extra = f", levels {', '.join(f'{v:g}' for v in kept)} kept" if kept else ""
         extra += f" -> {result['stop']}" if result.get("stop") else ""
         restarts = f" (restart {result['restarts']})" if result.get("restarts") else ""
         self.log(f"train {name}{restarts}: step {result['step']}, capability {result['capability']:.3f}, "

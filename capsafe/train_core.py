@@ -186,7 +186,9 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
             state.levels_done.extend(new)
         base["elapsed_s"] = time.perf_counter() - session_start  # rank 0's report is the one that counts
         metrics = {**base, "capability": capability, "loss": sum(losses) / len(losses), "stop": reason or "",
-                   "levels": ",".join(f"{level:g}" for level in new), "model_dir": model_dir, "postprocess": note,
+                   # indices into cfg["levels"], not formatted numbers: 0.8333333 must not come back as 0.833333
+                   "levels": ",".join(str(levels.index(level)) for level in new), "model_dir": model_dir,
+                   "postprocess": note,
                    "train_s": state.train_s, "eval_s": state.eval_s}
         losses = []
         every = train["checkpoint_every_evals"]

@@ -61,8 +61,8 @@ def summarize_trial(cfg: dict[str, Any], history: list[dict[str, Any]], error: s
                   for h in reports]
     crossed: dict[float, dict[str, Any]] = {}
     for h in reports:  # after a restart a level may be crossed again: the surviving run's crossing counts
-        for text in filter(None, str(h.get("levels") or "").split(",")):
-            crossed[float(text)] = h
+        for index in filter(None, str(h.get("levels") or "").split(",")):
+            crossed[cfg["levels"][int(index)]] = h  # the report names levels by index, never by a rounded number
     checkpoints = []
     for level in cfg["levels"]:
         at = crossed.get(level)

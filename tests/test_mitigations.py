@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,13 @@ def test_safety_mix_from_a_benchmark_file_with_a_refusal_template(tmp_path: Path
     rows = [json.loads(line) for line in Path(paths["data_file"]).read_text().splitlines()]
     assert rows and all(r["response"] == "no ." and r["prompt"] for r in rows)
     assert method.task_sources(paths) == [{"name": "safety", "path": paths["data_file"], "weight": 0.1}]
+    # the file is named by its content, the same in every process: a resumed run finds it instead of adding one
+    again = subprocess.run([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from capsafe.mitigations.safety_mix import SafetyMixMethod; "
+        f"m = SafetyMixMethod(prompts_file={str(FIXTURES / 'harmful_behaviors.csv')!r}, prompts_format='advbench', "
+        "response_template='no .', ratio=0.1); print(m.prepare(m.data_fields(), Path(sys.argv[1]))['data_file'])"),
+        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert again.stdout.strip() == paths["data_file"] and len(list(tmp_path.glob("safety_mix-*.jsonl"))) == 1
 
 
 def test_registry_round_trips_every_method() -> None:

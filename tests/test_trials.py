@@ -31,8 +31,8 @@ def _report(step: int, cap: float, stop: str = "", levels: str = "", restarts: i
 
 def test_ladder_trial_keeps_the_first_checkpoint_at_each_level() -> None:
     cfg = _cfg([0.2, 0.3, 0.4])
-    history = [{"time_total_s": 1.0}, _report(25, 0.1), _report(50, 0.35, levels="0.2,0.3"),
-               _report(75, 0.32), _report(100, 0.45, "reached", "0.4")]
+    history = [{"time_total_s": 1.0}, _report(25, 0.1), _report(50, 0.35, levels="0,1"),
+               _report(75, 0.32), _report(100, 0.45, "reached", "2")]
     row, ckpts, traj = summarize_trial(cfg, history, None, 12.0)
     assert row["reached"] and row["status"] == "reached" and row["checkpoint"] == "/ck/step-100"
     assert row["step"] == 100 and row["capability"] == 0.45 and row["tokens"] == 10000
@@ -43,7 +43,7 @@ def test_ladder_trial_keeps_the_first_checkpoint_at_each_level() -> None:
 
 def test_budget_exhausted_trial_reports_how_far_it_got() -> None:
     cfg = _cfg([0.2, 0.4])
-    history = [_report(25, 0.3, levels="0.2"), _report(50, 0.2, "budget:tokens")]
+    history = [_report(25, 0.3, levels="0"), _report(50, 0.2, "budget:tokens")]
     row, ckpts, _ = summarize_trial(cfg, history, None, 5.0)
     assert not row["reached"] and row["status"] == "not_reached" and row["checkpoint"] is None
     assert row["stop_reason"] == "budget:tokens" and row["capability"] == 0.3 and row["step"] == 25
@@ -59,10 +59,18 @@ def test_diverged_and_failed_trials() -> None:
 
 def test_restarted_trial_counts_the_surviving_crossing() -> None:
     cfg = _cfg([0.2, 0.4])
-    history = [_report(25, 0.25, levels="0.2"), _report(25, 0.25, levels="0.2", restarts=1),
-               _report(50, 0.41, "reached", "0.4", restarts=1)]
+    history = [_report(25, 0.25, levels="0"), _report(25, 0.25, levels="0", restarts=1),
+               _report(50, 0.41, "reached", "1", restarts=1)]
     row, ckpts, traj = summarize_trial(cfg, history, None, 9.0)
     assert row["restarts"] == 1 and len(traj) == 3 and ckpts[0]["step"] == 25
+
+
+def test_a_target_that_g_formatting_would_round_is_still_reached() -> None:
+    # levels used to travel as f"{x:g}" text: 0.8333333 came back as 0.833333, matched no level, and the trial
+    # was recorded as not reached
+    cfg = _cfg([0.5, 0.8333333])
+    row, ckpts, _ = summarize_trial(cfg, [_report(25, 0.6, levels="0"), _report(50, 0.9, "reached", "1")], None, 1.0)
+    assert row["reached"] and row["step"] == 50 and [c["reached"] for c in ckpts] == [True, True]
 
 
 def test_capability_stopper() -> None:

@@ -13,7 +13,7 @@ from capsafe.formatting import PromptFormat
 
 
 class MethodSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     summary: ClassVar[str] = ""  # one line for the README's method table

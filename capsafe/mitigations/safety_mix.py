@@ -3,6 +3,8 @@ share of every fine-tuning batch. The paper found a few hundred demonstrations (
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +60,10 @@ class SafetyMixMethod(MethodSpec):
                             "harmful-request file")
         rows = [{"prompt": it["prompt"], "response": self.response_template.replace("{prompt}", it["prompt"])}
                 for it in items]
-        target = data_dir / f"safety_mix-{abs(hash((source, self.response_template))) % 10**8}.jsonl"
+        # a content key that is the same in every process (Python's hash() is salted per process, so a resumed
+        # run wrote a new file each time)
+        key = hashlib.sha256(json.dumps([source, self.prompts_format, self.response_template]).encode()).hexdigest()
+        target = data_dir / f"safety_mix-{key[:12]}.jsonl"
         write_jsonl(target, rows)
         return {"data_file": str(target.resolve())}
 

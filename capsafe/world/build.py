@@ -27,7 +27,7 @@ MARKER = "world.json"
 class WorldConfig(BaseModel):
     """How the embedded demo world is built; the ``world:`` section of an experiment spec."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seed: int = Field(0, description="Seed of the model's initialisation and of the alignment batch order.")
     data_seed: int = Field(0, description="Seed of the templated data: shuffles, sampled phrasings, task split.")
