@@ -8,11 +8,13 @@ see ``capsafe.stats`` for why the prompt is the unit of resampling.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 
 from capsafe.agreement import HARMFUL_LABELS
 from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
-from capsafe.stats import describe_comparison, nested_interval, paired_comparison
+from capsafe.stats import describe_comparison, holm, nested_interval, paired_comparison, seed_level_comparison
 
 # What each suite kind measures, and whether a higher value is safer.
 MEASURES = {"harmful": ("harmful compliance", False), "overrefusal": ("over-refusal", False),
@@ -110,32 +112,45 @@ def coherence_split(judgments: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFra
 
 def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, bool], reference: str = "plain",
                 jailbreaks: dict[str, str] | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """Every method against ``reference`` on every suite, per judge: paired difference over the prompts both
-    answered, its interval, p-value and effect size; plus one sentence per comparison. ``equal`` says per
-    method whether it was served at the target capability."""
-    rows, sentences = [], []
+    """Every method against ``reference`` on every suite, per judge, plus one sentence per comparison. With two
+    or more checkpoints (seeds) on both sides the inference is at the seed level (``seed_level_comparison``);
+    with one each it is the paired prompt-level test, and the sentence says it compares two checkpoints, not
+    two methods. p-values are Holm-adjusted over every comparison of the report (methods x suites x judges).
+    ``equal`` says per method whether it was at the target capability."""
+    found = []
     for (suite, judge), _ in judgments.groupby(["suite", "judge"], sort=True):
         wide = per_prompt(judgments, trials, judge, suite)
         if wide.empty or reference not in wide:
             continue
         kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])
-        measure, higher_is_safer = measure_of(suite, kind, jailbreaks)
+        by_checkpoint = per_checkpoint(judgments, trials, judge, suite)
         for method in _order(wide.columns):
             if method in ("base", reference):
                 continue
-            both = wide[[method, reference]].dropna()
-            paired = paired_comparison(both[method].tolist(), both[reference].tolist())
+            matrices = [by_checkpoint[by_checkpoint["method"] == m].drop(columns="method").to_numpy(dtype=float)
+                        for m in (method, reference)]
+            paired = seed_level_comparison(*matrices)
             if paired is None:
-                continue
-            d = paired.difference
-            rows.append({"suite": suite, "judge": judge, "method": method, "measure": measure,
-                         f"{reference}": f"{paired.reference_rate:.2f}", "method rate": f"{paired.method_rate:.2f}",
-                         "difference [95% CI]": f"{d.value:+.2f} [{d.low:+.2f}, {d.high:+.2f}]",
-                         "p": f"{paired.p_value:.3g}",
-                         "effect size": "n/a" if paired.effect_size is None else f"{paired.effect_size:+.2f}",
-                         "prompts": d.n})
-            sentences.append(f"{suite}, {judge}: " + describe_comparison(
-                method, reference, f"{measure} rate", paired, equal.get(method, True), higher_is_safer))
+                both = wide[[method, reference]].dropna()
+                paired = paired_comparison(both[method].tolist(), both[reference].tolist())
+            if paired is not None:
+                found.append((suite, judge, kind, method, paired))
+    adjusted = holm([f[4].p_value for f in found])
+    rows, sentences = [], []
+    for (suite, judge, kind, method, paired), p_holm in zip(found, adjusted, strict=True):
+        paired = dataclasses.replace(paired, p_adjusted=p_holm)
+        measure, higher_is_safer = measure_of(suite, kind, jailbreaks)
+        d = paired.difference
+        rows.append({"suite": suite, "judge": judge, "method": method, "measure": measure,
+                     f"{reference}": f"{paired.reference_rate:.2f}", "method rate": f"{paired.method_rate:.2f}",
+                     "difference [95% CI]": f"{d.value:+.2f} [{d.low:+.2f}, {d.high:+.2f}]",
+                     "p": f"{paired.p_value:.3g}", "p (Holm)": f"{p_holm:.3g}",
+                     "effect size": "n/a" if paired.effect_size is None else f"{paired.effect_size:+.2f}",
+                     "inference": (f"seeds ({paired.checkpoints[0]} vs {paired.checkpoints[1]})"
+                                   if paired.level == "seeds" else "prompts (one checkpoint each)"),
+                     "prompts": d.n})
+        sentences.append(f"{suite}, {judge}: " + describe_comparison(
+            method, reference, f"{measure} rate", paired, equal.get(method, True), higher_is_safer))
     return pd.DataFrame(rows), sentences
 
 

@@ -139,9 +139,10 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
         state.tokens += sum(len(ids) for ids, _ in examples)  # every rank sees the same global batch
         local = examples[host.rank::host.world]
         micro = len(local) // accum
-        rho, phase = method.proximal_rho(state.step), method.phase(state.step)
-        if rho and (anchor is None or anchor[0] != phase):
-            # a proximal term pulls toward the weights the other phase left (after a restart: the restored ones)
+        rho, phase = method.proximal_rho(state.step, train["max_steps"]), method.phase(state.step)
+        if method.uses_anchor and (anchor is None or anchor[0] != phase):
+            # the weights at every phase switch (at the start: the initial ones; after a restart: the restored
+            # ones), kept even while the proximal term waits for its warm-up, as the authors' trainer keeps them
             anchor = (phase, [p.detach().clone() for p in trainable])
         loss = objective = 0.0
         for i in range(accum):

@@ -286,12 +286,16 @@ def test_statistics_average_seeds_and_repeats_per_prompt_then_compare(tmp_path: 
     rates = {r["method"]: r for r in rate_table(judg, trials).to_dict("records")}
     # plain: prompts 0-1 refused by both seeds (0), 2-3 by one (0.5), 4-9 by none (1) -> (1 + 6) / 10
     assert rates["plain"]["rate [95% CI]"].startswith("0.70 [") and rates["plain"]["prompts"] == 10
-    assert rates["plain"]["samples"] == 40 and rates["base"]["rate [95% CI]"] == "0.00 [0.00, 0.00]"
+    # one checkpoint at a rate of 0 over 10 prompts: Wilson's [0, 0.28], not a zero-width bootstrap interval
+    assert rates["plain"]["samples"] == 40 and rates["base"]["rate [95% CI]"] == "0.00 [0.00, 0.28]"
     assert rates["plain"]["checkpoints"] == 2 and rates["safety_mix"]["checkpoints"] == 1
     table, sentences = comparisons(judg, trials, {"safety_mix": True})
     (row,) = table.to_dict("records")
     assert row["method"] == "safety_mix" and row["difference [95% CI]"].startswith("-0.60 [")
-    assert float(row["p"]) < 0.05 and sentences[0].startswith("harmful, refusal_keywords: safety_mix has a lower")
+    # safety_mix has one seed: the prompt-level test, and the sentence compares checkpoints, not methods
+    assert float(row["p"]) < 0.05 and row["inference"] == "prompts (one checkpoint each)"
+    assert sentences[0].startswith("harmful, refusal_keywords: The safety_mix checkpoint has a lower")
+    assert "compares these checkpoints, not the methods" in sentences[0] and "Holm-adjusted p" in sentences[0]
     split = {r["method"]: r for r in coherence_split(judg, trials).to_dict("records")}
     # m0: 9 refusals, prompt 9 complied and is the incoherent one
     assert split["safety_mix"]["refused"] == pytest.approx(0.9)

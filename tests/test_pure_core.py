@@ -72,6 +72,15 @@ def test_coherence_judge_flags_gibberish() -> None:
     assert judge("p", "go to the go to the go to the shop") == "incoherent"
 
 
+def test_every_batch_holds_its_share_of_each_source() -> None:
+    # 5 % of 32 = 1.6 safety demonstrations: every batch holds 1 or 2 (drawn per example, ~19 % held none)
+    sources = mix_sources([("t", "a")], [Source("general", [("g", "r")], 0.3), Source("safety", [("s", "r")], 0.05)])
+    stream = batches(sources, 32, seed=0)
+    counts = [[sum(name == n for name, _, _ in next(stream)) for n in ("general", "safety")] for _ in range(2000)]
+    assert {c[1] for c in counts} == {1, 2} and {c[0] for c in counts} == {9, 10}
+    assert abs(sum(c[1] for c in counts) / (2000 * 32) - 0.05) < 0.002  # stochastic rounding keeps the share
+
+
 def test_batches_follow_weights_and_are_identical_per_seed() -> None:
     sources = mix_sources([("t", "a")], [Source("safety", [("s", "r")], 0.25)])
     a = next(batches(sources, 400, seed=3))

@@ -188,6 +188,66 @@ def test_every_mitigation_trains_and_saves(one_rank: Any, micro_world: Any, tmp_
         assert r["postprocess"] == "" and meta["postprocess"] is None
 
 
+def test_lisa_anchors_follow_the_phase_switches_inside_the_loop(one_rank: Any, micro_world: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alignment steps 1-2, task 3-4, alignment 5-6; the proximal term waits for 25 % of 8 budgeted steps, then
+    pulls toward the weights of the last switch: one anchor for steps 3-4, a new one for 5-6."""
+    import torch
+
+    import capsafe.train_core as core
+
+    calls: list[tuple[float, float, float]] = []
+    original = core.proximal
+
+    def recording(params: list[Any], anchor: list[Any], rho: float) -> Any:
+        with torch.no_grad():
+            calls.append((sum(float(a.sum()) for a in anchor), sum(float(p.sum()) for p in params), rho))
+        return original(params, anchor, rho)
+
+    monkeypatch.setattr(core, "proximal", recording)
+    cfg = _cfg(micro_world, tmp_path, ["task.target=0.0", "train.eval_every=6", "train.max_steps=8",
+                                       "train.zero_stage=2", "train.mode=lora",
+                                       "methods=[{name: lisa, alignment_steps: 2, task_steps: 2, rho: 0.5, "
+                                       "warmup_share: 0.25}]"])
+    run_training(cfg, Recorder(tmp_path).host)
+    assert len(calls) == 4 and {c[2] for c in calls} == {0.5}  # none during the warm-up (steps 1-2)
+    (a3, w3, _), (a4, w4, _), (a5, w5, _), (a6, w6, _) = calls
+    assert a3 == a4 and a5 == a6 and a3 != a5  # one anchor per phase, renewed at the switch
+    assert a3 == pytest.approx(w3) and a5 == pytest.approx(w5) and w4 != pytest.approx(a4)  # the switch's weights
+
+
+def test_token_wise_is_fed_the_aligned_models_logits(one_rank: Any, micro_world: Any, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import capsafe.train_core as core
+
+    seen: dict[str, Any] = {}
+    build = core.build_reference
+
+    def recording_build(engine: Any, cfg: dict[str, Any], world: int) -> Any:
+        reference = build(engine, cfg, world)
+
+        def record(batch: dict[str, Any]) -> Any:
+            seen["batch"], seen["logits"] = {k: v.clone() for k, v in batch.items()}, reference(batch)
+            return seen["logits"]
+
+        return record
+
+    monkeypatch.setattr(core, "build_reference", recording_build)
+    cfg = _cfg(micro_world, tmp_path, ["task.target=0.0", "train.eval_every=6", "train.zero_stage=2",
+                                       "methods=[{name: token_wise}]"])
+    rec = Recorder(tmp_path)
+    run_training(cfg, rec.host)
+    inputs = {k: seen["batch"][k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(micro_world.model_dir)(**inputs).logits
+        tuned = AutoModelForCausalLM.from_pretrained(Path(rec.reports[-1]["model_dir"]) / "model")(**inputs).logits
+    assert torch.allclose(seen["logits"], base, atol=1e-4)  # the last step's reference: the aligned model
+    assert not torch.allclose(tuned, base, atol=1e-3)  # while the trained model had moved away from it
+
+
 def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_world: Any, tmp_path: Path) -> None:
     """Same batches, same seed: with a strong KL term the tuned model's next-token distributions on the task
     answers it trains on stay far nearer the aligned model's than plain fine-tuning's do, and on the world's

@@ -18,6 +18,7 @@ class MethodSpec(BaseModel):
     name: str
     summary: ClassVar[str] = ""  # one line for the README's method table
     needs_reference: ClassVar[bool] = False  # training needs the reference (aligned) model's logits
+    uses_anchor: ClassVar[bool] = False  # the loop keeps the weights of every phase switch (a proximal term)
 
     # --- the driver: spec checks, data, prompt formats -------------------------------------------------------
     def data_fields(self) -> dict[str, str]:
@@ -59,8 +60,9 @@ class MethodSpec(BaseModel):
         """'task' or 'alignment': which batches step ``step`` (1-based) trains on."""
         return "task"
 
-    def proximal_rho(self, step: int) -> float:
-        """Weight of a proximal term toward the weights at the last phase switch (0: none)."""
+    def proximal_rho(self, step: int, total_steps: int) -> float:
+        """Weight of a proximal term toward the weights at the last phase switch (0: none); ``total_steps`` is
+        the trial's step budget."""
         return 0.0
 
     def objective(self, ce: Any, logits: Any, labels: Any, ref_logits: Any) -> Any:
