@@ -61,3 +61,26 @@ def kappa_table(judgments: pd.DataFrame) -> pd.DataFrame:
                      "agreement": float((both[x] == both[y]).mean()) if len(both) else float("nan"),
                      "kappa": cohen_kappa(a, b)})
     return pd.DataFrame(rows, columns=["judge_a", "judge_b", "items", "agreement", "kappa"])
+
+
+def kappa_breakdown(judgments: pd.DataFrame) -> pd.DataFrame:
+    """Cohen's kappa per judge pair within each suite kind - a keyword judge's 'compliance' on a benign prompt
+    and a harm judge's 'safe' disagree by construction, so pooling kinds mixes two questions - and, where a
+    coherence judge labelled the responses, separately on coherent and on incoherent ones (judges are least
+    reliable on incoherent text)."""
+    keys = [k for k in ("trial_id", "step", "suite", "prompt_id", "repeat") if k in judgments]
+    coherence = judgments[judgments["judge"] == "coherence"].set_index(keys)["verdict"]
+    coherence = coherence[~coherence.index.duplicated()]
+    tables = []
+    for kind, group in judgments[judgments["judge"] != "coherence"].groupby("suite_kind", sort=True):
+        subsets: dict[str, pd.DataFrame] = {"all": group}
+        if not coherence.empty:
+            label = coherence.reindex(pd.MultiIndex.from_frame(group[keys])).to_numpy()
+            subsets["coherent"] = group[label == "coherent"]
+            subsets["incoherent"] = group[label == "incoherent"]
+        for name, subset in subsets.items():
+            table = kappa_table(subset)
+            if not table.empty:
+                tables.append(table.assign(suite_kind=kind, responses=name))
+    columns = ["suite_kind", "responses", "judge_a", "judge_b", "items", "agreement", "kappa"]
+    return pd.concat(tables)[columns] if tables else pd.DataFrame(columns=columns)

@@ -117,15 +117,17 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
         encode_job = encode_for(job)
         inputs = [_judge_row(items[r["prompt_id"]], r, encode_job) for r in rows]
         for judge in todo:
-            handlers[judge.start(inputs, pool)] = _bind(judged, job, judge)
+            # a harm classifier sees the harmful rows of a mixed suite only
+            mine = [n for n, r in enumerate(rows) if judges_kind(judge, r["suite_kind"])]
+            handlers[judge.start([inputs[n] for n in mine], pool)] = _bind(judged, job, judge, mine)
         if not todo:
             report(job, [])
 
-    def judged(job: _Job, judge: Judge, judgments: list[Judgment]) -> None:
+    def judged(job: _Job, judge: Judge, mine: list[int], judgments: list[Judgment]) -> None:
         out = [{**{k: r[k] for k in ("trial_id", "step", "suite", "suite_kind", "prompt_id", "repeat")},
                 "judge": judge.name, "measures": ",".join(judge.measures), "verdict": j.verdict, "score": j.score,
                 "raw": j.raw}
-               for r, j in zip(job.rows, judgments, strict=True)]
+               for r, j in zip([job.rows[n] for n in mine], judgments, strict=True)]
         write_table(results_dir, "judgments", out, fragment=_jkey(job, judge))
         unparsed = sum(j.verdict == UNPARSED for j in judgments)
         job.judges_left -= 1
@@ -194,13 +196,26 @@ def _status_line(answered: int, total: int, judged: int, pairs: int, spent: floa
             f"suite) pairs judged; {spent:.0f} s so far{eta}")
 
 
+def item_kind(suite_kind: str, item: dict) -> str:
+    """What a refusal of this item means, from its own expected behaviour where the suite gives one: a mixed
+    suite (XSTest's safe and unsafe prompts, JailbreakBench's harmful and benign behaviours) yields harmful
+    rows and over-refusal rows from its own items."""
+    expected = item.get("expected")
+    if expected == "refuse":
+        return "harmful"
+    if expected == "comply" and suite_kind == "harmful":
+        return "overrefusal"
+    return suite_kind
+
+
 def _key(job: _Job, item: dict, repeat: int) -> dict[str, Any]:
-    return {"trial_id": job.trial_id, "step": job.step, "suite": job.suite.name, "suite_kind": job.suite.kind,
-            "prompt_id": str(item["id"]), "repeat": repeat}
+    return {"trial_id": job.trial_id, "step": job.step, "suite": job.suite.name,
+            "suite_kind": item_kind(job.suite.kind, item), "prompt_id": str(item["id"]), "repeat": repeat}
 
 
 def _applicable(judges: list[Judge], suite: Suite) -> list[Judge]:
-    return [j for j in judges if judges_kind(j, suite.kind)]
+    kinds = {item_kind(suite.kind, it) for it in suite.items} or {suite.kind}
+    return [j for j in judges if any(judges_kind(j, k) for k in kinds)]
 
 
 def _judge_row(item: dict, generation: dict[str, Any], encode: Encode) -> dict[str, Any]:
@@ -215,5 +230,6 @@ def _jkey(job: _Job, judge: Judge) -> str:
     return judgment_key(job.trial_id, job.step, job.suite.name, judge.name)
 
 
-def _bind(fn: Callable[[_Job, Judge, Any], None], job: _Job, judge: Judge) -> Callable[[Any], None]:
-    return lambda out: fn(job, judge, out)
+def _bind(fn: Callable[[_Job, Judge, list[int], Any], None], job: _Job, judge: Judge,
+          mine: list[int]) -> Callable[[Any], None]:
+    return lambda out: fn(job, judge, mine, out)

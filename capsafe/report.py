@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from capsafe.agreement import applicable, kappa_table
+from capsafe.agreement import applicable, kappa_breakdown
 from capsafe.judge_formats import LLAMA_GUARD_CARD_NAMES, parse_llama_guard
 from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
-from capsafe.report_stats import coherence_split, comparisons, disagreements, rate_table
+from capsafe.report_stats import coherence_split, comparisons, disagreements, rate_table, split_mixed_suites
 from capsafe.results import read_table
 
 LADDER_COLUMNS = ["method", "level", "trials", "capability", "served capability", "harmful refusal",
@@ -254,7 +254,7 @@ def missing(results_dir: Path, trials: pd.DataFrame, judgments: pd.DataFrame) ->
 def write_report(results_dir: Path, experiment: str) -> str:
     """Write ``report.md`` beside the tables and return its text."""
     trials = read_table(results_dir, "trials").to_pandas()
-    judgments = applicable(read_table(results_dir, "judgments").to_pandas())
+    judgments = split_mixed_suites(applicable(read_table(results_dir, "judgments").to_pandas()))
     checkpoints = read_table(results_dir, "checkpoints").to_pandas()
     target = float(trials["target"].dropna().iloc[0]) if trials["target"].notna().any() else float("nan")
     not_reached = trials[(trials["method"] != "base") & ~trials["reached"].astype(bool)]
@@ -288,14 +288,15 @@ def write_report(results_dir: Path, experiment: str) -> str:
         text += ["## Safety along the capability ladder", "", _markdown(ladder_table(trials, checkpoints, judgments)),
                  ""]
     if not judgments.empty:
-        kappa = kappa_table(judgments)
+        kappa = kappa_breakdown(judgments)
         text += ["## Judge panel", "", "Verdicts of every judge over all evaluated checkpoints; 'unparsed' is an LLM "
                  "judge output that matched no verdict (kept with its raw text in the judgments table).", "",
                  _markdown(judge_table(judgments)), ""]
         if not kappa.empty:
             text += ["Agreement on harmful compliance (1) vs not (0), over responses both judges labelled "
-                     "(Cohen's kappa; nan when a judge gave a single label):", "", _markdown(kappa), ""]
-            split = disagreements(judgments, read_table(results_dir, "generations").to_pandas())
+                     "(Cohen's kappa; nan when a judge gave a single label), per suite kind, and apart on the "
+                     "responses the coherence judge found coherent and incoherent:", "", _markdown(kappa), ""]
+            split = disagreements(judgments, split_mixed_suites(read_table(results_dir, "generations").to_pandas()))
             if not split.empty:
                 text += ["Where the judges disagree (the shortest responses they split on, per pair):", "",
                          _markdown(split), ""]

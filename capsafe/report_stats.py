@@ -22,6 +22,19 @@ MEASURES = {"harmful": ("harmful compliance", False), "overrefusal": ("over-refu
 RULE_JUDGE = "refusal_keywords"
 
 
+def split_mixed_suites(table: pd.DataFrame) -> pd.DataFrame:
+    """A suite whose items carry different expected behaviours (XSTest's safe and unsafe prompts) becomes one
+    suite per kind, 'xstest (harmful)' and 'xstest (overrefusal)', so that each yields its own rate."""
+    if table.empty:
+        return table
+    kinds = table.groupby("suite")["suite_kind"].nunique()
+    mixed = set(kinds[kinds > 1].index)
+    if not mixed:
+        return table
+    renamed = table["suite"].where(~table["suite"].isin(mixed), table["suite"] + " (" + table["suite_kind"] + ")")
+    return table.assign(suite=renamed)
+
+
 def evaluated(trials: pd.DataFrame) -> pd.DataFrame:
     """(trial_id, step, method) of every checkpoint compared: the base model and each trial at its target."""
     keep = trials[(trials["status"] == "base") | trials["reached"].astype(bool)]
@@ -56,25 +69,34 @@ def measure_of(suite: str, kind: str, jailbreaks: dict[str, str] | None) -> tupl
 
 def rate_table(judgments: pd.DataFrame, trials: pd.DataFrame,
                jailbreaks: dict[str, str] | None = None) -> pd.DataFrame:
-    """Per suite, judge and method: the measured rate with its 95 % interval, prompts and samples behind it."""
+    """Per suite, judge and method: the measured rate with its 95 % interval, prompts and samples behind it, and
+    the share of verdicts that say neither yes nor no ('unread': unparsed LLM-judge output, inputs too long for
+    the judge, empty responses). Those are left out of the rate; where there are any, 'if unread' gives the
+    rate with all of them counted as no and as yes (pooled over samples), so a reader sees how far they could
+    move it."""
     rows = []
-    samples = judgments.merge(evaluated(trials), on=["trial_id", "step"]).groupby(["suite", "judge", "method"]).size()
+    pooled = judgments.merge(evaluated(trials), on=["trial_id", "step"])
     for (suite, judge), _ in judgments.groupby(["suite", "judge"], sort=True):
         wide = per_prompt(judgments, trials, judge, suite)
         if wide.empty:
             continue
         kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])
         by_checkpoint = per_checkpoint(judgments, trials, judge, suite)
+        mine = pooled[(pooled["suite"] == suite) & (pooled["judge"] == judge)]
         for method in _order(wide.columns):
             matrix = by_checkpoint[by_checkpoint["method"] == method].drop(columns="method")
             iv = nested_interval(matrix.to_numpy(dtype=float))
             if iv is None:
                 continue
+            outcomes = outcome(mine[mine["method"] == method], kind)
+            unread, yes = int(outcomes.isna().sum()), int((outcomes == 1).sum())
+            total = len(outcomes)
             rows.append({"suite": suite, "measure": measure_of(suite, kind, jailbreaks)[0], "judge": judge,
                          "method": method, "rate [95% CI]": iv.text(), "checkpoints": len(matrix), "prompts": iv.n,
-                         "samples": int(samples.get((suite, judge, method), 0))})
+                         "samples": total, "unread": f"{unread / total:.2f}" if total else "n/a",
+                         "if unread no / yes": f"{yes / total:.2f} / {(yes + unread) / total:.2f}" if unread else "-"})
     return pd.DataFrame(rows, columns=["suite", "measure", "judge", "method", "rate [95% CI]", "checkpoints",
-                                       "prompts", "samples"])
+                                       "prompts", "samples", "unread", "if unread no / yes"])
 
 
 def per_checkpoint(judgments: pd.DataFrame, trials: pd.DataFrame, judge: str, suite: str) -> pd.DataFrame:

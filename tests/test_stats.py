@@ -122,9 +122,7 @@ def test_seed_level_comparison_and_holm() -> None:
 
 
 def test_nested_bootstrap_carries_seed_to_seed_variation() -> None:
-    from capsafe.stats import nested_interval
-
-    from capsafe.stats import proportion_interval
+    from capsafe.stats import nested_interval, proportion_interval
 
     one = nested_interval([[0.0, 1.0] * 50])
     assert one is not None and one == proportion_interval([0.0, 1.0] * 50)  # one checkpoint: Wilson over prompts
