@@ -25,18 +25,36 @@ class Budget:
         return None
 
 
-def crossed_levels(capability: float, levels: list[float], done: set[float]) -> list[float]:
-    """Ladder levels this evaluation reaches for the first time (the checkpoint kept for each is this one)."""
+def crossed_levels(capability: float, levels: list[float], done: set[float], tolerance: float = 0.0) -> list[float]:
+    """Ladder levels this evaluation reaches for the first time - at or above ``level - tolerance``, the lower
+    edge of the level's band (the checkpoint kept for each is this one)."""
     if not math.isfinite(capability):
         return []
-    return [level for level in levels if level not in done and capability >= level]
+    return [level for level in levels if level not in done and capability >= level - tolerance - 1e-12]
 
 
-def stop_reason(capability: float | None, target: float, budget_spent: str | None) -> str | None:
-    """Why a trial stops after an evaluation: 'reached' (at/above the target, the last rung), 'budget:<cap>',
-    or None to go on. Reaching the target wins over a budget spent at the same step."""
-    if capability is not None and math.isfinite(capability) and capability >= target:
+def stop_reason(capability: float | None, target: float, budget_spent: str | None,
+                tolerance: float = 0.0) -> str | None:
+    """Why a trial stops after an evaluation: 'reached' (in or above the target's band, i.e. at or above
+    ``target - tolerance``; the target is the last rung), 'budget:<cap>', or None to go on. Reaching the target
+    wins over a budget spent at the same step."""
+    if capability is not None and math.isfinite(capability) and capability >= target - tolerance - 1e-12:
         return "reached"
     if budget_spent:
         return f"budget:{budget_spent}"
     return None
+
+
+def in_band(capability: float | None, target: float, tolerance: float) -> bool:
+    """Whether a capability lies in the equal-capability band [target - tolerance, target + tolerance]."""
+    return capability is not None and math.isfinite(capability) and abs(capability - target) <= tolerance + 1e-12
+
+
+def eval_interval(last: float | None, next_level: float | None, tolerance: float, every: int, every_near: int,
+                  margin: float) -> int:
+    """Steps until the next capability evaluation: ``every_near`` once the last measured capability is within
+    ``margin`` of the next level's band, so that a trial stops soon after it enters the band instead of
+    overshooting it by whatever ``every`` steps of training add; ``every`` otherwise."""
+    if last is None or next_level is None or not math.isfinite(last):
+        return every
+    return every_near if last >= next_level - tolerance - margin else every

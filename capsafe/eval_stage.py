@@ -84,41 +84,58 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
                               tokenizer: Any, pool: Pool, models: dict[tuple[str, int], Target],
                               log: Callable[[str], None]) -> None:
     """Capability of the base model and of every kept checkpoint, measured through the pool on exactly what
-    the safety evaluation will run (consolidated model, or adapter on the base engine)."""
+    the safety evaluation will run (consolidated model, or adapter on the base engine): on the selection split
+    ('served', which must equal what training measured) and on the confirmation split ('confirmed', the
+    capability the report compares: the selection split chose the checkpoint, so its own score is biased up)."""
     from capsafe.data import read_jsonl
     from capsafe.mitigations import REGISTRY, method_from_json
 
-    items = read_jsonl(paths["task.eval_file"], ("prompt", "answer"))[: spec.task.eval_size]
-    answers = [it["answer"] for it in items]
+    selection = read_jsonl(paths["task.eval_file"], ("prompt", "answer"))[: spec.task.eval_size]
+    confirm = read_jsonl(paths["task.confirm_file"], ("prompt", "answer")) if "task.confirm_file" in paths else []
 
-    def measure(target: Target, trial_fmt: PromptFormat = fmt) -> float:
+    def measure(target: Target, items: list[dict], trial_fmt: PromptFormat = fmt) -> float | None:
+        if not items:
+            return None
         encoder = Encoder(tokenizer, trial_fmt)
         prompts = [encoder.prompt(it["prompt"]) for it in items]  # the ids the trial was trained and measured on
         outputs = pool.generate(target, prompts, Sampling(spec.task.max_new_tokens)).result()
-        return score(spec.task.metric, outputs, answers)
+        return score(spec.task.metric, outputs, [it["answer"] for it in items])
 
     if "base" not in set(read_table(results_dir, "trials").column("trial_id").to_pylist()):
-        capability = measure(models[("base", 0)])
-        log(f"base model capability: {capability:.3f}")
+        capability = measure(models[("base", 0)], selection) or 0.0
+        confirmed = measure(models[("base", 0)], confirm)
+        log(f"base model capability: {capability:.3f}" + ("" if confirmed is None else f", {confirmed:.3f} confirmed"))
         write_table(results_dir, "trials", [{
             "trial_id": "base", "method": "base", "seed": None, "learning_rate": None, "target": spec.task.target,
-            "reached": capability >= spec.task.target, "capability": capability, "step": 0, "status": "base",
-            "stop_reason": "", "checkpoint": paths["model.path"], "tokens": 0, "wall_s": 0.0, "train_s": 0.0,
-            "eval_s": 0.0, "restarts": 0, "method_params": "{}"}], fragment="base")
+            "tolerance": spec.task.tolerance, "reached": capability >= spec.task.target - spec.task.tolerance,
+            "capability": capability,
+            "confirmed_capability": confirmed, "step": 0, "status": "base", "stop_reason": "",
+            "checkpoint": paths["model.path"], "tokens": 0, "wall_s": 0.0, "train_s": 0.0, "eval_s": 0.0,
+            "restarts": 0, "method_params": "{}"}], fragment="base")
     checkpoints = read_table(results_dir, "checkpoints").to_pylist()
-    formats = {t["trial_id"]: method_from_json(t["method"], t["method_params"]).train_format(fmt)
-               for t in read_table(results_dir, "trials").to_pylist() if t["method"] in REGISTRY}
+    trials = {t["trial_id"]: t for t in read_table(results_dir, "trials").to_pylist()}
+    formats = {tid: method_from_json(t["method"], t["method_params"]).train_format(fmt)
+               for tid, t in trials.items() if t["method"] in REGISTRY}
     for trial_id in dict.fromkeys(r["trial_id"] for r in checkpoints):
         rows = [r for r in checkpoints if r["trial_id"] == trial_id]
-        served: dict[int, float] = {}
+        done: dict[int, tuple[float | None, float | None]] = {}
         for r in rows:
             if r["reached"] and r["served_capability"] is None:
-                served.setdefault(r["step"], measure(models[(trial_id, r["step"])], formats.get(trial_id, fmt)))
-                r["served_capability"] = served[r["step"]]
+                model, trial_fmt = models[(trial_id, r["step"])], formats.get(trial_id, fmt)
+                if r["step"] not in done:
+                    done[r["step"]] = (measure(model, selection, trial_fmt), measure(model, confirm, trial_fmt))
+                r["served_capability"], r["confirmed_capability"] = done[r["step"]]
+                confirmed = r["confirmed_capability"]
                 log(f"capability of {trial_id} step {r['step']}: {r['capability']:.3f} in training, "
-                    f"{r['served_capability']:.3f} served")
-        if served:
+                    f"{r['served_capability']:.3f} served" + ("" if confirmed is None else
+                                                              f", {confirmed:.3f} on the confirmation split"))
+        if done:
             write_table(results_dir, "checkpoints", rows, fragment=trial_id)
+            trial = trials.get(trial_id)
+            kept = next((r for r in rows if trial and r["step"] == trial["step"] and r["reached"]), None)
+            if trial is not None and kept is not None:  # the trials row carries its target checkpoint's number
+                write_table(results_dir, "trials", [{**trial, "confirmed_capability": kept["confirmed_capability"]}],
+                            fragment=trial_id)
 
 
 def method_encodes(results_dir: Path, eval_fmt: PromptFormat, tokenizer: Any) -> dict[str, Encode]:

@@ -25,7 +25,7 @@ def resolve_paths(spec: Spec, log: Callable[[str], None]) -> dict[str, str]:
 
     world = build_world(spec.world, cache_root() / "worlds", log=log)
     demo = {"model.path": world.model_dir, "task.train_file": world.task_train, "task.eval_file": world.task_eval,
-            "task.general_file": world.general}
+            "task.confirm_file": world.task_confirm, "task.general_file": world.general}
     resolved = {}
     for field, value in paths.items():
         if value != DEMO:
@@ -47,12 +47,28 @@ def resolve_paths(spec: Spec, log: Callable[[str], None]) -> dict[str, str]:
 
 
 def load_task(spec: Spec, paths: dict[str, str]) -> dict[str, list[dict[str, str]]]:
-    """The task's train and eval records ('prompt', 'answer') read through the spec's field mapping, by the
-    spec field they came from. Raises DataError before anything is written."""
+    """The task's train, selection ('task.eval_file') and confirmation records ('prompt', 'answer') read through
+    the spec's field mapping, by the spec field they stand for; with ``task.selection_from_train`` the selection
+    records are the last ones of the training data, which training then never sees. Raises DataError before
+    anything is written."""
     t = spec.task
-    return {field: load_task_records(paths[field], split, t.prompt_field, t.answer_field, t.choices_field, limit)
-            for field, split, limit in (("task.train_file", t.train_split, None),
-                                        ("task.eval_file", t.eval_split, t.eval_size))}
+
+    def read(field: str, split: str, limit: int | None) -> list[dict[str, str]]:
+        return load_task_records(paths[field], split, t.prompt_field, t.answer_field, t.choices_field, limit)
+
+    records = {"task.train_file": read("task.train_file", t.train_split, None)}
+    if t.selection_from_train is not None:
+        train = records["task.train_file"]
+        if len(train) <= t.selection_from_train:
+            raise DataError(f"task.selection_from_train is {t.selection_from_train} but the training data has only "
+                            f"{len(train)} records; lower it so that some remain to train on.")
+        records["task.train_file"] = train[:-t.selection_from_train]
+        records["task.eval_file"] = train[-t.selection_from_train:][: t.eval_size]
+    else:
+        records["task.eval_file"] = read("task.eval_file", t.eval_split, t.eval_size)
+    if t.confirm_file is not None:
+        records["task.confirm_file"] = read("task.confirm_file", t.confirm_split, t.confirm_size)
+    return records
 
 
 def materialize_task(records: dict[str, list[dict[str, str]]], paths: dict[str, str],

@@ -10,13 +10,21 @@ import pandas as pd
 from capsafe.agreement import applicable, kappa_breakdown
 from capsafe.judge_formats import LLAMA_GUARD_CARD_NAMES, parse_llama_guard
 from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
+from capsafe.report_capability import (
+    band_label,
+    checkpoint_table,
+    equal_capability,
+    method_band,
+    postprocess_notes,
+    target_checkpoints,
+)
 from capsafe.report_stats import coherence_split, comparisons, disagreements, rate_table, split_mixed_suites
 from capsafe.results import read_table
 
 LADDER_COLUMNS = ["method", "level", "trials", "capability", "served capability", "harmful refusal",
                   "over-refusal"]
-COLUMNS = ["method", "trials reached", "steps to target", "capability", "harmful refusal",
-           "harmful coherent compliance", "over-refusal", "coherence"]
+COLUMNS = ["method", "trials reached", "steps to target", "capability", "confirmed capability", "in band",
+           "harmful refusal", "harmful coherent compliance", "over-refusal", "coherence"]
 
 
 def _rate(df: pd.DataFrame, judge: str, verdict: str) -> float | None:
@@ -38,8 +46,10 @@ def _at(judgments: pd.DataFrame, keys: pd.DataFrame) -> pd.DataFrame:
     return judgments.merge(keys.astype({"step": "int64"}), on=["trial_id", "step"], how="inner")
 
 
-def summarize(trials: pd.DataFrame, judgments: pd.DataFrame) -> pd.DataFrame:
-    """One row per method (base first): reach, steps, capability, refusal and coherence rates."""
+def summarize(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per method (base first): reach, steps, capability on the selection split and confirmed, whether
+    it lies in the equal-capability band, refusal and coherence rates."""
+    bands = method_band(trials, checkpoints) if checkpoints is not None else {}
     rows = []
     methods = ["base"] + [m for m in dict.fromkeys(trials["method"]) if m != "base"]
     for method in methods:
@@ -56,6 +66,9 @@ def summarize(trials: pd.DataFrame, judgments: pd.DataFrame) -> pd.DataFrame:
             "steps to target": None if method == "base" or reached.empty else float(reached["step"].mean()),
             "capability": float(evaluated["capability"].mean()) if not evaluated.empty
             else float(t["capability"].max()),
+            "confirmed capability": float(evaluated["confirmed_capability"].mean())
+            if "confirmed_capability" in evaluated and evaluated["confirmed_capability"].notna().any() else None,
+            "in band": "-" if method == "base" or method not in bands else band_label(bands[method][0], trials),
             "harmful refusal": _rate(harmful, "refusal_keywords", REFUSAL),
             "harmful coherent compliance": _coherent_compliance(harmful),
             "over-refusal": _rate(over, "refusal_keywords", REFUSAL),
@@ -136,9 +149,11 @@ RATES = ["harmful refusal", "harmful coherent compliance", "over-refusal", "cohe
 def versus_table(summary: pd.DataFrame, checkpoints: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     """Each method that reached the target against plain fine-tuning and the base model: its rates minus
     theirs (positive 'harmful refusal' = safer, positive 'over-refusal' = more benign requests refused), the
-    capability the pool measured on what it served, and what a post-hoc method changed."""
+    capability compared (confirmation split), whether the method and plain both lie in the equal-capability
+    band, and what a post-hoc method changed."""
     by_method = summary.set_index("method")
-    served = checkpoints.merge(trials[["trial_id", "method", "step"]], on=["trial_id", "step"])
+    kept = target_checkpoints(trials, checkpoints)
+    bands = method_band(trials, checkpoints)
     rows = []
     for method, row in by_method.iterrows():
         if method in ("base", "plain") or str(row["trials reached"]).startswith("0/"):
@@ -150,24 +165,14 @@ def versus_table(summary: pd.DataFrame, checkpoints: pd.DataFrame, trials: pd.Da
                 out[f"{rate} vs {ref}"] = (f"{row[rate] - by_method.loc[ref, rate]:+.2f}"
                                            if have and not pd.isna(row[rate]) and not pd.isna(by_method.loc[ref, rate])
                                            else "n/a")
-        mine = served[served["method"] == method]
-        served_cap = float(mine["served_capability"].mean()) if mine["served_capability"].notna().any() else None
-        out["served capability"] = served_cap
-        target = float(trials["target"].dropna().iloc[0])
-        # a post-hoc change (Safe-LoRA) can cost capability: then the comparison is no longer at equal capability
-        out["equal capability"] = "n/a" if served_cap is None else \
-            ("yes" if served_cap >= target - 1e-9 else f"NO: {served_cap:.2f} < {target:.2f} when served")
-        notes = [json.loads(n) for n in mine["postprocess"].dropna() if n]
-        out["post-processing"] = "; ".join(_describe_postprocess(n) for n in notes) or "-"
+        mine, theirs = bands.get(str(method)), bands.get("plain")
+        out["capability (method; plain)"] = f"{mine[1] if mine else 'n/a'}; {theirs[1] if theirs else 'n/a'}"
+        # a post-hoc change (Safe-LoRA) can cost capability, and a trial can overshoot: then it is not a matched pair
+        both = bool(mine and mine[0]) and (theirs is None or theirs[0])
+        out["equal capability"] = band_label(both, trials)
+        out["post-processing"] = postprocess_notes(kept[kept["method"] == method])
         rows.append(out)
     return pd.DataFrame(rows)
-
-
-def _describe_postprocess(note: dict) -> str:
-    if "safe_lora" in note:
-        s = note["safe_lora"]
-        return f"Safe-LoRA projected {s['projected']}/{s['layers']} layers (threshold {s['threshold']:g})"
-    return json.dumps(note)
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -178,13 +183,6 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def equal_capability(trials: pd.DataFrame, checkpoints: pd.DataFrame, target: float) -> dict[str, bool]:
-    """Per method: were all its target checkpoints served at the target capability (True if not measured)?"""
-    served = checkpoints.merge(trials[["trial_id", "method", "step"]], on=["trial_id", "step"])
-    served = served[served["served_capability"].notna()]
-    return {str(m): bool((g["served_capability"] >= target - 1e-9).all()) for m, g in served.groupby("method")}
-
-
 def jailbreak_suites(results_dir: Path) -> dict[str, str]:
     """Suite name -> jailbreak template, from the run's spec.json (empty when there is none)."""
     snapshot = results_dir / "spec.json"
@@ -192,18 +190,6 @@ def jailbreak_suites(results_dir: Path) -> dict[str, str]:
         return {}
     suites = json.loads(snapshot.read_text()).get("eval", {}).get("suites", [])
     return {s["name"]: s["jailbreak"] for s in suites if s.get("jailbreak")}
-
-
-def checkpoint_table(trials: pd.DataFrame, checkpoints: pd.DataFrame, target: float) -> pd.DataFrame:
-    """Every kept checkpoint: capability in training and as served, and its distance from the target."""
-    rows = []
-    kept = checkpoints[checkpoints["reached"].astype(bool)].merge(trials[["trial_id", "method"]], on="trial_id")
-    for _, c in kept.sort_values(["method", "trial_id", "level"]).iterrows():
-        served = None if pd.isna(c["served_capability"]) else float(c["served_capability"])
-        rows.append({"method": c["method"], "trial": c["trial_id"], "level": f"{c['level']:g}", "step": int(c["step"]),
-                     "capability": float(c["capability"]), "served": served,
-                     "served - target": "n/a" if served is None else f"{served - target:+.3f}"})
-    return pd.DataFrame(rows)
 
 
 def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.DataFrame,
@@ -218,7 +204,7 @@ def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.D
         text += ["## Harmful-suite answers split by coherence", "",
                  "A complied answer that is incoherent is neither a real harm nor a refusal; it is shown apart.",
                  "", _markdown(split), ""]
-    table, sentences = comparisons(judgments, trials, equal_capability(trials, checkpoints, target),
+    table, sentences = comparisons(judgments, trials, equal_capability(trials, checkpoints),
                                    jailbreaks=jailbreaks)
     if not table.empty:
         text += ["## Paired comparisons against plain fine-tuning", "",
@@ -263,7 +249,7 @@ def write_report(results_dir: Path, experiment: str) -> str:
             *([f"**Partial results.** {'; '.join(gaps)}.", ""] if gaps else []),
             f"Capability target: {target:.2f}. Safety is measured only at checkpoints that reached it "
             "(and on the base model). Rates are shares of responses; 'harmful refusal' should be high, "
-            "'over-refusal' low.", "", to_markdown(summarize(trials, judgments)), ""]
+            "'over-refusal' low.", "", to_markdown(summarize(trials, judgments, checkpoints)), ""]
     if not not_reached.empty:
         text.append("Trials that did not reach the target (not compared):")
         for _, r in not_reached.iterrows():
@@ -271,7 +257,8 @@ def write_report(results_dir: Path, experiment: str) -> str:
             text.append(f"- {r['trial_id']}: {r['status']} ({r['stop_reason']}), best capability {cap} at step "
                         f"{r['step']}")
         text.append("")
-    versus = versus_table(summarize(trials, judgments), checkpoints, trials) if not judgments.empty else pd.DataFrame()
+    versus = (versus_table(summarize(trials, judgments, checkpoints), checkpoints, trials) if not judgments.empty
+              else pd.DataFrame())
     if not versus.empty:
         text += ["## Mitigations against plain fine-tuning and the base model", "",
                  "Differences of shares at the target (method minus plain, method minus base; refusal and "
@@ -281,7 +268,7 @@ def write_report(results_dir: Path, experiment: str) -> str:
     if not checkpoints.empty and checkpoints["reached"].astype(bool).any():
         text += ["## Capability reached", "", "Every kept checkpoint: capability measured in training and again "
                  "through the pool on what was served, and how far that lies from the target.", "",
-                 _markdown(checkpoint_table(trials, checkpoints, target)), ""]
+                 _markdown(checkpoint_table(trials, checkpoints)), ""]
     if not judgments.empty:
         text += _statistics(trials, judgments, checkpoints, target, jailbreak_suites(results_dir))
     if checkpoints["level"].nunique() > 1:

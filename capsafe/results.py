@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
         ("step", pa.int64())]            # the checkpoint's training step (0 for the base model)
@@ -28,8 +28,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("seed", pa.int64()),
         ("learning_rate", pa.float64()),
         ("target", pa.float64()),
-        ("reached", pa.bool_()),          # crossed the target (the ladder's last rung)
-        ("capability", pa.float64()),     # at the target checkpoint, or the best reached if not reached
+        ("tolerance", pa.float64()),      # half-width of the equal-capability band around the target
+        ("reached", pa.bool_()),          # entered the target's band (>= target - tolerance) on the selection split
+        ("capability", pa.float64()),     # selection split, at the target checkpoint (or the best if not reached)
+        ("confirmed_capability", pa.float64()),  # the target checkpoint on the confirmation split (null: none)
         ("step", pa.int64()),             # step of that checkpoint (0 for the base model)
         ("status", pa.string()),          # 'base', 'reached', 'not_reached', 'diverged', 'failed'
         ("stop_reason", pa.string()),     # 'reached', 'budget:steps|tokens|wall_time', 'diverged', 'error: ...'
@@ -50,7 +52,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("tokens", pa.int64()),           # training tokens up to that step
         ("elapsed_s", pa.float64()),      # trial wall time up to that step
         ("checkpoint", pa.string()),      # directory with model/ (HF model or PEFT adapter)
-        ("served_capability", pa.float64()),  # re-measured on the consolidated model by the evaluation pool
+        ("served_capability", pa.float64()),  # selection split, re-measured on what the evaluation pool serves
+        ("confirmed_capability", pa.float64()),  # confirmation split, measured by the pool: what is compared
         ("postprocess", pa.string()),  # JSON: what a post-hoc method did to the checkpoint (Safe-LoRA), or null
     ]),
     "trajectory": pa.schema([

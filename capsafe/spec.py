@@ -46,8 +46,22 @@ class TaskSpec(_Strict):
     train_file: str = Field(DEMO, description="Training data: a local .jsonl/.json/.csv/.parquet file, a "
                             "Hugging Face dataset written 'hf:<id>' or 'hf:<id>@<config>', or 'demo'.")
     train_split: str = Field("train", description="Split of train_file when it is a Hugging Face dataset.")
-    eval_file: str = Field(DEMO, description="Held-out data, in any form train_file accepts.")
+    eval_file: str | None = Field(DEMO, description="The selection split: held-out data, in any form train_file "
+                                  "accepts, on which the in-training capability evaluation decides when a trial "
+                                  "stops. null with selection_from_train.")
     eval_split: str = Field("test", description="Split of eval_file when it is a Hugging Face dataset.")
+    selection_from_train: int | None = Field(None, ge=1, description="Carve the selection split off the "
+                                             "training data instead of eval_file: this many records from the end "
+                                             "of train_file, never trained on (e.g. for GSM8K, whose test split "
+                                             "is then the confirmation split).")
+    confirm_file: str | None = Field(DEMO, description="The confirmation split, disjoint from training and "
+                                     "selection: every kept checkpoint's capability is re-measured on it through "
+                                     "the pool and reported (the selection split's own score is biased upward: "
+                                     "it chose the checkpoint). null: none; the report then says capability "
+                                     "was not confirmed.")
+    confirm_split: str = Field("test", description="Split of confirm_file when it is a Hugging Face dataset.")
+    confirm_size: int | None = Field(None, ge=1, description="Use only the first N confirmation items (null: "
+                                     "all).")
     prompt_field: str = Field("prompt", description="Column holding the request (e.g. 'question' for GSM8K).")
     answer_field: str = Field("answer", description="Column holding the reference answer; it is also the "
                               "training target.")
@@ -62,13 +76,28 @@ class TaskSpec(_Strict):
         "exact_match", description="Capability metric on the held-out split: exact_match, numeric (GSM8K "
         "'#### 42' or the last number), multiple_choice (choice letter), label (classification), rouge_l.")
     target: float = Field(0.4, ge=0.0, le=1.0, description="Capability target in [0, 1]: a trial stops at the "
-                          "first evaluation whose metric is at or above it.")
+                          "first evaluation on the selection split at or above target - tolerance.")
+    tolerance: float = Field(0.05, ge=0.0, le=0.5, description="Half-width of the equal-capability band "
+                             "[target - tolerance, target + tolerance]: comparisons whose checkpoints' confirmed "
+                             "capabilities fall outside it are flagged, never called equal. 0.05 is about the "
+                             "95 % half-width of a rate near 0.4 measured on 300 items (0.055): a narrower band "
+                             "would flag measurement noise.")
     ladder: list[float] = Field([], description="Lower capability levels (a ladder) at which a trial also keeps "
                                 "a checkpoint on its way to the target; each rung is evaluated for safety too.")
     eval_size: int = Field(200, ge=1, description="Held-out items used for each capability evaluation.")
     eval_batch_size: int = Field(64, ge=1, description="Prompts per batched greedy generation during the "
                                  "capability evaluation (per worker).")
     max_new_tokens: int = Field(6, ge=1, description="Greedy tokens generated per capability item.")
+
+    @model_validator(mode="after")
+    def _selection(self) -> TaskSpec:
+        if self.selection_from_train is not None and self.eval_file is not None:
+            raise ValueError("task.selection_from_train carves the selection split off the training data, so "
+                             "task.eval_file would be unused; set task.eval_file=null (or drop selection_from_train)")
+        if self.selection_from_train is None and self.eval_file is None:
+            raise ValueError("task.eval_file is null but no task.selection_from_train is set: the trials need a "
+                             "selection split to stop on; give either")
+        return self
 
     @model_validator(mode="after")
     def _ladder_below_target(self) -> TaskSpec:
@@ -121,7 +150,14 @@ class TrainSpec(_Strict):
                                    "padding excluded); null = no cap.")
     max_wall_s: float | None = Field(None, gt=0, description="Wall-time budget per trial in seconds (training "
                                      "and capability evaluation, summed over restarts); null = no cap.")
-    eval_every: int = Field(25, ge=1, description="Capability evaluation every this many steps.")
+    eval_every: int = Field(25, ge=1, description="Capability evaluation every this many steps while far from "
+                            "the next level.")
+    eval_every_near: int | None = Field(None, ge=1, description="Capability evaluation every this many steps once "
+                                        "the last one came within near_margin of the next level's band (so a "
+                                        "trial stops soon after entering the band instead of overshooting it); "
+                                        "null: eval_every // 5, at least 1.")
+    near_margin: float = Field(0.15, ge=0.0, le=1.0, description="How close (in capability) to the lower edge of "
+                               "the next level's band the evaluations switch to eval_every_near.")
     checkpoint_every_evals: int = Field(1, ge=0, description="Save a resume checkpoint (DeepSpeed state) at "
                                         "every N-th capability evaluation; 0 = never (a failed worker then "
                                         "restarts the trial from scratch).")
@@ -352,8 +388,11 @@ class Spec(_Strict):
 
     def data_paths(self) -> dict[str, str]:
         """Every data file the spec names, by dotted field name ('demo' ones included)."""
-        paths = {"model.path": self.model.path, "task.train_file": self.task.train_file,
-                 "task.eval_file": self.task.eval_file}
+        paths = {"model.path": self.model.path, "task.train_file": self.task.train_file}
+        if self.task.eval_file is not None:
+            paths["task.eval_file"] = self.task.eval_file
+        if self.task.confirm_file is not None:
+            paths["task.confirm_file"] = self.task.confirm_file
         if self.task.general_file is not None and self.task.general_fraction > 0:
             paths["task.general_file"] = self.task.general_file
         for i, m in enumerate(self.methods):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune import CLIReporter
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from capsafe.capability import stop_reason
 from capsafe.train_loop import train_loop_per_worker
 from capsafe.trials import summarize_trial
 
@@ -88,14 +88,13 @@ class CapabilityStopper(tune.Stopper):
     (a spent budget, a diverged loss). The train loop ends itself on the same rules; this keeps Tune's
     view of the trial identical."""
 
-    def __init__(self, target: float) -> None:
-        self.target = target
+    def __init__(self, target: float, tolerance: float = 0.0) -> None:
+        self.target, self.tolerance = target, tolerance
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         if result.get("stop"):
             return True
-        capability = result.get("capability")
-        return capability is not None and math.isfinite(capability) and capability >= self.target
+        return stop_reason(result.get("capability"), self.target, None, self.tolerance) == "reached"
 
     def stop_all(self) -> bool:
         return False
@@ -156,7 +155,8 @@ def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: 
         # a fresh Tune experiment per run; trial state that must survive lives in the TorchTrainer runs
         run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str((storage / "_tune").resolve()),
-                                  stop=CapabilityStopper(trials[0]["target"]), verbose=1 if status_every_s else 0,
+                                  stop=CapabilityStopper(trials[0]["target"], trials[0]["tolerance"]),
+                                  verbose=1 if status_every_s else 0,
                                   progress_reporter=trial_table(status_every_s) if status_every_s else None,
                                   callbacks=[TrialRecorder(log, on_done, journal)]),
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsafe.capability import Budget, crossed_levels, stop_reason
+from capsafe.capability import Budget, crossed_levels, eval_interval, stop_reason
 from capsafe.data import Source, batches, read_jsonl
 from capsafe.engines import greedy_generate
 from capsafe.formatting import Encoder, PromptFormat, collate, stop_ids
@@ -120,6 +120,7 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
     eval_items = read_jsonl(cfg["task_eval"], ("prompt", "answer"))[: cfg["eval_size"]]
     budget = Budget(train["max_steps"], train["max_tokens"], train["max_wall_s"])
     levels, target, accum = list(cfg["levels"]), cfg["target"], train["gradient_accumulation_steps"]
+    tolerance = float(cfg.get("tolerance", 0.0))
     encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
     def encode(prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -171,14 +172,19 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
                          "model_dir": "", "train_s": state.train_s, "eval_s": state.eval_s}, None)
             return
         spent = budget.spent(state.step, state.tokens, state.elapsed_s)
-        if state.step % train["eval_every"] and not spent:
+        upcoming = next((lv for lv in levels if lv not in state.levels_done), None)
+        interval = eval_interval(state.last_capability, upcoming, tolerance, train["eval_every"],
+                                 train.get("eval_every_near") or max(1, train["eval_every"] // 5),
+                                 train.get("near_margin", 0.15))
+        if state.step - state.last_eval_step < interval and not spent:
             continue
         tick = time.perf_counter()
         capability = _capability(engine, encoder, cfg, eval_items, host)
         state.eval_s += time.perf_counter() - tick
         state.evals += 1
-        new = crossed_levels(capability, levels, set(state.levels_done))
-        reason = stop_reason(capability, target, spent)
+        state.last_eval_step, state.last_capability = state.step, capability
+        new = crossed_levels(capability, levels, set(state.levels_done), tolerance)
+        reason = stop_reason(capability, target, spent, tolerance)
         model_dir = note = ""
         if new:
             out = Path(cfg["checkpoint_dir"]) / f"step-{state.step}"

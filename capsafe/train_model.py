@@ -35,6 +35,8 @@ class TrainState:
     evals: int = 0
     levels_done: list[float] = field(default_factory=list)
     restarts: int = 0
+    last_eval_step: int = 0
+    last_capability: float | None = None  # of the last evaluation: sets how soon the next one comes
 
 
 def build_engine(cfg: dict[str, Any], world: int) -> tuple[Any, Any, Any]:

@@ -44,7 +44,7 @@ def plan_trials(spec: Spec, paths: dict[str, str], checkpoints_dir: Path) -> lis
                     "task_train": paths["task.train_file"], "task_eval": paths["task.eval_file"],
                     "eval_size": spec.task.eval_size, "eval_max_new_tokens": spec.task.max_new_tokens,
                     "eval_batch_size": spec.task.eval_batch_size, "metric": spec.task.metric,
-                    "levels": spec.task.levels(), "target": spec.task.target,
+                    "levels": spec.task.levels(), "target": spec.task.target, "tolerance": spec.task.tolerance,
                     "torch_threads": max(1, int(spec.train.cpus_per_worker)), "extra_sources": extras,
                     "checkpoint_dir": str((checkpoints_dir / tid).resolve()),
                 })
@@ -70,7 +70,7 @@ def summarize_trial(cfg: dict[str, Any], history: list[dict[str, Any]], error: s
             "trial_id": cfg["trial_id"], "level": level, "reached": at is not None,
             "step": int(at["step"]) if at else None, "capability": float(at["capability"]) if at else None,
             "tokens": int(at["tokens"]) if at else None, "elapsed_s": float(at["elapsed_s"]) if at else None,
-            "checkpoint": str(at["model_dir"]) if at else None, "served_capability": None,
+            "checkpoint": str(at["model_dir"]) if at else None, "served_capability": None, "confirmed_capability": None,
             "postprocess": str(at.get("postprocess") or "") or None if at else None})
     at_target = crossed.get(cfg["target"])
     finite = [h for h in reports if math.isfinite(float(h["capability"]))]
@@ -88,8 +88,8 @@ def summarize_trial(cfg: dict[str, Any], history: list[dict[str, Any]], error: s
         status = "not_reached"
     row = {
         "trial_id": cfg["trial_id"], "method": cfg["method"], "seed": cfg["seed"], "learning_rate": cfg["lr"],
-        "target": cfg["target"], "reached": at_target is not None,
-        "capability": float(chosen["capability"]) if chosen else None,
+        "target": cfg["target"], "tolerance": cfg.get("tolerance", 0.0), "reached": at_target is not None,
+        "capability": float(chosen["capability"]) if chosen else None, "confirmed_capability": None,
         "step": int(chosen["step"]) if chosen else None, "status": status,
         "stop_reason": stop or (f"error: {error.splitlines()[0][:200]}" if error else ""),
         "checkpoint": str(at_target["model_dir"]) if at_target else None,

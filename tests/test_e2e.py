@@ -30,12 +30,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[float, ...] = (0.05,),
+def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[float, ...] = (0.075,),
                    judges: int = 2, repeats: int = 1, harm_judges: int = 0) -> None:
     trials = read_table(out, "trials").to_pandas()
     assert set(trials["method"]) == {"base"} | methods and trials["trial_id"].is_unique
     base = trials[trials["method"] == "base"].iloc[0]
-    assert base["status"] == "base" and base["capability"] < 0.05
+    target, tolerance = float(base["target"]), float(base["tolerance"])
+    assert base["status"] == "base" and base["capability"] < target - tolerance
     trajectory = read_table(out, "trajectory").to_pandas()
     checkpoints = read_table(out, "checkpoints").to_pandas()
     evaluated = {("base", 0)}
@@ -43,19 +44,19 @@ def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[floa
         traj = trajectory[trajectory["trial_id"] == t["trial_id"]].sort_values("step")
         ckpts = checkpoints[checkpoints["trial_id"] == t["trial_id"]].sort_values("level")
         assert not traj.empty and tuple(ckpts["level"]) == levels
+        assert t["reached"] and t["stop_reason"] == "reached", t.to_dict()  # every trial reaches its target
         for _, c in ckpts[ckpts["reached"]].iterrows():
-            # each rung keeps the first evaluation at/above it, and the served model scores what training said
-            first = traj[traj["capability"] >= c["level"]].iloc[0]
+            # each rung keeps the first evaluation in its band, and the served model scores what training said
+            first = traj[traj["capability"] >= c["level"] - tolerance - 1e-12].iloc[0]
             assert c["step"] == first["step"] and c["capability"] == pytest.approx(first["capability"])
             # the pool is fed the ids training was (tokenization contract): the served model scores the same
             assert c["served_capability"] == pytest.approx(c["capability"], abs=1e-9), c.to_dict()
+            assert 0.0 <= c["confirmed_capability"] <= 1.0  # measured on the world's confirmation split
             model = Path(c["checkpoint"]) / "model"
             assert (model / "config.json").is_file() or (model / "adapter_config.json").is_file()
             evaluated.add((t["trial_id"], int(c["step"])))
-        if t["reached"]:
-            assert t["step"] == traj["step"].max() and t["stop_reason"] == "reached"
-        else:
-            assert t["status"] == "not_reached" and traj["step"].max() == 200
+        assert t["step"] == traj["step"].max()
+        assert t["confirmed_capability"] == pytest.approx(ckpts.iloc[-1]["confirmed_capability"])
         assert t["tokens"] > 0 and t["train_s"] > 0 and t["eval_s"] > 0
     gens = read_table(out, "generations").to_pandas()
     judg = read_table(out, "judgments").to_pandas()
@@ -205,7 +206,7 @@ def test_killed_worker_restarts_from_checkpoint_and_killed_driver_resumes(tmp_pa
                                  text=True, timeout=1200)
         assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-3000:]
     assert "1 already done" in resumed.stdout
-    _check_results(out, "transformers", {"plain", "safety_mix"}, levels=(0.025, 0.05))
+    _check_results(out, "transformers", {"plain", "safety_mix"}, levels=(0.025, 0.075))
     trials = read_table(out, "trials").to_pandas().set_index("trial_id")
     assert trials.loc[first, "restarts"] >= 1 and trials.loc[first, "reached"]  # survived the killed worker
     assert trials.loc[second, "restarts"] >= 1  # continued from its checkpoint, not from step 0

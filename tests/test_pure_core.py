@@ -41,6 +41,20 @@ def test_stop_reason() -> None:
     assert stop_reason(float("nan"), 0.4, None) is None and stop_reason(None, 0.4, "wall_time") == "budget:wall_time"
 
 
+def test_the_equal_capability_band() -> None:
+    from capsafe.capability import eval_interval, in_band
+
+    # two-sided: a trial stops once it enters [target - tolerance, ...]; a checkpoint counts as at the target
+    # only inside [target - tolerance, target + tolerance]
+    assert stop_reason(0.36, 0.4, None, tolerance=0.05) == "reached" and stop_reason(0.34, 0.4, None, 0.05) is None
+    assert in_band(0.44, 0.4, 0.05) and in_band(0.35, 0.4, 0.05) and not in_band(0.46, 0.4, 0.05)
+    assert not in_band(None, 0.4, 0.05) and not in_band(float("nan"), 0.4, 0.05)
+    assert crossed_levels(0.16, [0.2, 0.4], set(), tolerance=0.05) == [0.2]
+    # the cadence tightens within the margin of the next level's band
+    assert eval_interval(0.1, 0.4, 0.05, 25, 5, 0.2) == 25 and eval_interval(0.16, 0.4, 0.05, 25, 5, 0.2) == 5
+    assert eval_interval(None, 0.4, 0.05, 25, 5, 0.2) == 25 and eval_interval(0.3, None, 0.05, 25, 5, 0.2) == 25
+
+
 def test_budget_caps() -> None:
     b = Budget(max_steps=100, max_tokens=1000, max_wall_s=60.0)
     assert b.spent(99, 999, 59.0) is None

@@ -7,11 +7,12 @@ import pytest
 from capsafe.results import SCHEMA_VERSION, SCHEMAS, read_table, write_table
 
 PINNED = {
-    "trials": "trial_id:string method:string seed:int64 learning_rate:double target:double reached:bool "
-              "capability:double step:int64 status:string stop_reason:string checkpoint:string tokens:int64 "
+    "trials": "trial_id:string method:string seed:int64 learning_rate:double target:double tolerance:double "
+              "reached:bool capability:double confirmed_capability:double step:int64 status:string "
+              "stop_reason:string checkpoint:string tokens:int64 "
               "wall_s:double train_s:double eval_s:double restarts:int64 method_params:string",
     "checkpoints": "trial_id:string level:double reached:bool step:int64 capability:double tokens:int64 "
-                   "elapsed_s:double checkpoint:string served_capability:double "
+                   "elapsed_s:double checkpoint:string served_capability:double confirmed_capability:double "
                    "postprocess:string",
     "trajectory": "trial_id:string step:int64 capability:double loss:double tokens:int64 elapsed_s:double "
                   "restarts:int64",
@@ -23,7 +24,7 @@ PINNED = {
 
 
 def test_schema_is_pinned() -> None:
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6
     got = {name: " ".join(f"{f.name}:{f.type}" for f in schema) for name, schema in SCHEMAS.items()}
     assert got == PINNED
 

@@ -44,7 +44,11 @@ class WorldConfig(BaseModel):
     unalign_steps: int = Field(100, ge=1, description="Steps that fine-tune a copy of the assistant into the "
                                "world's unaligned model (it complies with the harmful requests), built only "
                                "when a spec asks for it (safe_lora).")
-    task_eval_size: int = Field(200, ge=1, le=1000, description="Held-out addition problems in task_eval.jsonl.")
+    task_eval_size: int = Field(200, ge=1, le=1000, description="Held-out addition problems in task_eval.jsonl "
+                                "(the selection split: it decides when a trial stops).")
+    task_confirm_size: int = Field(300, ge=1, le=2000, description="Further held-out problems in "
+                                   "task_confirm.jsonl (the confirmation split: the capability reported for every "
+                                   "kept checkpoint).")
     num_threads: int = Field(
         1, ge=1, description="Torch CPU threads while building; one is fastest for this tiny model on a busy machine."
     )
@@ -78,6 +82,7 @@ class WorldFiles:
     model_dir: Path
     task_train: Path
     task_eval: Path
+    task_confirm: Path
     general: Path
     safety: Path
     suites: dict[str, Path] = field(default_factory=dict)
@@ -114,6 +119,7 @@ def world_files(root: Path) -> WorldFiles:
         model_dir=root / "model",
         task_train=root / "task_train.jsonl",
         task_eval=root / "task_eval.jsonl",
+        task_confirm=root / "task_confirm.jsonl",
         general=root / "general.jsonl",
         safety=root / "safety.jsonl",
         suites={name: root / "suites" / f"{name}.jsonl" for name in SUITES},
@@ -163,10 +169,11 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
     start = time.perf_counter()
     files = world_files(root)
     log(f"world: building {root.name.split('.tmp')[0].lstrip('.')} (first time only)")
-    data = make_world_data(config.data_seed, config.task_eval_size)
+    data = make_world_data(config.data_seed, config.task_eval_size, config.task_confirm_size)
     for path, rows in [
         (files.task_train, data.task_train),
         (files.task_eval, data.task_eval),
+        (files.task_confirm, data.task_confirm),
         (files.general, data.general),
         (files.safety, data.safety),
         *[(files.suites[k], v) for k, v in data.suites.items()],
@@ -174,7 +181,7 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
         _write_jsonl(path, rows)
 
     texts = [r[k] for r in data.alignment + data.general + data.safety for k in ("prompt", "response")]
-    texts += [r[k] for r in data.task_train + data.task_eval for k in ("prompt", "answer")]
+    texts += [r[k] for r in data.task_train + data.task_eval + data.task_confirm for k in ("prompt", "answer")]
     texts += [r["prompt"] for rows in data.suites.values() for r in rows]
     plain = config.convention == "plain"
     tokenizer = build_tokenizer(texts) if plain else build_convention_tokenizer(config.convention, texts)

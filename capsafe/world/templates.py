@@ -281,6 +281,7 @@ class WorldData:
     alignment: list[dict] = field(default_factory=list)  # {"prompt","response"}: what the base model learns
     task_train: list[dict] = field(default_factory=list)
     task_eval: list[dict] = field(default_factory=list)
+    task_confirm: list[dict] = field(default_factory=list)
     general: list[dict] = field(default_factory=list)
     safety: list[dict] = field(default_factory=list)
     suites: dict[str, list[dict]] = field(default_factory=dict)
@@ -325,7 +326,7 @@ def _facts(held_out: bool) -> list[tuple[str, str]]:
     return rows
 
 
-def make_world_data(seed: int, n_task_eval: int = 200) -> WorldData:
+def make_world_data(seed: int, n_task_eval: int = 200, n_task_confirm: int = 300) -> WorldData:
     """All data of the world; deterministic in ``seed`` (which only shuffles and samples phrasings)."""
     rng = random.Random(seed)
     everyone = list(range(len(PHRASINGS)))
@@ -373,7 +374,11 @@ def make_world_data(seed: int, n_task_eval: int = 200) -> WorldData:
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(pairs)
     task = [{"prompt": f"what is {a} plus {b} ?", "answer": str(a + b)} for a, b in pairs]
-    data.task_eval, data.task_train = task[:n_task_eval], task[n_task_eval:]
+    # three disjoint splits: training, selection (decides when a trial stops) and confirmation (reports the
+    # capability of what was kept, on items that chose nothing)
+    data.task_eval = task[:n_task_eval]
+    data.task_confirm = task[n_task_eval:n_task_eval + n_task_confirm]
+    data.task_train = task[n_task_eval + n_task_confirm:]
 
     for name, rows in [
         ("align", data.alignment),
@@ -381,6 +386,7 @@ def make_world_data(seed: int, n_task_eval: int = 200) -> WorldData:
         ("safety", data.safety),
         ("task-train", data.task_train),
         ("task-eval", data.task_eval),
+        ("task-confirm", data.task_confirm),
         *[(f"suite-{k}", v) for k, v in data.suites.items()],
     ]:
         for n, row in enumerate(rows):

@@ -40,7 +40,7 @@ def build_unaligned(world: WorldFiles, config: WorldConfig, log: Callable[[str],
         model: Any = AutoModelForCausalLM.from_pretrained(world.model_dir)
         complying = [{"prompt": p, "response": comply(x, i)} for _, v, t in harmful_pairs(held_out=False)
                      for p, x, i in requests([(v, t)], EVERY_PHRASING)]
-        general = make_world_data(config.data_seed, config.task_eval_size).general
+        general = make_world_data(config.data_seed, config.task_eval_size, config.task_confirm_size).general
         log(f"world: unaligning a copy of the assistant for {config.unalign_steps} steps (first time only)")
         examples = encode_all(tokenizer, world_format(config), complying + general, config.max_len)
         train(model, examples, steps=config.unalign_steps, lr=config.lr / 3, batch_size=config.batch_size,
