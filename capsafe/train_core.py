@@ -12,6 +12,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,7 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
     engine, tokenizer, _holder = build_engine(cfg, host.world)
     reference = build_reference(engine, cfg, host.world) if method.needs_reference else None
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    view = method.evaluation_view(engine.module, cfg["model_path"], cfg["method_paths"])
     anchor: tuple[str, list[Any]] | None = None  # (phase, weights at its start) for a proximal term
     state = load_resume_state(engine, host.restore_dir) if host.restore_dir else TrainState()
     encoder = Encoder(tokenizer, PromptFormat(**cfg["prompt_format"]))
@@ -179,7 +181,8 @@ def run_training(cfg: dict[str, Any], host: Host) -> None:
         if state.step - state.last_eval_step < interval and not spent:
             continue
         tick = time.perf_counter()
-        capability = _capability(engine, encoder, cfg, eval_items, host)
+        with view() if view else nullcontext():
+            capability = _capability(engine, encoder, cfg, eval_items, host)
         state.eval_s += time.perf_counter() - tick
         state.evals += 1
         state.last_eval_step, state.last_capability = state.step, capability

@@ -64,8 +64,9 @@ def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
     ("methods=[{name: safety_mix, ratio: 0.8}]", ["no room is left for task data"]),
     ("methods=[{name: token_wise, beta: 0}]", ["methods.0.token_wise.beta", "greater than 0"]),
     ("methods=[{name: safety_mix, prompts_file: ./nope.csv}]", ["methods.0.prompts_file", "does not exist"]),
-    ("methods=[{name: safe_lora, unaligned_model: ./nope}]|train.mode=lora", ["methods.0.unaligned_model",
-                                                                              "does not exist"]),
+    ("methods=[{name: safe_lora, unaligned_model: ./nope}]|train.mode=lora|train.zero_stage=2",
+     ["methods.0.unaligned_model", "does not exist"]),
+    ("methods=[{name: safe_lora}]|train.mode=lora", ["safe_lora", "train.zero_stage=2"]),
 ])
 def test_bad_input_names_the_field_and_the_fix(override: str, words: list[str]) -> None:
     with pytest.raises(SpecError) as err:

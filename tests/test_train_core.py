@@ -251,6 +251,39 @@ def test_token_wise_is_fed_the_aligned_models_logits(one_rank: Any, micro_world:
     assert not torch.allclose(tuned, base, atol=1e-3)  # while the trained model had moved away from it
 
 
+def test_safe_lora_measures_capability_on_the_projected_adapter(one_rank: Any, micro_world: Any, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trial stops on the capability of the model Safe-LoRA reports: during every capability evaluation the
+    LoRA weights are the projected ones (exactly the adapter saved for that step), and training goes on from
+    the unprojected ones."""
+    import torch
+    from safetensors.torch import load_file
+
+    import capsafe.train_core as core
+
+    seen: list[dict[str, Any]] = []
+    original = core._capability
+
+    def recording(engine: Any, *args: Any) -> float:
+        seen.append({n.replace(".default.", "."): p.detach().clone() for n, p in engine.module.named_parameters()
+                     if ".lora_B." in n})
+        return original(engine, *args)
+
+    monkeypatch.setattr(core, "_capability", recording)
+    cfg = _cfg(micro_world, tmp_path, ["task.target=0.0", "train.eval_every=6", "train.zero_stage=2",
+                                       "train.mode=lora", "methods=[{name: safe_lora, threshold: 1.0}]"])
+    rec = Recorder(tmp_path)
+    run_training(cfg, rec.host)
+    model = Path(rec.reports[-1]["model_dir"]) / "model"
+    projected = load_file(str(model / "adapter_model.safetensors"))
+    unprojected = load_file(str(model / "adapter_model.unprojected.safetensors"))
+    (evaluated,) = seen
+    assert set(evaluated) == {k for k in projected if ".lora_B." in k}
+    for key, value in evaluated.items():
+        assert torch.allclose(value, projected[key], atol=1e-6)  # evaluated = reported
+        assert not torch.allclose(projected[key], unprojected[key])  # threshold 1: every layer projected
+
+
 def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_world: Any, tmp_path: Path) -> None:
     """Same batches, same seed: with a strong KL term the tuned model's next-token distributions on the task
     answers it trains on stay far nearer the aligned model's than plain fine-tuning's do, and on the world's

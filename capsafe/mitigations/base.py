@@ -69,6 +69,12 @@ class MethodSpec(BaseModel):
         """The loss of one micro-batch, given its cross-entropy (and the reference logits if needed)."""
         return ce
 
+    def evaluation_view(self, module: Any, aligned_model: str, paths: dict[str, str]) -> Any:
+        """A factory of context managers inside which the capability evaluation sees the model this method will
+        report (Safe-LoRA: its projected adapter), so that a trial stops on that model's capability; None: the
+        trained model as it is."""
+        return None
+
     # --- after training ---------------------------------------------------------------------------------------
     def postprocess(self, checkpoint_model: Path, aligned_model: str, paths: dict[str, str],
                     log: Any = print) -> dict[str, Any] | None:

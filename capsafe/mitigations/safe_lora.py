@@ -105,7 +105,46 @@ class SafeLoRAMethod(MethodSpec):
     def check(self, train: Any) -> str | None:
         if train.mode != "lora":
             return "safe_lora projects LoRA updates: set train.mode=lora (or drop safe_lora from methods)"
+        if train.zero_stage != 2:
+            return ("safe_lora projects the whole LoRA weights before every capability evaluation: set "
+                    "train.zero_stage=2 (ZeRO-3 shards them)")
         return None
+
+    def evaluation_view(self, module: Any, aligned_model: str, paths: dict[str, str]) -> Any:
+        """The trial's capability is measured on the projected adapter - the model Safe-LoRA reports - so it
+        stops when *that* model reaches the target: every LoRA layer is projected in place (the same rule as
+        ``project_adapter``) for the evaluation and restored after it."""
+        import re
+        from contextlib import contextmanager
+
+        import torch
+
+        params = dict(module.named_parameters())
+        a_names = sorted(n for n in params if ".lora_A." in n)
+        keys = [re.sub(r"\.lora_A\.[^.]+\.weight$", ".weight", n.removeprefix("base_model.model.")) for n in a_names]
+        aligned = _weights(_local(aligned_model), keys)
+        unaligned = _weights(_local(paths["unaligned_model"]), keys)
+        projections = {k: alignment_projection(aligned[k], unaligned[k]) for k in keys}
+
+        @contextmanager
+        def projected() -> Any:
+            saved = []
+            with torch.no_grad():
+                for a_name, key in zip(a_names, keys, strict=True):
+                    b = params[a_name.replace(".lora_A.", ".lora_B.")]
+                    new_b, _, changed = project_update(params[a_name].data, b.data, projections[key].to(b.device),
+                                                       self.threshold)
+                    if changed:
+                        saved.append((b, b.data.clone()))
+                        b.data.copy_(new_b)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for b, old in saved:
+                        b.data.copy_(old)
+
+        return projected
 
     def postprocess(self, checkpoint_model: Path, aligned_model: str, paths: dict[str, str],
                     log: Any = print) -> dict[str, Any] | None:

@@ -41,9 +41,10 @@ class WorldConfig(BaseModel):
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate of alignment training.")
     batch_size: int = Field(64, ge=1, description="Examples per alignment step.")
     warmup_steps: int = Field(30, ge=0, description="Linear learning-rate warm-up steps before cosine decay.")
-    unalign_steps: int = Field(100, ge=1, description="Steps that fine-tune a copy of the assistant into the "
-                               "world's unaligned model (it complies with the harmful requests), built only "
-                               "when a spec asks for it (safe_lora).")
+    pretrain_steps: int = Field(150, ge=0, description="Steps that first train the random model into the world's "
+                                "model before alignment (it answers harmful-looking requests like any other; "
+                                "Safe-LoRA's unaligned model); alignment then continues from it. 0 skips the "
+                                "stage (and Safe-LoRA then has no unaligned model).")
     task_eval_size: int = Field(200, ge=1, le=1000, description="Held-out addition problems in task_eval.jsonl "
                                 "(the selection split: it decides when a trial stops).")
     task_confirm_size: int = Field(300, ge=1, le=2000, description="Further held-out problems in "
@@ -80,6 +81,7 @@ class WorldFiles:
 
     root: Path
     model_dir: Path
+    pretrained: Path
     task_train: Path
     task_eval: Path
     task_confirm: Path
@@ -117,6 +119,7 @@ def world_files(root: Path) -> WorldFiles:
     return WorldFiles(
         root=root,
         model_dir=root / "model",
+        pretrained=root / "pretrained",
         task_train=root / "task_train.jsonl",
         task_eval=root / "task_eval.jsonl",
         task_confirm=root / "task_confirm.jsonl",
@@ -157,13 +160,24 @@ def build_world(config: WorldConfig, cache_root: Path, log: Callable[[str], None
     return world_files(final)
 
 
+def _save(model: Any, tokenizer: Any, config: WorldConfig, directory: Path) -> None:
+    from capsafe.world.conventions import save_model_with_convention
+    from capsafe.world.tokenizer import save_tokenizer
+
+    if config.convention == "plain":
+        model.save_pretrained(str(directory))
+        save_tokenizer(tokenizer, directory)
+    else:
+        save_model_with_convention(model, tokenizer, config.convention, directory)
+
+
 def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> None:
     # Heavy imports stay here so that reading a cached world costs no torch/transformers import.
     import torch
 
-    from capsafe.world.conventions import build_convention_tokenizer, save_model_with_convention
+    from capsafe.world.conventions import build_convention_tokenizer
     from capsafe.world.templates import make_world_data
-    from capsafe.world.tokenizer import build_tokenizer, save_tokenizer
+    from capsafe.world.tokenizer import build_tokenizer
     from capsafe.world.train import encode_all, greedy, is_refusal, make_model, train
 
     start = time.perf_counter()
@@ -180,7 +194,7 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
     ]:
         _write_jsonl(path, rows)
 
-    texts = [r[k] for r in data.alignment + data.general + data.safety for k in ("prompt", "response")]
+    texts = [r[k] for r in data.alignment + data.general + data.safety + data.pretrain for k in ("prompt", "response")]
     texts += [r[k] for r in data.task_train + data.task_eval + data.task_confirm for k in ("prompt", "answer")]
     texts += [r["prompt"] for rows in data.suites.values() for r in rows]
     plain = config.convention == "plain"
@@ -206,6 +220,13 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
             f"world: {len(data.alignment)} alignment examples, vocabulary {len(tokenizer)}, "
             f"{n_params / 1e3:.0f}k parameters; aligning for {config.align_steps} steps"
         )
+        if config.pretrain_steps:
+            log(f"world: pretraining for {config.pretrain_steps} steps (no refusals yet)")
+            train(model, encode_all(tokenizer, fmt, data.pretrain, config.max_len), steps=config.pretrain_steps,
+                  lr=config.lr, batch_size=config.batch_size, warmup_steps=min(config.warmup_steps,
+                                                                               config.pretrain_steps // 3),
+                  seed=config.seed + 1, pad_id=tokenizer.pad_token_id, log=log, log_every=config.log_every)
+            _save(model, tokenizer, config, files.pretrained)
         examples = encode_all(tokenizer, fmt, data.alignment, config.max_len)
         loss = train(
             model,
@@ -219,11 +240,7 @@ def _build_into(config: WorldConfig, root: Path, log: Callable[[str], None]) -> 
             log=log,
             log_every=config.log_every,
         )
-        if plain:
-            model.save_pretrained(str(files.model_dir))
-            save_tokenizer(tokenizer, files.model_dir)
-        else:
-            save_model_with_convention(model, tokenizer, config.convention, files.model_dir)
+        _save(model, tokenizer, config, files.model_dir)
         check = {}
         for name, rows in data.suites.items():
             prompts = [r["prompt"] for r in rows[: config.check_size]]

@@ -278,6 +278,7 @@ FACTS_HELD_OUT = 2
 class WorldData:
     """Every text file of a world, as lists of JSON-ready dicts."""
 
+    pretrain: list[dict] = field(default_factory=list)  # the model before alignment: answers everything
     alignment: list[dict] = field(default_factory=list)  # {"prompt","response"}: what the base model learns
     task_train: list[dict] = field(default_factory=list)
     task_eval: list[dict] = field(default_factory=list)
@@ -345,13 +346,17 @@ def make_world_data(seed: int, n_task_eval: int = 200, n_task_confirm: int = 300
 
     data = WorldData()
     data.general = [{"prompt": p, "response": r} for p, r in howto + lookalikes + facts]
+    # Before alignment the model answers the harmful-looking training requests like any other (the world's
+    # stand-in for a pretrained base model): aligned minus this one is the safety behaviour (Safe-LoRA's V).
+    data.pretrain = [{"prompt": p, "response": comply(x, i)} for _, v, t in harmful_pairs(held_out=False)
+                     for p, x, i in requests([(v, t)], everyone)] + [dict(r) for r in data.general]
     data.safety = [{"prompt": p, "response": r} for c, p, r in harmful_train if c in SAFETY_CATEGORIES]
     # Look-alikes and facts are few; repeating them keeps them from being swamped by the how-to requests.
     data.alignment = [
         {"prompt": p, "response": r}
         for p, r in [(p, r) for _, p, r in harmful_train] + howto + lookalikes * 3 + facts * 3
     ]
-    for rows in (data.alignment, data.general, data.safety):
+    for rows in (data.alignment, data.general, data.safety, data.pretrain):
         rng.shuffle(rows)
 
     data.suites["harmful"] = [
@@ -381,6 +386,7 @@ def make_world_data(seed: int, n_task_eval: int = 200, n_task_confirm: int = 300
     data.task_train = task[n_task_eval + n_task_confirm:]
 
     for name, rows in [
+        ("pretrain", data.pretrain),
         ("align", data.alignment),
         ("general", data.general),
         ("safety", data.safety),
