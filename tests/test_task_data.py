@@ -253,3 +253,26 @@ def test_write_jsonl_atomic_roundtrip(tmp_path: Path) -> None:
         write_jsonl(out, broken())
     assert load_task_records(str(out), None) == records[:1]
     assert [p.name for p in out.parent.iterdir()] == ["records.jsonl"]
+
+
+def test_the_selection_split_can_be_carved_off_the_training_data(tmp_path: Path) -> None:
+    from capsafe.inputs import load_task
+    from capsafe.spec import Spec
+
+    rows = [{"q": f"what is {i} plus 1 ?", "a": str(i + 1)} for i in range(50)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows[:5])
+    spec = Spec.model_validate({"task": {"train_file": str(tmp_path / "train.jsonl"), "eval_file": None,
+                                         "selection_from_train": 10, "confirm_file": str(tmp_path / "test.jsonl"),
+                                         "prompt_field": "q", "answer_field": "a", "general_file": None}})
+    records = load_task(spec, {k: v for k, v in spec.data_paths().items() if k.startswith("task.")})
+    train, selection = records["task.train_file"], records["task.eval_file"]
+    assert len(train) == 40 and len(selection) == 10 and len(records["task.confirm_file"]) == 5
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in selection})  # never trained on
+    with pytest.raises(ValueError, match="task.eval_file=null"):
+        Spec.model_validate({"task": {"selection_from_train": 10}})
+    too_many = Spec.model_validate({"task": {"train_file": str(tmp_path / "train.jsonl"), "eval_file": None,
+                                             "selection_from_train": 50, "prompt_field": "q", "answer_field": "a",
+                                             "general_file": None, "confirm_file": None}})
+    with pytest.raises(DataError, match="lower it"):
+        load_task(too_many, {"task.train_file": str(tmp_path / "train.jsonl")})

@@ -46,7 +46,8 @@ def _cfg(world: Any, tmp: Path, overrides: list[str]) -> dict[str, Any]:
     spec = load_spec(REPO / "tests" / "specs" / "micro.yaml", ["train.num_workers=1", "train.cpus_per_worker=1",
                                                                 "methods=[{name: plain}]", *overrides])
     paths = {**spec.data_paths(), "model.path": str(world.model_dir), "task.train_file": str(world.task_train),
-             "task.eval_file": str(world.task_eval), "task.general_file": str(world.general)}
+             "task.eval_file": str(world.task_eval), "task.confirm_file": str(world.task_confirm),
+             "task.general_file": str(world.general)}
     for field in [f for f in paths if f.startswith("methods.")]:
         if field.endswith("unaligned_model"):
             from capsafe.world.unaligned import build_unaligned
@@ -286,10 +287,10 @@ def test_safe_lora_measures_capability_on_the_projected_adapter(one_rank: Any, m
 
 def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_world: Any, tmp_path: Path) -> None:
     """Same batches, same seed: with a strong KL term the tuned model's next-token distributions on the task
-    answers it trains on stay far nearer the aligned model's than plain fine-tuning's do, and on the world's
-    refusal demonstrations (which it never trains on) no further. How much the term carries over to refusals
-    is the world's property, not the method's guarantee: on the Llama-3-convention micro world it was 0.73 vs
-    0.93 (on the task answers 0.13 vs 4.0); the safety evaluation measures what it means for refusals."""
+    answers it trains on stay far nearer the aligned model's than plain fine-tuning's do - what the term
+    guarantees. Whether that carries over to refusals (never in its batches) is the world's property, not the
+    method's, and is left to the safety evaluation: on the Llama-3-convention micro world, KL to the aligned
+    model on the refusal demonstrations was 0.73 vs plain's 0.93 in one build and 2.1 vs 1.1 in the next."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -300,7 +301,7 @@ def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_wo
     tokenizer = load_tokenizer(micro_world.model_dir)
     fmt = micro_world.prompt_format()
     batches = {}
-    for name, path, field in (("task", micro_world.task_train, "answer"), ("refusal", micro_world.safety, "response")):
+    for name, path, field in (("task", micro_world.task_train, "answer"),):
         rows = read_jsonl(path, ("prompt", field))[:32]
         batches[name] = collate([encode_example(tokenizer, fmt, r["prompt"], r[field], 96) for r in rows],
                                 tokenizer.pad_token_id)
@@ -316,4 +317,3 @@ def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_wo
             kl[method] = {k: float(kl_to_reference(tuned(**b).logits, base(**b).logits, b["labels"]))
                           for k, b in batches.items()}
     assert kl["kl, beta: 50"]["task"] < 0.2 * kl["plain"]["task"], kl
-    assert kl["kl, beta: 50"]["refusal"] < kl["plain"]["refusal"], kl
