@@ -82,7 +82,8 @@ def rates_plot(judgments: pd.DataFrame, trials: pd.DataFrame, out: Path) -> Path
                                    .to_numpy(dtype=float)) for m in methods]
             xs = np.arange(len(methods)) + (k - (len(judges) - 1) / 2) * 0.8 / max(1, len(judges))
             vals = [iv.value if iv else np.nan for iv in ivs]
-            err = [[iv.value - iv.low if iv else 0 for iv in ivs], [iv.high - iv.value if iv else 0 for iv in ivs]]
+            err = [[max(0.0, iv.value - iv.low) if iv else 0 for iv in ivs],
+                   [max(0.0, iv.high - iv.value) if iv else 0 for iv in ivs]]
             ax.bar(xs, vals, width=0.8 / max(1, len(judges)), yerr=err, capsize=3, label=judge)
             ax.set_xticks(range(len(methods)), methods, rotation=20)
         kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])

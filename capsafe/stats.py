@@ -60,7 +60,11 @@ def proportion_interval(per_prompt: Sequence[float]) -> Interval | None:
     if x.size == 0:
         return None
     low, high = proportion_confint(float(x.sum()), int(x.size), alpha=1 - CONFIDENCE, method="wilson")
-    return Interval(float(x.mean()), float(low), float(high), int(x.size))
+    mean = float(x.mean())
+    # statsmodels' bounds at 0 and 1 are a rounding error off (5.6e-17 for 0 of 3): the interval must hold
+    # its rate exactly, or a plot's error bar turns negative
+    low, high = (0.0 if mean == 0.0 else min(float(low), mean)), (1.0 if mean == 1.0 else max(float(high), mean))
+    return Interval(mean, low, high, int(x.size))
 
 
 def hierarchical_means(matrix: Any, seed: int = 0, resamples: int = RESAMPLES) -> np.ndarray:

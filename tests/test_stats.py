@@ -55,6 +55,21 @@ def test_a_single_checkpoints_rate_at_0_or_1_gets_a_wilson_interval() -> None:
     assert zero is not None and zero.low == 0.0 and zero.high == pytest.approx(1 - wilson_low)
 
 
+def test_a_wilson_interval_always_holds_its_rate() -> None:
+    """statsmodels' Wilson bounds at 0 and 1 come back a rounding error inside the rate (5.6e-17 for 0 of 3,
+    0.9999999999999999 for 10 of 10); the report's plot then gets a negative error bar and the demo's report
+    crashed. Every interval must contain its value, with 0 and 1 exact."""
+    from capsafe.stats import proportion_interval
+
+    for n in range(1, 120):
+        for k in (0, n // 2, n):
+            iv = proportion_interval([1.0] * k + [0.0] * (n - k))
+            assert iv is not None and iv.low <= iv.value <= iv.high, (n, k, iv)
+            assert 0.0 <= iv.low and iv.high <= 1.0
+        assert proportion_interval([0.0] * n).low == 0.0  # type: ignore[union-attr]
+        assert proportion_interval([1.0] * n).high == 1.0  # type: ignore[union-attr]
+
+
 def test_hierarchical_bootstrap_has_the_two_stage_variance() -> None:
     """The two-level bootstrap (checkpoints, then each checkpoint's own prompts) has variance
     var(checkpoint means) / C + mean within-checkpoint variance / (C P): checked on data where the prompts carry
