@@ -18,6 +18,17 @@ from capsafe.report_capability import (
     postprocess_notes,
     target_checkpoints,
 )
+from capsafe.report_findings import headline, incoherence_sentence, judges_on_coherence
+from capsafe.report_robustness import (
+    describe_concordance,
+    display,
+    kendall_tau_table,
+    kendall_w,
+    rankings,
+    robustness_sentences,
+    robustness_table,
+    write_robustness,
+)
 from capsafe.report_stats import coherence_split, comparisons, disagreements, rate_table, split_mixed_suites
 from capsafe.results import read_table
 
@@ -143,6 +154,7 @@ def _categories(group: pd.DataFrame) -> str:
     return ", ".join(f"{code} {LLAMA_GUARD_CARD_NAMES.get(code, '?')} ({n})" for code, n in counts.items())
 
 
+ROBUSTNESS_FILE = "report_robustness.parquet"
 RATES = ["harmful refusal", "harmful coherent compliance", "over-refusal", "coherence"]
 
 
@@ -214,6 +226,32 @@ def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.D
     return text
 
 
+def _robustness(trials: pd.DataFrame, judgments: pd.DataFrame, robust: pd.DataFrame | None,
+                jailbreaks: dict[str, str]) -> list[str]:
+    text = []
+    if robust is not None and not robust.empty:
+        text += ["## Does each conclusion survive another benchmark or judge?", "",
+                 "Every method against plain fine-tuning and against the base model, under every benchmark × "
+                 "judge pair that measures it. A pair's verdict is 'safer' / 'less safe' where the difference is "
+                 "significant (Holm-adjusted p < 0.05 over this table, 95 % interval excluding 0); the "
+                 f"conclusion is the verdict most pairs give (also in `{ROBUSTNESS_FILE}`).", "",
+                 *[f"- {s}" for s in robustness_sentences(robust)], "", _markdown(display(robust)), ""]
+    rates = rankings(judgments, trials)
+    if rates.shape[1] >= 2 and len(rates) >= 2:
+        taus = kendall_tau_table(rates)
+        text += ["Method rankings by harmful compliance under each benchmark × judge pair (lower is safer), "
+                 "and how well they agree: Kendall's tau-b per pair of rankings, Kendall's W over all (scipy; "
+                 "tied ranks averaged).", "", _markdown(rates.reset_index(names="method")), "", _markdown(taus), "",
+                 describe_concordance(kendall_w(rates)), ""]
+    by_coherence = judges_on_coherence(judgments, trials)
+    if not by_coherence.empty:
+        text += ["## Judges on incoherent answers", "",
+                 "Each judge's harmful-compliance rate on harmful suites, apart on the responses the coherence "
+                 "judge found coherent and incoherent (Cohen's kappa per pair on each is in the judge panel "
+                 "below).", "", _markdown(by_coherence), "", incoherence_sentence(judgments, trials), ""]
+    return text
+
+
 def missing(results_dir: Path, trials: pd.DataFrame, judgments: pd.DataFrame) -> list[str]:
     """What the results do not hold yet (a sweep or evaluation still running, or stopped): planned trials
     without a result (from the run's ``spec.json``) and kept checkpoints with no judgments."""
@@ -245,8 +283,11 @@ def write_report(results_dir: Path, experiment: str) -> str:
     target = float(trials["target"].dropna().iloc[0]) if trials["target"].notna().any() else float("nan")
     not_reached = trials[(trials["method"] != "base") & ~trials["reached"].astype(bool)]
     gaps = missing(results_dir, trials, judgments)
+    robust = robustness_table(judgments, trials, jailbreak_suites(results_dir)) if not judgments.empty else None
     text = [f"# capsafe report: {experiment}", "",
             *([f"**Partial results.** {'; '.join(gaps)}.", ""] if gaps else []),
+            *(["**This run's findings** (what the study behind capsafe found, measured here):", "",
+               *headline(judgments, trials, robust), ""] if robust is not None else []),
             f"Capability target: {target:.2f}. Safety is measured only at checkpoints that reached it "
             "(and on the base model). Rates are shares of responses; 'harmful refusal' should be high, "
             "'over-refusal' low.", "", to_markdown(summarize(trials, judgments, checkpoints)), ""]
@@ -271,6 +312,8 @@ def write_report(results_dir: Path, experiment: str) -> str:
                  _markdown(checkpoint_table(trials, checkpoints)), ""]
     if not judgments.empty:
         text += _statistics(trials, judgments, checkpoints, target, jailbreak_suites(results_dir))
+    if not judgments.empty:
+        text += _robustness(trials, judgments, robust, jailbreak_suites(results_dir))
     if checkpoints["level"].nunique() > 1:
         text += ["## Safety along the capability ladder", "", _markdown(ladder_table(trials, checkpoints, judgments)),
                  ""]
@@ -291,6 +334,8 @@ def write_report(results_dir: Path, experiment: str) -> str:
         text += ["## Cost of reaching each level", "",
                  "Per level: steps / training tokens / wall time. 'eval share' is the capability evaluation's "
                  "share of training plus evaluation time.", "", _markdown(cost_table(trials, checkpoints)), ""]
+    if robust is not None:
+        write_robustness(robust, results_dir / ROBUSTNESS_FILE)
     out = "\n".join(text)
     tmp = results_dir / ".report.md.tmp"
     tmp.write_text(out)

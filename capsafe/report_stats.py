@@ -14,7 +14,14 @@ import pandas as pd
 
 from capsafe.agreement import HARMFUL_LABELS
 from capsafe.judges import COHERENT, COMPLIANCE, REFUSAL
-from capsafe.stats import describe_comparison, holm, nested_interval, paired_comparison, seed_level_comparison
+from capsafe.stats import (
+    Paired,
+    describe_comparison,
+    holm,
+    nested_interval,
+    paired_comparison,
+    seed_level_comparison,
+)
 
 # What each suite kind measures, and whether a higher value is safer.
 MEASURES = {"harmful": ("harmful compliance", False), "overrefusal": ("over-refusal", False),
@@ -91,12 +98,24 @@ def rate_table(judgments: pd.DataFrame, trials: pd.DataFrame,
             outcomes = outcome(mine[mine["method"] == method], kind)
             unread, yes = int(outcomes.isna().sum()), int((outcomes == 1).sum())
             total = len(outcomes)
+            spread = repeat_spread(mine[mine["method"] == method], kind)
             rows.append({"suite": suite, "measure": measure_of(suite, kind, jailbreaks)[0], "judge": judge,
-                         "method": method, "rate [95% CI]": iv.text(), "checkpoints": len(matrix), "prompts": iv.n,
+                         "method": method, "rate [95% CI]": iv.text(),
+                         "repeats min-max": f"{spread[0]:.2f}-{spread[1]:.2f}" if spread else "-",
+                         "checkpoints": len(matrix), "prompts": iv.n,
                          "samples": total, "unread": f"{unread / total:.2f}" if total else "n/a",
                          "if unread no / yes": f"{yes / total:.2f} / {(yes + unread) / total:.2f}" if unread else "-"})
-    return pd.DataFrame(rows, columns=["suite", "measure", "judge", "method", "rate [95% CI]", "checkpoints",
-                                       "prompts", "samples", "unread", "if unread no / yes"])
+    return pd.DataFrame(rows, columns=["suite", "measure", "judge", "method", "rate [95% CI]", "repeats min-max",
+                                       "checkpoints", "prompts", "samples", "unread", "if unread no / yes"])
+
+
+def repeat_spread(judgments: pd.DataFrame, kind: str) -> tuple[float, float] | None:
+    """The lowest and highest rate over repeats (each repeat's rate over all of its prompts and checkpoints):
+    the spread a single sampled measurement hides. None with fewer than two repeats."""
+    if "repeat" not in judgments or judgments["repeat"].nunique() < 2:
+        return None
+    rates = judgments.assign(outcome=outcome(judgments, kind)).groupby("repeat")["outcome"].mean().dropna()
+    return (float(rates.min()), float(rates.max())) if len(rates) >= 2 else None
 
 
 def per_checkpoint(judgments: pd.DataFrame, trials: pd.DataFrame, judge: str, suite: str) -> pd.DataFrame:
@@ -132,13 +151,22 @@ def coherence_split(judgments: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFra
     return pd.DataFrame(sorted(rows, key=lambda r: order[r["method"]]))
 
 
-def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, bool], reference: str = "plain",
-                jailbreaks: dict[str, str] | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """Every method against ``reference`` on every suite, per judge, plus one sentence per comparison. With two
-    or more checkpoints (seeds) on both sides the inference is at the seed level (``seed_level_comparison``);
-    with one each it is the paired prompt-level test, and the sentence says it compares two checkpoints, not
-    two methods. p-values are Holm-adjusted over every comparison of the report (methods x suites x judges).
-    ``equal`` says per method whether it was at the target capability."""
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One method against one reference on one suite under one judge."""
+
+    suite: str
+    judge: str
+    kind: str
+    method: str
+    reference: str
+    paired: Paired
+
+
+def comparison_records(judgments: pd.DataFrame, trials: pd.DataFrame, reference: str = "plain") -> list[Comparison]:
+    """Every method against ``reference`` on every suite, per judge, p unadjusted. With two or more checkpoints
+    (seeds) on both sides the inference is at the seed level (``seed_level_comparison``); with one each it is
+    the paired prompt-level test."""
     found = []
     for (suite, judge), _ in judgments.groupby(["suite", "judge"], sort=True):
         wide = per_prompt(judgments, trials, judge, suite)
@@ -156,23 +184,36 @@ def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, 
                 both = wide[[method, reference]].dropna()
                 paired = paired_comparison(both[method].tolist(), both[reference].tolist())
             if paired is not None:
-                found.append((suite, judge, kind, method, paired))
-    adjusted = holm([f[4].p_value for f in found])
+                found.append(Comparison(str(suite), str(judge), kind, method, reference, paired))
+    return found
+
+
+def adjusted(records: list[Comparison]) -> list[Comparison]:
+    """The same comparisons with Holm-adjusted p over all of them."""
+    return [dataclasses.replace(r, paired=dataclasses.replace(r.paired, p_adjusted=p))
+            for r, p in zip(records, holm([r.paired.p_value for r in records]), strict=True)]
+
+
+def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, bool], reference: str = "plain",
+                jailbreaks: dict[str, str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Every method against ``reference`` on every suite, per judge (``comparison_records``), plus one sentence
+    per comparison; with one checkpoint each the sentence says it compares two checkpoints, not two methods.
+    p-values are Holm-adjusted over every comparison of the report (methods x suites x judges). ``equal`` says
+    per method whether it was at the target capability."""
     rows, sentences = [], []
-    for (suite, judge, kind, method, paired), p_holm in zip(found, adjusted, strict=True):
-        paired = dataclasses.replace(paired, p_adjusted=p_holm)
-        measure, higher_is_safer = measure_of(suite, kind, jailbreaks)
-        d = paired.difference
-        rows.append({"suite": suite, "judge": judge, "method": method, "measure": measure,
+    for r in adjusted(comparison_records(judgments, trials, reference)):
+        paired, d = r.paired, r.paired.difference
+        measure, higher_is_safer = measure_of(r.suite, r.kind, jailbreaks)
+        rows.append({"suite": r.suite, "judge": r.judge, "method": r.method, "measure": measure,
                      f"{reference}": f"{paired.reference_rate:.2f}", "method rate": f"{paired.method_rate:.2f}",
                      "difference [95% CI]": f"{d.value:+.2f} [{d.low:+.2f}, {d.high:+.2f}]",
-                     "p": f"{paired.p_value:.3g}", "p (Holm)": f"{p_holm:.3g}",
+                     "p": f"{paired.p_value:.3g}", "p (Holm)": f"{paired.p_adjusted:.3g}",
                      "effect size": "n/a" if paired.effect_size is None else f"{paired.effect_size:+.2f}",
                      "inference": (f"seeds ({paired.checkpoints[0]} vs {paired.checkpoints[1]})"
                                    if paired.level == "seeds" else "prompts (one checkpoint each)"),
                      "prompts": d.n})
-        sentences.append(f"{suite}, {judge}: " + describe_comparison(
-            method, reference, f"{measure} rate", paired, equal.get(method, True), higher_is_safer))
+        sentences.append(f"{r.suite}, {r.judge}: " + describe_comparison(
+            r.method, reference, f"{measure} rate", paired, equal.get(r.method, True), higher_is_safer))
     return pd.DataFrame(rows), sentences
 
 
