@@ -65,7 +65,7 @@ def test_a_wilson_interval_always_holds_its_rate() -> None:
         for k in (0, n // 2, n):
             iv = proportion_interval([1.0] * k + [0.0] * (n - k))
             assert iv is not None and iv.low <= iv.value <= iv.high, (n, k, iv)
-            assert 0.0 <= iv.low and iv.high <= 1.0
+            assert iv.low >= 0.0 and iv.high <= 1.0
         assert proportion_interval([0.0] * n).low == 0.0  # type: ignore[union-attr]
         assert proportion_interval([1.0] * n).high == 1.0  # type: ignore[union-attr]
 
