@@ -304,8 +304,11 @@ def write_report(results_dir: Path, experiment: str) -> str:
         text += ["## Mitigations against plain fine-tuning and the base model", "",
                  "Differences of shares at the target (method minus plain, method minus base; refusal and "
                  "coherence from the rule judges). 'equal capability' says whether the pool measured the target "
-                 "on what it served; where it did not, the method bought its safety with capability. One seed "
-                 "per method is one measurement: read small differences as noise.", "", _markdown(versus), ""]
+                 "on what it served; where it did not, the method bought its safety with capability. "
+                 + ("One seed per method is one measurement: read small differences as noise."
+                    if trials[trials["method"] != "base"].groupby("method")["seed"].nunique().max() < 2 else
+                    "Each difference is of means over the method's seeds; the comparisons below test them."),
+                 "", _markdown(versus), ""]
     if not checkpoints.empty and checkpoints["reached"].astype(bool).any():
         text += ["## Capability reached", "", "Every kept checkpoint: capability measured in training and again "
                  "through the pool on what was served, and how far that lies from the target.", "",

@@ -8,6 +8,7 @@ interval covers prompt-to-prompt variation, and the mean over seeds and repeats 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,6 +180,12 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return [float(p) for p in multipletests(list(p_values), alpha=0.05, method="holm")[1]]
 
 
+def min_permutation_p(n_method: int, n_reference: int) -> float:
+    """The smallest two-sided p an exact permutation test of checkpoint labels can give: 2 / C(n1 + n2, n1)
+    (0.33 with 2 + 2 seeds, 0.1 with 3 + 3, 0.0079 with 5 + 5)."""
+    return min(1.0, 2.0 / math.comb(n_method + n_reference, n_method))
+
+
 def describe_comparison(method: str, reference: str, what: str, paired: Paired, equal_capability: bool,
                         higher_is_safer: bool) -> str:
     """One plain sentence that says only what the numbers support."""
@@ -200,6 +207,11 @@ def describe_comparison(method: str, reference: str, what: str, paired: Paired, 
                  f"{'safer' if safer else 'less safe'} on this suite")
     caveat = "" if equal_capability else \
         "; but the two were not at equal capability, so this is not a matched comparison"
+    if paired.level == "seeds":
+        floor = min_permutation_p(*paired.checkpoints)
+        if floor >= 0.05 and claim.endswith(f"do not differ detectably in {what}"):
+            caveat += (f"; with {paired.checkpoints[0]} + {paired.checkpoints[1]} seeds an exact permutation test "
+                       f"cannot give p below {floor:.2g}: run at least 5 seeds per method to detect a difference")
     if paired.level == "prompts":
         caveat += "; one seed each, so it compares these checkpoints, not the methods"
         claim = claim[0].upper() + claim[1:]  # "The ... checkpoint"

@@ -132,6 +132,9 @@ def test_seed_level_comparison_and_holm() -> None:
     assert paired.p_value == pytest.approx(0.1)  # exact: the observed split is 2 of the 20 label assignments
     text = describe_comparison("safety_mix", "plain", "harmful refusal rate", paired, True, higher_is_safer=True)
     assert text.startswith("safety_mix and plain do not differ detectably")  # p = 0.1 with 3 + 3 seeds
+    # ... and it says why: 3 + 3 seeds cannot give a permutation p below 0.1, whatever the difference
+    assert text.endswith("; with 3 + 3 seeds an exact permutation test cannot give p below 0.1: run at least 5 "
+                         "seeds per method to detect a difference.")
     assert seed_level_comparison([[1.0]], reference) is None  # one seed: not a seed-level comparison
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
