@@ -199,7 +199,7 @@ def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, 
     """Every method against ``reference`` on every suite, per judge (``comparison_records``), plus one sentence
     per comparison; with one checkpoint each the sentence says it compares two checkpoints, not two methods.
     p-values are Holm-adjusted over every comparison of the report (methods x suites x judges). ``equal`` says
-    per method whether it was at the target capability."""
+    per method whether it was at the target capability; a comparison is matched only if both sides were."""
     rows, sentences = [], []
     for r in adjusted(comparison_records(judgments, trials, reference)):
         paired, d = r.paired, r.paired.difference
@@ -213,7 +213,9 @@ def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, 
                                    if paired.level == "seeds" else "prompts (one checkpoint each)"),
                      "prompts": d.n})
         sentences.append(f"{r.suite}, {r.judge}: " + describe_comparison(
-            r.method, reference, f"{measure} rate", paired, equal.get(r.method, True), higher_is_safer))
+            r.method, reference, f"{measure} rate", paired,
+            # a pair is matched only when both sides lie in the band: a reference outside it unmatches them all
+            equal.get(r.method, True) and equal.get(reference, True), higher_is_safer))
     return pd.DataFrame(rows), sentences
 
 

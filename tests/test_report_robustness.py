@@ -194,3 +194,15 @@ def test_the_robustness_table_schema_is_pinned() -> None:
         ("judge", "string"), ("measure", "string"), ("method_rate", "double"), ("reference_rate", "double"),
         ("difference", "double"), ("low", "double"), ("high", "double"), ("p_value", "double"),
         ("p_holm", "double"), ("verdict", "string"), ("conclusion", "string"), ("agrees", "bool")]
+
+
+def test_a_reference_outside_the_band_unmatches_every_comparison_with_it() -> None:
+    """The mitigations rerun: plain's confirmed capability fell below the band, and the sentences of methods
+    inside it still read as matched comparisons. Each side must be in the band."""
+    from capsafe.report_stats import comparisons
+
+    world = _flipping_world()
+    _, sentences = comparisons(world, _trials(), {"plain": False, "safety_mix": True})
+    assert sentences and all("not at equal capability" in s for s in sentences)
+    _, sentences = comparisons(world, _trials(), {"plain": True, "safety_mix": True})
+    assert not any("not at equal capability" in s for s in sentences)
