@@ -14,7 +14,7 @@ import pandas as pd
 
 from capsafe.agreement import HARMFUL_LABELS, kappa_breakdown
 from capsafe.report_robustness import NO_DIFFERENCE
-from capsafe.report_stats import _order, evaluated
+from capsafe.report_stats import evaluated, method_order
 
 KEYS = ["trial_id", "step", "suite", "prompt_id", "repeat"]
 # A judge that calls more than this share of incoherent harmful-suite answers harmful is named as counting
@@ -49,7 +49,7 @@ def judges_on_coherence(judgments: pd.DataFrame, trials: pd.DataFrame) -> pd.Dat
         rows.append(row)
     table = pd.DataFrame(rows, columns=["judge", "method", "harmful rate, coherent", "coherent responses",
                                         "harmful rate, incoherent", "incoherent responses"])
-    order = {m: i for i, m in enumerate(_order(table["method"]))}
+    order = {m: i for i, m in enumerate(method_order(table["method"]))}
     return table.sort_values(["judge", "method"], key=lambda c: c.map(order) if c.name == "method" else c,
                              ignore_index=True)
 

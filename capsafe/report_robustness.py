@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from capsafe.report_stats import Comparison, _order, adjusted, comparison_records, measure_of, per_prompt
+from capsafe.report_stats import Comparison, adjusted, comparison_records, measure_of, method_order, per_prompt
 
 SAFER, LESS_SAFE, NO_DIFFERENCE = "safer", "less safe", "no detectable difference"
 ALPHA = 0.05
@@ -94,15 +94,15 @@ def robustness_sentences(table: pd.DataFrame) -> list[str]:
         n, k = len(g), int(g["agrees"].sum())
         what = {"harmful": "on harmful requests", "overrefusal": "on over-refusal probes",
                 "benign": "on benign requests"}.get(str(kind), f"on {kind} suites")
-        head = (f"{method} vs {reference} {what}: {conclusion}" if conclusion != NO_DIFFERENCE
-                else f"{method} vs {reference} {what}: no detectable difference")
-        text = f"{head} under {k} of {n} benchmark × judge pair{'s' if n != 1 else ''}"
+        text = f"{method} vs {reference} {what}: {conclusion} under {k} of {n} benchmark × judge pair" + \
+            ("s" if n != 1 else "")
         opposite = {SAFER: LESS_SAFE, LESS_SAFE: SAFER}.get(conclusion)
-        for shown, label in ((opposite, "reverses under"), *((v, f"{v} under") for v in (SAFER, LESS_SAFE,
-                                                                                           NO_DIFFERENCE))):
-            others = g[~g["agrees"] & (g["verdict"] == shown)]
-            if shown is not None and not others.empty and not (label != "reverses under" and shown == opposite):
-                text += f"; {label} " + ", ".join(f"{s} × {j}" for s, j in zip(others["suite"], others["judge"],
+        others = [v for v in (opposite, SAFER, LESS_SAFE, NO_DIFFERENCE) if v and v != conclusion]
+        for shown in dict.fromkeys(others):  # the reversal first, then the other verdicts
+            pairs = g[g["verdict"] == shown]
+            if not pairs.empty:
+                label = "reverses under" if shown == opposite else f"{shown} under"
+                text += f"; {label} " + ", ".join(f"{s} × {j}" for s, j in zip(pairs["suite"], pairs["judge"],
                                                                                 strict=True))
         if n == 1:
             text += " (one pair: robustness not testable)"
@@ -123,7 +123,7 @@ def rankings(judgments: pd.DataFrame, trials: pd.DataFrame, kind: str = "harmful
             continue
         columns[f"{suite} × {judge}"] = wide.mean()
     table = pd.DataFrame(columns)
-    return table.loc[[m for m in _order(table.index) if m != "base"]] if not table.empty else table
+    return table.loc[[m for m in method_order(table.index) if m != "base"]] if not table.empty else table
 
 
 def kendall_tau_table(rates: pd.DataFrame) -> pd.DataFrame:

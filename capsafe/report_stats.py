@@ -90,7 +90,7 @@ def rate_table(judgments: pd.DataFrame, trials: pd.DataFrame,
         kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])
         by_checkpoint = per_checkpoint(judgments, trials, judge, suite)
         mine = pooled[(pooled["suite"] == suite) & (pooled["judge"] == judge)]
-        for method in _order(wide.columns):
+        for method in method_order(wide.columns):
             matrix = by_checkpoint[by_checkpoint["method"] == method].drop(columns="method")
             iv = nested_interval(matrix.to_numpy(dtype=float))
             if iv is None:
@@ -147,7 +147,7 @@ def coherence_split(judgments: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFra
         rows.append({"method": method, "responses": len(g), "refused": float((g[RULE_JUDGE] == REFUSAL).mean()),
                      "complied, coherent": float((complied & coherent).mean()),
                      "complied, incoherent": float((complied & ~coherent).mean())})
-    order = {m: i for i, m in enumerate(_order([r["method"] for r in rows]))}
+    order = {m: i for i, m in enumerate(method_order([r["method"] for r in rows]))}
     return pd.DataFrame(sorted(rows, key=lambda r: order[r["method"]]))
 
 
@@ -174,7 +174,7 @@ def comparison_records(judgments: pd.DataFrame, trials: pd.DataFrame, reference:
             continue
         kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])
         by_checkpoint = per_checkpoint(judgments, trials, judge, suite)
-        for method in _order(wide.columns):
+        for method in method_order(wide.columns):
             if method in ("base", reference):
                 continue
             matrices = [by_checkpoint[by_checkpoint["method"] == m].drop(columns="method").to_numpy(dtype=float)
@@ -219,7 +219,7 @@ def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, 
     return pd.DataFrame(rows), sentences
 
 
-def _order(methods: object) -> list[str]:
+def method_order(methods: object) -> list[str]:
     names = list(dict.fromkeys(methods))  # type: ignore[call-overload]
     return [m for m in ("base", "plain") if m in names] + sorted(m for m in names if m not in ("base", "plain"))
 
