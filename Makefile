@@ -10,9 +10,11 @@ demo: venv
 	$(PY) -m capsafe.cli run $(SPEC)
 
 test: venv
+	@bash scripts/ensure_browser.sh
 	$(PY) -m pytest -x -q -ra tests
 
 fast-test: venv
+	@bash scripts/ensure_browser.sh
 	$(PY) -m pytest -x -q -m "not slow" tests
 
 lint: venv

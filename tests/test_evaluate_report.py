@@ -1,6 +1,7 @@
 """Evaluation driver and report on hand-made inputs (no Ray, no model)."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -335,8 +336,12 @@ def test_report_html_is_self_contained_and_its_plots_are_not_empty(tmp_path: Pat
     for data in images:
         pixels = mpimg.imread(io.BytesIO(base64.b64decode(data)), format="png")
         assert pixels.shape[0] > 100 and pixels.std() > 0.05  # something is drawn, not a blank canvas
-    if shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome"):
-        # the page as a browser shows it (scripts/check_report_html.py; Chromium is optional, see the README)
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if os.environ.get("CI") and not browser:
+        pytest.fail("CI is set but no Chromium is installed: `make test` installs it (scripts/ensure_browser.sh); "
+                    "see its message above for why it could not")
+    if browser:
+        # the page as a browser shows it (scripts/check_report_html.py; make test installs Chromium where it can)
         check = subprocess.run([sys.executable, "scripts/check_report_html.py", str(tmp_path / "report.html"),
                                 "--screenshot", str(tmp_path / "shot.png")], capture_output=True, text=True,
                                timeout=300, cwd=Path(__file__).resolve().parent.parent)
