@@ -149,7 +149,12 @@ def _end_of_turn(tokenizer: Any) -> int | None:
     if not getattr(tokenizer, "chat_template", None):
         return None
     probe = "ok"
-    turn = assistant_turn(tokenizer, [{"role": "user", "content": "hi"}], probe)
+    try:
+        turn = assistant_turn(tokenizer, [{"role": "user", "content": "hi"}], probe)
+    except TemplateError:
+        # a template that writes its own task prompt whatever the turn (Llama Guard's) has no assistant turn to
+        # read the end of turn from; its generation config's eos ids still stop it
+        return None
     ids = _plain_ids(tokenizer, turn)
     specials = _special_ids(tokenizer)
     content = _plain_ids(tokenizer, probe)

@@ -33,7 +33,9 @@ def resolve_paths(spec: Spec, log: Callable[[str], None]) -> dict[str, str]:
         elif field in demo:
             resolved[field] = str(demo[field])
         elif field.startswith("eval.llm_judges."):
-            resolved[field] = str(world.model_dir)
+            from capsafe.world.judge import build_judge
+
+            resolved[field] = str(build_judge(world, spec.world, log))
         elif field.endswith((".data_file", ".prompts_file")):
             resolved[field] = str(world.safety)
         elif field.endswith(".unaligned_model"):

@@ -28,6 +28,15 @@ def micro_world():
 
 
 @pytest.fixture(scope="session")
+def micro_judge(micro_world) -> Path:
+    """The micro world's Llama-Guard-format judge model (built once, cached like a real run)."""
+    from capsafe.spec import load_spec
+    from capsafe.world.judge import build_judge
+
+    return build_judge(micro_world, load_spec(REPO / "tests" / "specs" / "micro.yaml").world, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
 def random_adapter(micro_world, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A LoRA adapter on the micro world's model with random (non-zero) weights: its output differs."""
     import torch

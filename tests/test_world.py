@@ -17,7 +17,9 @@ from capsafe.world import PROMPT_TEMPLATE, WorldConfig, WorldFiles, build_world
 from capsafe.world import build as build_mod
 from capsafe.world.templates import (
     HARMFUL,
+    PHRASINGS,
     SAFETY_CATEGORIES,
+    STYLES,
     comply,
     harmful_pairs,
     make_world_data,
@@ -124,7 +126,7 @@ def test_built_world_loads_and_generates(world):
     for path in [world.task_train, world.task_eval, world.general, world.safety, *world.suites.values()]:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert rows and all("id" in r and "prompt" in r for r in rows)
-    assert set(world.suites) == {"harmful", "overrefusal", "benign"}
+    assert set(world.suites) == {"harmful", "harmful_styles", "overrefusal", "benign"}
     tok = AutoTokenizer.from_pretrained(world.model_dir)
     model: Any = AutoModelForCausalLM.from_pretrained(world.model_dir)
     assert model.config.vocab_size == len(tok) and model.config.head_dim == 32
@@ -167,3 +169,17 @@ def test_world_package_keeps_ray_vllm_deepspeed_out():
 def test_world_files_layout(tmp_path):
     files = build_mod.world_files(Path(tmp_path))
     assert files.model_dir == tmp_path / "model" and files.suites["harmful"].parent == tmp_path / "suites"
+
+
+def test_second_harmful_benchmark_asks_the_held_out_behaviours_in_styles_never_taught(data):
+    styles = data.suites["harmful_styles"]
+    assert len(styles) == len(harmful_pairs(held_out=True)) * len(STYLES)
+    assert {r["category"] for r in styles} == set(HARMFUL)
+    # the same behaviours as the first harmful suite ...
+    behaviours = {f"{v} {t}" for _, v, t in harmful_pairs(held_out=True)}
+    assert all(any(b in r["prompt"] for b in behaviours) for r in styles + data.suites["harmful"])
+    # ... asked in forms no training prompt uses, and that the first suite does not use either
+    heads = {style.split("{x}")[0] for style in STYLES}
+    trained = [r["prompt"] for r in data.alignment + data.general + data.safety + data.pretrain]
+    assert not any(p.startswith(h) for p in trained + [r["prompt"] for r in data.suites["harmful"]] for h in heads)
+    assert not {style.split("{x}")[0] for style in STYLES} & {p.split("{x}")[0] for p in PHRASINGS}

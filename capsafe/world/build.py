@@ -20,7 +20,7 @@ WORLD_VERSION = "1"
 PROMPT_TEMPLATE = "<user> {prompt} <assistant>"
 # vLLM's CPU attention only accepts these head sizes.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-SUITES = ("harmful", "overrefusal", "benign")
+SUITES = ("harmful", "harmful_styles", "overrefusal", "benign")
 MARKER = "world.json"
 
 
@@ -45,6 +45,9 @@ class WorldConfig(BaseModel):
                                 "model before alignment (it answers harmful-looking requests like any other; "
                                 "Safe-LoRA's unaligned model); alignment then continues from it. 0 skips the "
                                 "stage (and Safe-LoRA then has no unaligned model).")
+    judge_steps: int = Field(600, ge=1, description="Optimizer steps that train the world's Llama-Guard-format "
+                             "judge (built only when a spec's LLM judge has model 'demo').")
+    judge_batch_size: int = Field(16, ge=1, description="Conversations per judge training step.")
     task_eval_size: int = Field(200, ge=1, le=1000, description="Held-out addition problems in task_eval.jsonl "
                                 "(the selection split: it decides when a trial stops).")
     task_confirm_size: int = Field(300, ge=1, le=2000, description="Further held-out problems in "

@@ -29,6 +29,7 @@ def make_model(
     head_dim: int,
     intermediate: int,
     seed: int,
+    max_positions: int = 256,
 ) -> LlamaForCausalLM:
     """A randomly initialised float32 Llama whose vocabulary is exactly the tokenizer's ids."""
     config = LlamaConfig(
@@ -39,7 +40,7 @@ def make_model(
         num_key_value_heads=heads,
         head_dim=head_dim,
         intermediate_size=intermediate,
-        max_position_embeddings=256,
+        max_position_embeddings=max(256, max_positions),
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
