@@ -26,7 +26,7 @@ def plan_trials(spec: Spec, paths: dict[str, str], checkpoints_dir: Path) -> lis
     trials = []
     for mi, method in enumerate(spec.methods):
         extras = []
-        if paths.get("task.general_file") and spec.task.general_fraction > 0:
+        if method.mixes_general and paths.get("task.general_file") and spec.task.general_fraction > 0:
             extras.append({"name": "general", "path": paths["task.general_file"],
                            "weight": spec.task.general_fraction})
         mine = method_paths(paths, mi)

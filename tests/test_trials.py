@@ -12,9 +12,13 @@ NAN = float("nan")
 def _cfg(levels: list[float] | None = None) -> dict:
     spec = load_spec(REPO / "jobs" / "demo.yaml", ["seeds=[0, 1]", "train.learning_rates=[0.001, 0.0003]"])
     trials = plan_trials(spec, {k: f"/data/{k}" for k in spec.data_paths()}, Path("/ck"))
-    assert len(trials) == 2 * 2 * 2 and len({t["trial_id"] for t in trials}) == 8
+    assert len(trials) == 3 * 2 * 2 and len({t["trial_id"] for t in trials}) == 12
     mix = next(t for t in trials if t["method"] == "safety_mix")
     assert [s["name"] for s in mix["extra_sources"]] == ["general", "safety"]
+    plain = next(t for t in trials if t["method"] == "plain")
+    assert [s["name"] for s in plain["extra_sources"]] == ["general"]
+    task_only = next(t for t in trials if t["method"] == "task_only")
+    assert task_only["extra_sources"] == []  # the task data alone: no general data mixed in
     assert mix["extra_sources"][1]["weight"] == 0.05
     assert trials[0]["checkpoint_dir"] == "/ck/plain-s0-lr0.001"
     cfg = trials[0]

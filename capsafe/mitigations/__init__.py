@@ -17,10 +17,11 @@ from capsafe.mitigations.plain import PlainMethod
 from capsafe.mitigations.ptst import PTSTMethod
 from capsafe.mitigations.safe_lora import SafeLoRAMethod
 from capsafe.mitigations.safety_mix import SafetyMixMethod
+from capsafe.mitigations.task_only import TaskOnlyMethod
 from capsafe.mitigations.token_wise import TokenWiseMethod
 
 METHODS: tuple[type[MethodSpec], ...] = (PlainMethod, SafetyMixMethod, KLMethod, TokenWiseMethod, SafeLoRAMethod,
-                                         PTSTMethod, LisaMethod)
+                                         PTSTMethod, LisaMethod, TaskOnlyMethod)
 REGISTRY: dict[str, type[MethodSpec]] = {m.model_fields["name"].default: m for m in METHODS}
 METHOD_NAMES = tuple(REGISTRY)
 

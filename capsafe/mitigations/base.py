@@ -19,6 +19,7 @@ class MethodSpec(BaseModel):
     summary: ClassVar[str] = ""  # one line for the README's method table
     needs_reference: ClassVar[bool] = False  # training needs the reference (aligned) model's logits
     uses_anchor: ClassVar[bool] = False  # the loop keeps the weights of every phase switch (a proximal term)
+    mixes_general: ClassVar[bool] = True  # its task batches take task.general_fraction of general data
 
     # --- the driver: spec checks, data, prompt formats -------------------------------------------------------
     def data_fields(self) -> dict[str, str]:
