@@ -16,7 +16,16 @@ from typing import Any, Protocol
 
 from capsafe.engines import Sampling
 from capsafe.formatting import Encoder
-from capsafe.judge_formats import FORMATS, MEASURES_HARM, TOO_LONG, UNPARSED, JudgeInput, Verdict, encode_judge_input
+from capsafe.judge_formats import (
+    FORMATS,
+    MEASURES_HARM,
+    TOO_LONG,
+    UNPARSED,
+    JudgeInput,
+    Verdict,
+    encode_judge_input,
+    variant_input,
+)
 from capsafe.judges import (
     COHERENT,
     INCOHERENT,
@@ -96,15 +105,17 @@ class LLMJudge:
 
     def __init__(self, name: str, fmt: str, target: Target, tokenizer: Any, max_new_tokens: int | None = None,
                  chat_template: bool | None = None, max_input_tokens: int | None = None,
-                 parse: Callable[[str], Verdict] | None = None) -> None:
+                 parse: Callable[[str], Verdict] | None = None, variant: str | None = None) -> None:
         self.name, self.target, self.tokenizer = name, target, tokenizer
-        self.format = FORMATS[fmt]
+        self.format, self.variant = FORMATS[fmt], variant
         self.parse = parse or self.format.parse
         self.use_template = self.format.wants_template(tokenizer, chat_template)
         self.sampling = Sampling(max_new_tokens or self.format.default_max_new_tokens)
         self.max_input_tokens = max_input_tokens
 
     def inputs(self, rows: Rows) -> list[JudgeInput]:
+        if self.variant is not None:  # a reworded prompt, sent as its own text
+            return [variant_input(self.format.name, self.variant, r, self.tokenizer) for r in rows]
         return [self.format.build(r, self.use_template, self.tokenizer) for r in rows]
 
     def input_ids(self, rows: Rows) -> list[list[int]]:

@@ -19,7 +19,7 @@ from capsafe.data import read_jsonl
 from capsafe.errors import SpecError
 from capsafe.evaluate import Suite
 from capsafe.formatting import Encoder, PromptFormat, TemplateError, load_tokenizer
-from capsafe.judge_formats import FORMATS, encode_judge_input
+from capsafe.judge_formats import FORMATS, encode_judge_input, variant_input
 from capsafe.spec import Spec
 
 
@@ -56,8 +56,9 @@ def check_eval_context(spec: Spec, paths: dict[str, str], task_eval: list[dict[s
             raise SpecError(f"eval.llm_judges.{i}: {exc}") from None
         rows = [{"request": it.get("request", it["prompt"]), "response": "", "behavior": it.get("behavior", ""),
                  "context": it.get("context", "")} for s in suites if s.kind == "harmful" for it in s.items]
-        overhead = max((len(encode_judge_input(judge_tok, fmt.build(r, use_template, judge_tok))) for r in rows),
-                       default=0)
+        inputs = [fmt.build(r, use_template, judge_tok) for r in rows]
+        inputs += [variant_input(j.format, v, r, judge_tok) for v in j.prompt_variants for r in rows]
+        overhead = max((len(encode_judge_input(judge_tok, inp)) for inp in inputs), default=0)
         response = min(spec.eval.max_new_tokens, 512) if j.format == "harmbench" else spec.eval.max_new_tokens
         new = j.max_new_tokens or fmt.default_max_new_tokens
         need = judge_context(j.name, overhead, response, new, model_context(model), spec.eval.max_model_len)

@@ -62,7 +62,7 @@ def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[floa
     judg = read_table(out, "judgments").to_pandas()
     assert set(zip(gens["trial_id"], gens["step"], strict=True)) == evaluated
     assert set(gens["engine"]) == {engine}
-    assert set(gens["suite"]) == {"harmful", "overrefusal", "benign"}
+    assert set(gens["suite"]) == {"harmful", "harmful_styles", "overrefusal", "benign"}
     assert not gens.duplicated(["trial_id", "step", "suite", "prompt_id", "repeat"]).any()
     assert set(gens["repeat"]) == set(range(repeats))
     assert not judg.duplicated(["trial_id", "step", "suite", "prompt_id", "repeat", "judge"]).any()
@@ -83,6 +83,10 @@ def test_run_micro_flow_with_vllm(tmp_path: Path) -> None:
     out = tmp_path / "micro"
     _check_results(out, "vllm", {"plain", "safety_mix"})
     assert "| plain |" in proc.stdout  # the report is printed at the end
+    # ... and last the summary table with one line per finding of the study, each with its number or why not
+    closing = proc.stdout.split("capsafe summary", 1)[1]
+    assert "| plain |" in closing and "Findings of this run:" in closing
+    assert all(f"\n{n}. " in closing for n in (1, 2, 3)), closing
     # Ray Tune's reporter printed its trial table (capsafe's trial id, status, step, capability, loss, tokens)
     row = r"\| TERMINATED +\|[^\n]*\| plain-s0-lr0\.003 +\| +\d+ \| +[\d.]+ \|"
     assert re.search(row, proc.stdout), proc.stdout[-3000:]
@@ -142,15 +146,18 @@ def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path) -> None:
              # (>= 0.05) after step 400, where CI once did; a trial stops as soon as it is reached
              "train.max_steps=1000",
              "eval.temperature=0.8", "eval.repeats=2", "eval.max_perplexity=5000",
-             "eval.llm_judges=[{name: guard, max_new_tokens: 4}]"],
+             # the world's Llama-Guard-format judge model, its published prompt and a reworded one
+             "eval.llm_judges=[{name: guard, prompt_variants: [lg_terse]}]"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
         assert "SUCCEEDED" in proc.stdout
-        _check_results(tmp_path / "micro", "vllm", {"plain"}, repeats=2, harm_judges=1)
+        _check_results(tmp_path / "micro", "vllm", {"plain"}, repeats=2, harm_judges=2)
         gens = read_table(tmp_path / "micro", "generations").to_pandas()
         assert set(gens["seed"]) == {0, 1}
         judg = read_table(tmp_path / "micro", "judgments").to_pandas()
         assert judg[judg["judge"] == "guard"]["raw"].notna().all()
+        assert (judg[judg["judge"] == "guard"]["verdict"] != "unparsed").mean() > 0.9  # it answers in its format
+        assert "## Judge prompt variants" in (tmp_path / "micro" / "report.md").read_text()
         assert judg[judg["judge"] == "coherence"]["score"].notna().any()
         assert not list((tmp_path / "micro" / "models").rglob("merged"))  # adapters were served, not merged
 

@@ -61,8 +61,8 @@ def _alive(pids: set[int]) -> set[int]:
     return {p for p in pids if (st := _stat(p)) is not None and st[0] != "Z"}
 
 
-def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, random_adapter: str,
-                                                                  tmp_path: Path) -> None:
+def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, micro_judge: Path,
+                                                                  random_adapter: str, tmp_path: Path) -> None:
     from capsafe.pool_client import PoolClient
     from capsafe.ray_shell import ray_session
     from capsafe.serve_pool import build_pool, deployment_options, start_pool, stop_pool
@@ -79,8 +79,13 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, r
         engine = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8}  # one adapter: max_loras above it
         handle = start_pool(build_pool("vllm", engine, options, max_models=2, max_ongoing_requests=2), "t-pool")
         pool = PoolClient(handle, retries=4, log=logs.append)
+        # the world's Llama-Guard-format judge model, served in the same pool as the models it judges, with its
+        # published prompt (through its own chat template) and a reworded one
+        guard_tok = load_tokenizer(micro_judge)
         judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity(base, 1000.0, Encoder(tokenizer)),
-                  LLMJudge("guard", "llama_guard", Target(base), tokenizer, 4)]
+                  LLMJudge("guard", "llama_guard", Target(str(micro_judge)), guard_tok),
+                  LLMJudge("guard@lg_terse", "llama_guard", Target(str(micro_judge)), guard_tok,
+                           variant="lg_terse")]
 
         def evaluate() -> int:
             return evaluate_models(models, suites, encode, Sampling(16, temperature=1.0, seed=3), 2, pool, judges,
@@ -124,8 +129,12 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, r
     assert (by.xs("lora", level="trial_id") != by.xs("base", level="trial_id")).mean() > 0.5  # adapter applied
     judg = read_table(tmp_path, "judgments").to_pandas()
     harmful = int((gens["suite_kind"] == "harmful").sum())  # the harm classifier judges the harmful suite only
-    assert len(judg) == 2 * len(gens) + harmful and not judg.duplicated([*KEYS, "judge"]).any()
-    guard = judg[judg["judge"] == "guard"]
-    assert guard["raw"].notna().all()  # the untrained 'judge' mostly writes nonsense: kept, labelled unparsed
-    assert set(guard["verdict"]) <= {"safe", "unsafe", "unparsed"}
+    assert len(judg) == 2 * len(gens) + 2 * harmful and not judg.duplicated([*KEYS, "judge"]).any()
+    for name in ("guard", "guard@lg_terse"):
+        guard = judg[judg["judge"] == name]
+        assert len(guard) == harmful and guard["raw"].notna().all()
+        assert set(guard["verdict"]) <= {"safe", "unsafe", "unparsed"}
+    # the judge model answers in Llama Guard's format through the pool: its published-prompt verdicts parse
+    published = judg[judg["judge"] == "guard"]
+    assert (published["verdict"] != "unparsed").mean() > 0.9, published["raw"].value_counts().head()
     assert judg[judg["judge"] == "coherence"]["score"].notna().mean() > 0.9  # base-model perplexity
