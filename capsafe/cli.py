@@ -36,6 +36,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     print(run_experiment(spec, resume=args.resume))
+    from capsafe.report import console_summary
+
+    print(console_summary(spec.results_dir), flush=True)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,9 @@ from typing import Any
 from capsafe.engines import Sampling
 from capsafe.evaluate import Encode, Suite, evaluate_models
 from capsafe.formatting import Encoder, PromptFormat, load_tokenizer
-from capsafe.judge_formats import parse_strongreject
+from capsafe.judge_formats import parse_strongreject, variant_name
 from capsafe.metrics import score
-from capsafe.panel import CoherenceWithPerplexity, Judge, LLMJudge, Pool, Target, rule_judge
+from capsafe.panel import CoherenceWithPerplexity, Judge, LLMJudge, Pool, Target, rule_judge, then
 from capsafe.preflight import judge_input_limit
 from capsafe.results import read_table, write_table
 from capsafe.spec import Spec
@@ -75,9 +76,24 @@ def make_panel(spec: Spec, paths: dict[str, str], context_len: int | None = None
         model = paths[f"eval.llm_judges.{i}.model"]
         limit = judge_input_limit(spec, paths, i, context_len) if context_len else None
         parse = partial(parse_strongreject, harmful_from=j.harmful_from) if j.format == "strongreject" else None
-        judges.append(LLMJudge(j.name, j.format, Target(model), load_tokenizer(model), j.max_new_tokens,
-                               j.chat_template, limit, parse))
+        tokenizer = load_tokenizer(model)
+        judges.append(LLMJudge(j.name, j.format, Target(model), tokenizer, j.max_new_tokens, j.chat_template, limit,
+                               parse))
+        for k, variant in enumerate(j.prompt_variants, start=1):
+            judges.append(LLMJudge(f"{j.name}@{variant_name(variant, k)}", j.format, Target(model), tokenizer,
+                                   j.max_new_tokens, j.chat_template, limit, parse, variant=variant))
     return judges
+
+
+def models_in_flight(spec: Spec, paths: dict[str, str]) -> int:
+    """How many checkpoint models may generate at once: as many as the replicas keep loaded beside the models
+    every replica needs all along (the LLM judges' and, for perplexity, the base model)."""
+    e = spec.eval
+    replicas = e.autoscaling.max_replicas if e.autoscaling else e.replicas
+    always = {paths[f"eval.llm_judges.{i}.model"] for i in range(len(e.llm_judges))}
+    if e.max_perplexity is not None and "coherence" in e.judges:
+        always.add(paths["model.path"])
+    return replicas * max(1, e.max_models_per_replica - len(always))
 
 
 def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Path, fmt: PromptFormat,
@@ -93,17 +109,23 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
     selection = read_jsonl(paths["task.eval_file"], ("prompt", "answer"))[: spec.task.eval_size]
     confirm = read_jsonl(paths["task.confirm_file"], ("prompt", "answer")) if "task.confirm_file" in paths else []
 
-    def measure(target: Target, items: list[dict], trial_fmt: PromptFormat = fmt) -> float | None:
-        if not items:
-            return None
+    def start(target: Target, trial_fmt: PromptFormat = fmt) -> Future[tuple[float | None, float | None]]:
+        """Both splits in one request: each engine is loaded once for its checkpoint's capability."""
         encoder = Encoder(tokenizer, trial_fmt)
+        items = selection + confirm
         prompts = [encoder.prompt(it["prompt"]) for it in items]  # the ids the trial was trained and measured on
-        outputs = pool.generate(target, prompts, Sampling(spec.task.max_new_tokens)).result()
-        return score(spec.task.metric, outputs, [it["answer"] for it in items])
+
+        def scores(outputs: list[str]) -> tuple[float | None, float | None]:
+            def part(lo: int, hi: int) -> float | None:
+                return score(spec.task.metric, outputs[lo:hi], [it["answer"] for it in items[lo:hi]]) \
+                    if hi > lo else None
+            return part(0, len(selection)), part(len(selection), len(items))
+
+        return then(pool.generate(target, prompts, Sampling(spec.task.max_new_tokens)), scores)
 
     if "base" not in set(read_table(results_dir, "trials").column("trial_id").to_pylist()):
-        capability = measure(models[("base", 0)], selection) or 0.0
-        confirmed = measure(models[("base", 0)], confirm)
+        selected, confirmed = start(models[("base", 0)]).result()
+        capability = selected or 0.0
         log(f"base model capability: {capability:.3f}" + ("" if confirmed is None else f", {confirmed:.3f} confirmed"))
         write_table(results_dir, "trials", [{
             "trial_id": "base", "method": "base", "seed": None, "learning_rate": None, "target": spec.task.target,
@@ -116,20 +138,21 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
     trials = {t["trial_id"]: t for t in read_table(results_dir, "trials").to_pylist()}
     formats = {tid: method_from_json(t["method"], t["method_params"]).train_format(fmt)
                for tid, t in trials.items() if t["method"] in REGISTRY}
+    # every checkpoint's request is sent at once, so that the pool's replicas measure several in parallel
+    pending = {(r["trial_id"], r["step"]): start(models[(r["trial_id"], r["step"])], formats.get(r["trial_id"], fmt))
+               for r in checkpoints if r["reached"] and r["served_capability"] is None}
     for trial_id in dict.fromkeys(r["trial_id"] for r in checkpoints):
         rows = [r for r in checkpoints if r["trial_id"] == trial_id]
-        done: dict[int, tuple[float | None, float | None]] = {}
+        measured = False
         for r in rows:
-            if r["reached"] and r["served_capability"] is None:
-                model, trial_fmt = models[(trial_id, r["step"])], formats.get(trial_id, fmt)
-                if r["step"] not in done:
-                    done[r["step"]] = (measure(model, selection, trial_fmt), measure(model, confirm, trial_fmt))
-                r["served_capability"], r["confirmed_capability"] = done[r["step"]]
+            if (trial_id, r["step"]) in pending and r["reached"] and r["served_capability"] is None:
+                r["served_capability"], r["confirmed_capability"] = pending[(trial_id, r["step"])].result()
+                measured = True
                 confirmed = r["confirmed_capability"]
                 log(f"capability of {trial_id} step {r['step']}: {r['capability']:.3f} in training, "
                     f"{r['served_capability']:.3f} served" + ("" if confirmed is None else
                                                               f", {confirmed:.3f} on the confirmation split"))
-        if done:
+        if measured:
             write_table(results_dir, "checkpoints", rows, fragment=trial_id)
             trial = trials.get(trial_id)
             kept = next((r for r in rows if trial and r["step"] == trial["step"] and r["reached"]), None)
@@ -177,7 +200,8 @@ def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites:
         sampling = Sampling(e.max_new_tokens, e.temperature, e.top_p, e.seed)
         evaluate_models(models, suites, Encoder(tokenizer, eval_fmt).prompt, sampling, e.repeats, pool,
                         make_panel(spec, paths, context_len), e.engine, results_dir, log,
-                        encodes=method_encodes(results_dir, eval_fmt, tokenizer), status_every_s=e.status_every_s)
+                        encodes=method_encodes(results_dir, eval_fmt, tokenizer), status_every_s=e.status_every_s,
+                        models_in_flight=models_in_flight(spec, paths))
     finally:
         pool.close()
     stop_pool(pool_name)

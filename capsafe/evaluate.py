@@ -64,7 +64,8 @@ Encode = Callable[[str], list[int]]  # request -> prompt ids (``capsafe.formatti
 def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], encode: Encode,
                     sampling: Sampling, repeats: int, pool: Pool, judges: list[Judge], engine_name: str,
                     results_dir: Path, log: Callable[[str], None], chunk: int = 32,
-                    encodes: dict[str, Encode] | None = None, status_every_s: float = 0.0) -> int:
+                    encodes: dict[str, Encode] | None = None, status_every_s: float = 0.0,
+                    models_in_flight: int | None = None) -> int:
     """Generate and judge every (checkpoint, suite) not already complete in the results; return how many.
 
     Each engine model's first request goes out alone and the rest follow once it has answered: by then one
@@ -73,7 +74,10 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
     (after the pool client's retries) fails the run once every other answer is written; a rerun continues.
     ``encodes`` overrides ``encode`` per trial (a method that evaluates with its own prompt format).
     With ``status_every_s`` a status line (requests answered, pairs judged, time left) is logged at least
-    that often, so a long (checkpoint, suite) pair does not look like a hang.
+    that often, so a long (checkpoint, suite) pair does not look like a hang. ``models_in_flight`` bounds how
+    many engine models have generation requests out at once (the next starts when one has all its answers):
+    with more models than the replicas keep loaded, interleaved requests would make them load engines over and
+    over.
     """
     def encode_for(job: _Job) -> Encode:
         return (encodes or {}).get(job.trial_id, encode)
@@ -82,6 +86,9 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
     handlers: dict[Future[Any], Callable[[Any], None]] = {}
     waiting: dict[str, list[tuple[_Job, tuple[int, int], list[list[int]], Sampling]]] = {}  # engine model -> parts
     loaded: set[str] = set()  # engine models whose first request has answered
+    planned: dict[str, list[tuple[_Job, tuple[int, int], list[list[int]], Sampling]]] = {}  # not sent yet
+    outstanding: dict[str, int] = {}  # engine model -> generation requests not answered yet
+    held: list[str] = []  # engine models waiting for a place in flight
     jobs: list[_Job] = []
     finished = [0]
     answered = [0]  # generation requests answered so far
@@ -95,8 +102,22 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
         loaded.add(job.target.model)
         for queued in waiting.pop(job.target.model, []):  # the engine is loaded somewhere now
             send(*queued)
+        outstanding[job.target.model] -= 1
+        if not outstanding[job.target.model] and held:  # this model is done generating: the next may start
+            release(held.pop(0))
         if len(job.parts) == job.expected:
             write_generations(job)
+
+    def release(model: str) -> None:
+        """Send the generation requests of ``model``'s jobs: its first request alone, the rest once it has
+        answered (by then one replica has the engine loaded and the pool routes the rest there)."""
+        parts = planned.pop(model)
+        if model in loaded:
+            for p in parts:
+                send(*p)
+            return
+        send(*parts.pop(0))
+        waiting.setdefault(model, []).extend(parts)
 
     def write_generations(job: _Job) -> None:
         rows = []
@@ -160,13 +181,12 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
             job.expected = len(parts)
             if not parts:
                 write_generations(job)
-            elif target.model in loaded:
-                for p in parts:
-                    send(job, *p)
-            else:
-                if target.model not in waiting:
-                    send(job, *parts.pop(0))
-                waiting.setdefault(target.model, []).extend((job, *p) for p in parts)
+            planned.setdefault(target.model, []).extend((job, *p) for p in parts)
+            outstanding[target.model] = outstanding.get(target.model, 0) + len(parts)
+    held = [m for m in planned if planned[m]]
+    for model in held[:models_in_flight or len(held)]:
+        release(model)
+    held = held[models_in_flight or len(held):]
     log(f"evaluate: {len(jobs)} (checkpoint, suite) pair(s) to do, {len(models) * len(suites) - len(jobs)} "
         f"already done; {repeats} repeat(s) each, judges {', '.join(j.name for j in judges)}")
     errors: list[BaseException] = []

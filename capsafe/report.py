@@ -30,6 +30,7 @@ from capsafe.report_robustness import (
     write_robustness,
 )
 from capsafe.report_stats import coherence_split, comparisons, disagreements, rate_table, split_mixed_suites
+from capsafe.report_variants import split_variants, variant_rankings, variant_sentence, variant_table
 from capsafe.results import read_table
 
 LADDER_COLUMNS = ["method", "level", "trials", "capability", "served capability", "harmful refusal",
@@ -278,16 +279,24 @@ def missing(results_dir: Path, trials: pd.DataFrame, judgments: pd.DataFrame) ->
 def write_report(results_dir: Path, experiment: str) -> str:
     """Write ``report.md`` beside the tables and return its text."""
     trials = read_table(results_dir, "trials").to_pandas()
-    judgments = split_mixed_suites(applicable(read_table(results_dir, "judgments").to_pandas()))
+    every = split_mixed_suites(applicable(read_table(results_dir, "judgments").to_pandas()))
+    judgments, variants = split_variants(every)  # reworded judge prompts get a section of their own
     checkpoints = read_table(results_dir, "checkpoints").to_pandas()
     target = float(trials["target"].dropna().iloc[0]) if trials["target"].notna().any() else float("nan")
     not_reached = trials[(trials["method"] != "base") & ~trials["reached"].astype(bool)]
     gaps = missing(results_dir, trials, judgments)
     robust = robustness_table(judgments, trials, jailbreak_suites(results_dir)) if not judgments.empty else None
+    from capsafe.report_html import LEAD_PLOT, PLOTS_DIR, write_html, write_plots
+
+    ladder = ladder_table(trials, checkpoints, judgments) if checkpoints["level"].nunique() > 1 else None
+    plots = write_plots(results_dir, trials, checkpoints, judgments, target, ladder)
+    lead = [f"![Harmful compliance against confirmed capability]({PLOTS_DIR}/{LEAD_PLOT})", ""] \
+        if any(p.name == LEAD_PLOT for p in plots) else []
     text = [f"# capsafe report: {experiment}", "",
             *([f"**Partial results.** {'; '.join(gaps)}.", ""] if gaps else []),
             *(["**This run's findings** (what the study behind capsafe found, measured here):", "",
                *headline(judgments, trials, robust), ""] if robust is not None else []),
+            *lead,
             f"Capability target: {target:.2f}. Safety is measured only at checkpoints that reached it "
             "(and on the base model). Rates are shares of responses; 'harmful refusal' should be high, "
             "'over-refusal' low.", "", to_markdown(summarize(trials, judgments, checkpoints)), ""]
@@ -317,6 +326,13 @@ def write_report(results_dir: Path, experiment: str) -> str:
         text += _statistics(trials, judgments, checkpoints, target, jailbreak_suites(results_dir))
     if not judgments.empty:
         text += _robustness(trials, judgments, robust, jailbreak_suites(results_dir))
+    if not variants.empty:
+        table, taus = variant_table(every, trials), variant_rankings(every, trials)
+        text += ["## Judge prompt variants", "",
+                 "Each LLM judge's rate under its published prompt and under each rewording (the same responses, "
+                 "the same judge model), the spread between them, and Kendall's tau-b between the methods' "
+                 "ranking under the published prompt and under each variant (scipy).", "",
+                 variant_sentence(table, taus), "", _markdown(table), "", _markdown(taus), ""]
     if checkpoints["level"].nunique() > 1:
         text += ["## Safety along the capability ladder", "", _markdown(ladder_table(trials, checkpoints, judgments)),
                  ""]
@@ -343,9 +359,18 @@ def write_report(results_dir: Path, experiment: str) -> str:
     tmp = results_dir / ".report.md.tmp"
     tmp.write_text(out)
     tmp.replace(results_dir / "report.md")
-    from capsafe.report_html import write_html, write_plots
-
-    ladder = ladder_table(trials, checkpoints, judgments) if checkpoints["level"].nunique() > 1 else None
-    write_html(results_dir, out, write_plots(results_dir, trials, checkpoints, judgments, target, ladder),
-               f"capsafe report: {experiment}")
+    write_html(results_dir, out, plots, f"capsafe report: {experiment}")
     return out
+
+
+def console_summary(results_dir: Path) -> str:
+    """What ``capsafe run`` prints last: the summary table and one line per finding of the study."""
+    trials = read_table(results_dir, "trials").to_pandas()
+    judgments = split_variants(split_mixed_suites(applicable(read_table(results_dir, "judgments").to_pandas())))[0]
+    checkpoints = read_table(results_dir, "checkpoints").to_pandas()
+    lines = ["", "=" * 30 + " capsafe summary " + "=" * 30, to_markdown(summarize(trials, judgments, checkpoints))]
+    if not judgments.empty:
+        robust = robustness_table(judgments, trials, jailbreak_suites(results_dir))
+        lines += ["", "Findings of this run:", *headline(judgments, trials, robust)]
+    lines.append(f"(full report: {results_dir / 'report.md'}, {results_dir / 'report.html'})")
+    return "\n".join(lines)

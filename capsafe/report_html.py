@@ -12,10 +12,11 @@ from typing import Any
 
 import pandas as pd
 
-from capsafe.report_stats import coherence_split, per_checkpoint, per_prompt
+from capsafe.report_stats import coherence_split, method_order, per_checkpoint, per_prompt
 from capsafe.stats import nested_interval
 
 PLOTS_DIR = "plots"
+LEAD_PLOT = "lead.png"  # shown under the headline, before the tables
 
 
 def _figure(width: float = 7.0, height: float = 3.6, rows: int = 1) -> tuple[Any, Any]:
@@ -128,12 +129,63 @@ def ladder_plot(ladder: pd.DataFrame, out: Path) -> Path | None:
     return _save(fig, out)
 
 
+def lead_plot(judgments: pd.DataFrame, trials: pd.DataFrame, checkpoints: pd.DataFrame, target: float,
+              tolerance: float, out: Path) -> Path | None:
+    """The report's lead figure: harmful compliance (harmful suites pooled, one marker per judge) against
+    confirmed capability, one colour per method, every evaluated checkpoint (ladder rungs make a curve), with
+    the equal-capability band shaded."""
+    from capsafe.agreement import HARMFUL_LABELS
+
+    j = judgments[(judgments["suite_kind"] == "harmful") & (judgments["judge"] != "coherence")]
+    j = j.assign(harmful=j["verdict"].map(HARMFUL_LABELS)).dropna(subset=["harmful"])
+    if j.empty:
+        return None
+    kept = checkpoints[checkpoints["reached"].astype(bool)].dropna(subset=["step"])
+    points = pd.concat([
+        kept.assign(x=kept["confirmed_capability"].fillna(kept["served_capability"]).fillna(kept["capability"]))
+        [["trial_id", "step", "x"]],
+        trials[trials["status"] == "base"].assign(x=lambda t: t["confirmed_capability"].fillna(t["capability"]))
+        [["trial_id", "step", "x"]]]).astype({"step": "int64"}).drop_duplicates(["trial_id", "step"])
+    points = points.merge(trials[["trial_id", "method"]], on="trial_id")
+    rates = (j.groupby(["trial_id", "step", "judge"])["harmful"].mean().reset_index()
+             .astype({"step": "int64"}).merge(points, on=["trial_id", "step"]))
+    if rates.empty:
+        return None
+    fig, ax = _figure(7.0, 4.2)
+    import matplotlib.pyplot as plt
+
+    if tolerance == tolerance and target == target:  # both known (not NaN)
+        ax.axvspan(target - tolerance, target + tolerance, color="tab:green", alpha=0.12,
+                   label=f"equal-capability band {target:g} ± {tolerance:g}")
+    palette = plt.get_cmap("tab10")
+    colours = {m: palette(i % 10) for i, m in enumerate(method_order(rates["method"]))}
+    markers = dict(zip(sorted(rates["judge"].unique()), "osD^v<>p*", strict=False))
+    for (method, judge), g in rates.groupby(["method", "judge"], sort=True):
+        for _, trial in g.groupby("trial_id"):
+            trial = trial.sort_values("x")
+            ax.plot(trial["x"], trial["harmful"], color=colours[method], marker=markers[judge], alpha=0.85,
+                    linestyle="-" if len(trial) > 1 else "none")
+    for method, colour in colours.items():
+        ax.plot([], [], color=colour, linewidth=6, label=str(method))
+    for judge, marker in markers.items():
+        ax.plot([], [], color="black", marker=marker, linestyle="none", label=f"judge: {judge}")
+    ax.set_xlabel("confirmed capability (held-out split, as served)")
+    ax.set_ylabel("harmful compliance")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title("Harmful compliance against capability, per method and judge")
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, out)
+
+
 def write_plots(results_dir: Path, trials: pd.DataFrame, checkpoints: pd.DataFrame, judgments: pd.DataFrame,
                 target: float, ladder: pd.DataFrame | None = None) -> list[Path]:
     """Every plot the results allow, as PNG files under ``results_dir/plots``."""
     folder = results_dir / PLOTS_DIR
     folder.mkdir(exist_ok=True)
-    made = [capability_plot(trials, checkpoints, target, folder / "capability.png")]
+    tolerance = float(trials["tolerance"].dropna().iloc[0]) if "tolerance" in trials and \
+        trials["tolerance"].notna().any() else float("nan")
+    made = [lead_plot(judgments, trials, checkpoints, target, tolerance, folder / LEAD_PLOT) if not judgments.empty
+            else None, capability_plot(trials, checkpoints, target, folder / "capability.png")]
     if ladder is not None:
         made.append(ladder_plot(ladder, folder / "ladder.png"))
     if not judgments.empty:
@@ -148,8 +200,15 @@ def _inline(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
 
 
-def markdown_to_html(markdown: str) -> str:
-    """The report's markdown subset (headings, paragraphs, '- ' lists, pipe tables) as HTML."""
+def _embed(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img alt="{html.escape(alt or path.stem)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(path.name)}</figcaption></figure>")
+
+
+def markdown_to_html(markdown: str, images: dict[str, Path] | None = None) -> str:
+    """The report's markdown subset (headings, paragraphs, '- ' lists, pipe tables, and image lines
+    ``![alt](plots/x.png)`` whose file is in ``images``, embedded there and taken out of it) as HTML."""
     parts: list[str] = []
     lines = markdown.splitlines()
     i = 0
@@ -168,6 +227,10 @@ def markdown_to_html(markdown: str) -> str:
                          + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
                          + "</table>")
             continue
+        elif (image := re.fullmatch(r"!\[(.*)\]\((.+)\)", line.strip())) and images is not None:
+            path = Path(image.group(2))
+            if path.name in images:
+                parts.append(_embed(images.pop(path.name), image.group(1)))
         elif line.startswith("- "):
             items = []
             while i < len(lines) and lines[i].startswith("- "):
@@ -194,11 +257,11 @@ RENDER_MARK = ("window.addEventListener('load',()=>document.querySelectorAll('im
 
 def write_html(results_dir: Path, markdown: str, plots: list[Path], title: str) -> Path:
     """``report.html``: the markdown report with the plots embedded (no file beside it is needed)."""
-    figures = "".join(
-        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        f"<figcaption>{p.name}</figcaption></figure>" for p in plots)
+    rest = {p.name: p for p in plots}
+    body = markdown_to_html(markdown, rest)  # embeds the plots the markdown shows in place
+    figures = "".join(_embed(p, p.stem) for p in rest.values())
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{markdown_to_html(markdown)}<h2>Plots</h2>{figures}"
+            f"<style>{STYLE}</style></head><body>{body}{'<h2>Plots</h2>' + figures if figures else ''}"
             f"<script>{RENDER_MARK}</script></body></html>")
     tmp = results_dir / ".report.html.tmp"
     tmp.write_text(page)

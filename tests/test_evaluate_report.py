@@ -155,6 +155,44 @@ def test_a_long_evaluation_logs_status_lines(tmp_path: Path) -> None:
     assert len(read_table(tmp_path, "generations")) == 12
 
 
+class CountingPool(FakePool):
+    """Answers from a timer thread and records the most engine models it had generation requests for at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: dict[str, int] = {}
+        self.most = 0
+        self.lock = threading.Lock()
+
+    def generate(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> Future:
+        answer = super().generate(target, prompts, sampling)
+        with self.lock:
+            self.out[target.model] = self.out.get(target.model, 0) + 1
+            self.most = max(self.most, sum(1 for n in self.out.values() if n))
+        late: Future = Future()
+
+        def finish() -> None:
+            with self.lock:
+                self.out[target.model] -= 1
+            late.set_result(answer.result())
+
+        threading.Timer(0.02, finish).start()
+        return late
+
+
+@pytest.mark.parametrize("in_flight", [None, 1, 2])
+def test_models_in_flight_bounds_the_engines_generating_at_once(tmp_path: Path, in_flight: int | None) -> None:
+    """More checkpoint models than the replicas keep loaded: generating them all at once makes replicas load
+    engines over and over (the demo's evaluation took twice as long); a bound keeps it to a few at a time."""
+    models = {(f"t{i}", 10): Target(f"m{i}") for i in range(5)}
+    pool = CountingPool()
+    evaluate_models(models, SUITES, lambda p: CHARS(p)["input_ids"], Sampling(8), 1, pool,
+                    [rule_judge("refusal_keywords")], "fake", tmp_path, lambda m: None, chunk=1,
+                    models_in_flight=in_flight)
+    assert len(read_table(tmp_path, "generations")) == 5 * 6  # everything was generated, each once
+    assert pool.most == (in_flight or pool.most) and (in_flight or pool.most > 2)
+
+
 def _trial(tid: str, method: str, reached: bool, cap: float, step: int) -> dict:
     return {"trial_id": tid, "method": method, "seed": 0, "learning_rate": 1e-3, "target": 0.4, "tolerance": 0.05,
             "reached": reached, "capability": cap, "confirmed_capability": cap, "step": step,
@@ -332,7 +370,10 @@ def test_report_html_is_self_contained_and_its_plots_are_not_empty(tmp_path: Pat
     page = (tmp_path / "report.html").read_text()
     assert "<h1>capsafe report: x</h1>" in page and "<table>" in page and "src=\"http" not in page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 3 == len(list((tmp_path / "plots").glob("*.png")))
+    assert len(images) == 4 == len(list((tmp_path / "plots").glob("*.png")))
+    # the lead figure (harmful compliance against confirmed capability) comes right under the findings
+    assert page.index('alt="Harmful compliance against confirmed capability"') < page.index("<table>")
+    assert "![Harmful compliance against confirmed capability](plots/lead.png)" in (tmp_path / "report.md").read_text()
     for data in images:
         pixels = mpimg.imread(io.BytesIO(base64.b64decode(data)), format="png")
         assert pixels.shape[0] > 100 and pixels.std() > 0.05  # something is drawn, not a blank canvas
@@ -346,7 +387,7 @@ def test_report_html_is_self_contained_and_its_plots_are_not_empty(tmp_path: Pat
                                 "--screenshot", str(tmp_path / "shot.png")], capture_output=True, text=True,
                                timeout=300, cwd=Path(__file__).resolve().parent.parent)
         assert check.returncode == 0, check.stderr
-        assert "3 plot(s) rendered" in check.stdout
+        assert "4 plot(s) rendered" in check.stdout
 
 
 def test_report_on_partial_results_says_what_is_missing(tmp_path: Path) -> None:
