@@ -96,6 +96,17 @@ def models_in_flight(spec: Spec, paths: dict[str, str]) -> int:
     return replicas * max(1, e.max_models_per_replica - len(always))
 
 
+def model_windows(models: dict[tuple[str, int], Target], size: int) -> list[dict[tuple[str, int], Target]]:
+    """The checkpoints in groups of at most ``size`` engine models (LoRA adapters on one base engine count
+    once), base model first: each group is measured and evaluated before the next, so that every engine is
+    loaded once for both."""
+    by_engine: dict[str, dict[tuple[str, int], Target]] = {}
+    for key, target in models.items():
+        by_engine.setdefault(target.model, {})[key] = target
+    engines = list(by_engine.values())
+    return [{k: v for group in engines[i:i + size] for k, v in group.items()} for i in range(0, len(engines), size)]
+
+
 def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Path, fmt: PromptFormat,
                               tokenizer: Any, pool: Pool, models: dict[tuple[str, int], Target],
                               log: Callable[[str], None]) -> None:
@@ -123,7 +134,7 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
 
         return then(pool.generate(target, prompts, Sampling(spec.task.max_new_tokens)), scores)
 
-    if "base" not in set(read_table(results_dir, "trials").column("trial_id").to_pylist()):
+    if ("base", 0) in models and "base" not in set(read_table(results_dir, "trials").column("trial_id").to_pylist()):
         selected, confirmed = start(models[("base", 0)]).result()
         capability = selected or 0.0
         log(f"base model capability: {capability:.3f}" + ("" if confirmed is None else f", {confirmed:.3f} confirmed"))
@@ -140,7 +151,8 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
                for tid, t in trials.items() if t["method"] in REGISTRY}
     # every checkpoint's request is sent at once, so that the pool's replicas measure several in parallel
     pending = {(r["trial_id"], r["step"]): start(models[(r["trial_id"], r["step"])], formats.get(r["trial_id"], fmt))
-               for r in checkpoints if r["reached"] and r["served_capability"] is None}
+               for r in checkpoints if r["reached"] and r["served_capability"] is None
+               and (r["trial_id"], r["step"]) in models}
     for trial_id in dict.fromkeys(r["trial_id"] for r in checkpoints):
         rows = [r for r in checkpoints if r["trial_id"] == trial_id]
         measured = False
@@ -196,12 +208,18 @@ def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites:
     try:
         fmt, eval_fmt = spec.model.prompt_format(), e.prompt_format(spec.model)
         tokenizer = load_tokenizer(paths["model.path"])
-        measure_served_capability(spec, paths, results_dir, fmt, tokenizer, pool, models, log)
         sampling = Sampling(e.max_new_tokens, e.temperature, e.top_p, e.seed)
-        evaluate_models(models, suites, Encoder(tokenizer, eval_fmt).prompt, sampling, e.repeats, pool,
-                        make_panel(spec, paths, context_len), e.engine, results_dir, log,
-                        encodes=method_encodes(results_dir, eval_fmt, tokenizer), status_every_s=e.status_every_s,
-                        models_in_flight=models_in_flight(spec, paths))
+        panel = make_panel(spec, paths, context_len)
+        windows = model_windows(models, models_in_flight(spec, paths))
+        for n, window in enumerate(windows, start=1):
+            # a few engine models at a time, each measured and then evaluated while its engine is loaded
+            if len(windows) > 1:
+                log(f"evaluate: models {n}/{len(windows)}: "
+                    + ", ".join(f"{tid} step {step}" for tid, step in window))
+            measure_served_capability(spec, paths, results_dir, fmt, tokenizer, pool, window, log)
+            evaluate_models(window, suites, Encoder(tokenizer, eval_fmt).prompt, sampling, e.repeats, pool, panel,
+                            e.engine, results_dir, log, encodes=method_encodes(results_dir, eval_fmt, tokenizer),
+                            status_every_s=e.status_every_s)
     finally:
         pool.close()
     stop_pool(pool_name)

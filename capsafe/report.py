@@ -228,15 +228,16 @@ def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.D
 
 
 def _robustness(trials: pd.DataFrame, judgments: pd.DataFrame, robust: pd.DataFrame | None,
-                jailbreaks: dict[str, str]) -> list[str]:
+                jailbreaks: dict[str, str], checkpoints: pd.DataFrame) -> list[str]:
     text = []
+    outside = {m for m, inside in equal_capability(trials, checkpoints).items() if not inside}
     if robust is not None and not robust.empty:
         text += ["## Does each conclusion survive another benchmark or judge?", "",
                  "Every method against plain fine-tuning and against the base model, under every benchmark × "
                  "judge pair that measures it. A pair's verdict is 'safer' / 'less safe' where the difference is "
                  "significant (Holm-adjusted p < 0.05 over this table, 95 % interval excluding 0); the "
                  f"conclusion is the verdict most pairs give (also in `{ROBUSTNESS_FILE}`).", "",
-                 *[f"- {s}" for s in robustness_sentences(robust)], "", _markdown(display(robust)), ""]
+                 *[f"- {s}" for s in robustness_sentences(robust, outside)], "", _markdown(display(robust)), ""]
     rates = rankings(judgments, trials)
     if rates.shape[1] >= 2 and len(rates) >= 2:
         taus = kendall_tau_table(rates)
@@ -325,7 +326,7 @@ def write_report(results_dir: Path, experiment: str) -> str:
     if not judgments.empty:
         text += _statistics(trials, judgments, checkpoints, target, jailbreak_suites(results_dir))
     if not judgments.empty:
-        text += _robustness(trials, judgments, robust, jailbreak_suites(results_dir))
+        text += _robustness(trials, judgments, robust, jailbreak_suites(results_dir), checkpoints)
     if not variants.empty:
         table, taus = variant_table(every, trials), variant_rankings(every, trials)
         text += ["## Judge prompt variants", "",

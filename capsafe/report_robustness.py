@@ -86,8 +86,11 @@ def robustness_table(judgments: pd.DataFrame, trials: pd.DataFrame,
     return table.assign(agrees=table["verdict"] == table["conclusion"])
 
 
-def robustness_sentences(table: pd.DataFrame) -> list[str]:
-    """One sentence per comparison: 'holds under k of n benchmark x judge pairs; reverses under ...'."""
+def robustness_sentences(table: pd.DataFrame, outside_band: set[str] | None = None) -> list[str]:
+    """One sentence per comparison: 'holds under k of n benchmark x judge pairs; reverses under ...'; a
+    comparison with a side in ``outside_band`` (methods whose confirmed capability left the equal-capability
+    band) says it is not at equal capability."""
+    outside_band = outside_band or set()
     sentences = []
     for (method, reference, kind), g in table.groupby(["method", "reference", "suite_kind"], sort=False):
         conclusion = str(g["conclusion"].iloc[0])
@@ -106,6 +109,10 @@ def robustness_sentences(table: pd.DataFrame) -> list[str]:
                                                                                 strict=True))
         if n == 1:
             text += " (one pair: robustness not testable)"
+        off = [m for m in (method, reference) if m in outside_band]
+        if off:
+            text += (f" Not at equal capability: {' and '.join(off)} confirmed outside the band, so the difference "
+                     "may be one of capability")
         sentences.append(text + ".")
     return sentences
 

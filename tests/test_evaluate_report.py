@@ -466,3 +466,14 @@ def test_kappa_per_suite_kind_and_apart_on_incoherent_answers() -> None:
     assert table.loc[("harmful", "coherent"), "kappa"] == 1.0
     assert table.loc[("harmful", "incoherent"), "kappa"] == -1.0
     assert table.loc[("harmful", "all"), "kappa"] == pytest.approx(0.0)
+
+
+def test_model_windows_group_checkpoints_by_engine_base_first() -> None:
+    from capsafe.eval_stage import model_windows
+
+    models = {("base", 0): Target("base"), ("a", 1): Target("m-a"), ("l1", 5): Target("base", "ad1"),
+              ("b", 2): Target("m-b"), ("c", 3): Target("m-c")}
+    windows = model_windows(models, 2)
+    # adapters on the base engine travel with the base model: one engine, one load
+    assert [list(w) for w in windows] == [[("base", 0), ("l1", 5), ("a", 1)], [("b", 2), ("c", 3)]]
+    assert model_windows(models, 10) == [models] and sum(map(len, model_windows(models, 1))) == len(models)

@@ -206,3 +206,15 @@ def test_a_reference_outside_the_band_unmatches_every_comparison_with_it() -> No
     assert sentences and all("not at equal capability" in s for s in sentences)
     _, sentences = comparisons(world, _trials(), {"plain": True, "safety_mix": True})
     assert not any("not at equal capability" in s for s in sentences)
+
+
+def test_robustness_sentences_say_when_a_side_is_outside_the_band() -> None:
+    """The demo's rerun: plain's confirmed capability was 0.347, just below the band, and 'safety_mix vs plain:
+    safer under 4 of 4 pairs' read as a matched comparison."""
+    table = robustness_table(_flipping_world(), _trials())
+    plain_off = robustness_sentences(table, {"plain"})
+    against_plain = [s for s in plain_off if " vs plain " in s]
+    assert against_plain and all("Not at equal capability: plain confirmed outside the band" in s
+                                 for s in against_plain)
+    assert not any("Not at equal capability" in s for s in plain_off if " vs base " in s and "plain vs" not in s)
+    assert not any("Not at equal capability" in s for s in robustness_sentences(table))
