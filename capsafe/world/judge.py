@@ -182,7 +182,8 @@ def build_judge(world: WorldFiles, config: WorldConfig, log: Callable[[str], Non
     finally:
         torch.random.set_rng_state(rng_state)
         torch.set_num_threads(threads)
-    log("world: judge accuracy on held-out conversations: " + ", ".join(
+    log(f"world: judge ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters) accuracy on held-out "
+        "conversations: " + ", ".join(
         f"{k} {v['accuracy']:.2f} (n={v['n']:.0f})" for k, v in accuracy.items()))
     info = {"steps": config.judge_steps, "train_conversations": len(train_rows), "held_out": accuracy,
             "build_seconds": round(time.perf_counter() - start, 1)}
