@@ -527,7 +527,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, check_files:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
         raise SpecError(f"spec file '{path}' is not valid YAML ({_yaml_problem(exc)}); fix the syntax.") from None
-    if raw is None:  # empty, whitespace or comments only: almost surely the wrong file, not "all defaults"
+    if raw is None or raw == {}:  # empty, '{}', whitespace or comments only: the wrong file, not "all defaults"
         raise SpecError(f"spec file '{path}' is empty (or holds only comments); write the experiment's sections "
                         "(experiment, task, train, ...) into it, e.g. start from jobs/demo.yaml.")
     if not isinstance(raw, dict):

@@ -188,7 +188,7 @@ def test_safety_mix_from_a_benchmark_file_with_a_refusal_template(tmp_path: Path
 
 
 def test_registry_round_trips_every_method() -> None:
-    assert list(REGISTRY) == ["plain", "safety_mix", "kl", "token_wise", "safe_lora", "ptst", "lisa"]
+    assert list(REGISTRY) == ["plain", "safety_mix", "kl", "token_wise", "safe_lora", "ptst", "lisa", "task_only"]
     for cls in METHODS:
         method = cls()
         again = method_from_json(method.name, json.dumps(method.model_dump(exclude={"name"})))
