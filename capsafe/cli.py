@@ -7,6 +7,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from capsafe.errors import CapsafeError
 
@@ -77,16 +78,27 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     print(f"submitted job {job_id}: {entry}", flush=True)
     if args.no_wait:
         return 0
-    shown = 0
-    while True:
-        status = client.get_job_status(job_id)
-        logs = client.get_job_logs(job_id)
-        print(logs[shown:], end="", flush=True)
-        shown = len(logs)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            print(f"job {job_id}: {status.value}")
-            return 0 if status == JobStatus.SUCCEEDED else 1
-        time.sleep(2)
+    status = follow_job(client, job_id)
+    print(f"job {job_id}: {status.value}")
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def follow_job(client: Any, job_id: str, poll_s: float = 1.0) -> Any:
+    """Print the job's log as it grows, through Ray's tail API (the dashboard streams new lines; fetching the
+    whole log every few seconds costs more the longer the job runs), and return its final status."""
+    import asyncio
+
+    from ray.job_submission import JobStatus
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())  # ends when the job's log is closed, i.e. when the job has ended
+    terminal = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    while (status := client.get_job_status(job_id)) not in terminal:
+        time.sleep(poll_s)  # the log can close a moment before the status is final
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:

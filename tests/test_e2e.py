@@ -76,13 +76,40 @@ def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[floa
         pq.read_table(out / name)  # plain Parquet datasets, readable without capsafe
 
 
-def test_run_micro_flow_with_vllm(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "run", MICRO, f"output_dir={tmp_path}"],
+def _tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
+    """Every scalar in the TensorBoard event files under ``folder``, read back with tensorboardX's protos (a
+    TFRecord: length, its CRC, the Event bytes, their CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[float]] = {}
+    for path in folder.rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(value.simple_value)
+    return scalars
+
+
+def test_run_micro_flow_with_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mlruns = tmp_path / "mlruns"
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "run", MICRO, f"output_dir={tmp_path}",
+                           # experiment tracking through Ray Tune's callbacks, offline: TensorBoard and MLflow
+                           "sweep.tracking.tensorboard=true", f"sweep.tracking.mlflow_uri=file://{mlruns}"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = tmp_path / "micro"
     _check_results(out, "vllm", {"plain", "safety_mix"})
     assert "| plain |" in proc.stdout  # the report is printed at the end
+    # workers' output stays in Ray's log folder: no per-report line from every rank, no vLLM start-up warnings
+    console = proc.stdout + proc.stderr
+    assert "Reporting training result" not in console and "EngineCore" not in console, console[-3000:]
+    assert "vLLM's output: " in console
     # ... and last the summary table with one line per finding of the study, each with its number or why not
     closing = proc.stdout.split("capsafe summary", 1)[1]
     assert "| plain |" in closing and "Findings of this run:" in closing
@@ -90,6 +117,17 @@ def test_run_micro_flow_with_vllm(tmp_path: Path) -> None:
     # Ray Tune's reporter printed its trial table (capsafe's trial id, status, step, capability, loss, tokens)
     row = r"\| TERMINATED +\|[^\n]*\| plain-s0-lr0\.003 +\| +\d+ \| +[\d.]+ \|"
     assert re.search(row, proc.stdout), proc.stdout[-3000:]
+    # every trial's reports reached both trackers: TensorBoard event files and MLflow runs, read back
+    scalars = _tensorboard_scalars(out / "ray" / "_tune")
+    capability = [k for k in scalars if k.endswith("/capability")]
+    assert capability and len(scalars[capability[0]]) >= 2, sorted(scalars)[:20]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(f"file://{mlruns}")
+    runs = mlflow.search_runs(experiment_names=["micro"])
+    assert len(runs) == 2 and runs["metrics.capability"].notna().all(), runs.T.head(40)
+    assert set(runs["params.trial/trial_id"]) == {"plain-s0-lr0.003", "safety_mix-s0-lr0.003"}
 
 
 def _ray_pids(temp_dir: str) -> list[int]:
