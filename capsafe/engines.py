@@ -175,12 +175,13 @@ class TransformersEngine:
         self.model = self.peft = None
 
 
-def make_engine(kind: str, model_dir: str, **kwargs: Any) -> Engine:
-    """Build the engine named by the spec (``eval.engine``)."""
+def make_engine(kind: str, model_dir: str, asynchronous: bool = False, **kwargs: Any) -> Any:
+    """Build the engine named by the spec (``eval.engine``): an ``Engine``, or with ``asynchronous`` (the pool's
+    replicas) vLLM's asynchronous engine, whose ``generate`` and ``nll`` are coroutines."""
     if kind == "vllm":
-        from capsafe.vllm_engine import VLLMEngine
+        from capsafe.vllm_engine import AsyncVLLMEngine, VLLMEngine
 
-        return VLLMEngine(model_dir, **kwargs)
+        return AsyncVLLMEngine(model_dir, **kwargs) if asynchronous else VLLMEngine(model_dir, **kwargs)
     if kind == "transformers":
         return TransformersEngine(model_dir, **kwargs)
     raise ValueError(f"unknown engine {kind!r}")

@@ -4,8 +4,11 @@ then generate and judge every safety suite. Runs inside the run's Ray session.""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 from capsafe.engines import Sampling
 from capsafe.evaluate import Encode, Suite, evaluate_models
 from capsafe.formatting import Encoder, PromptFormat, load_tokenizer
+from capsafe.http_api import HttpContext
 from capsafe.judge_formats import parse_strongreject, variant_name
 from capsafe.metrics import score
 from capsafe.panel import CoherenceWithPerplexity, Judge, LLMJudge, Pool, Target, rule_judge, then
@@ -42,23 +46,34 @@ def target_for(checkpoint: str, base_model: str, adapters: bool) -> Target:
     return Target(str(merged))
 
 
-def checkpoint_targets(spec: Spec, base_model: str, results_dir: Path) -> dict[tuple[str, int], Target]:
-    """The base model and every kept checkpoint of the run, keyed (trial, step)."""
-    models = {("base", 0): Target(base_model)}
+def checkpoint_targets(spec: Spec, base_model: str, results_dir: Path,
+                       trial_ids: set[str] | None = None) -> dict[tuple[str, int], Target]:
+    """The base model and every kept checkpoint of the run (or of ``trial_ids``, where 'base' names the base
+    model), keyed (trial, step)."""
+    models = {("base", 0): Target(base_model)} if trial_ids is None or "base" in trial_ids else {}
     for r in read_table(results_dir, "checkpoints").to_pylist():
-        if r["reached"]:
+        if r["reached"] and (trial_ids is None or r["trial_id"] in trial_ids):
             models[(r["trial_id"], r["step"])] = target_for(r["checkpoint"], base_model, spec.eval.lora_adapters)
     return models
 
 
-def engine_kwargs(spec: Spec, models: dict[tuple[str, int], Target], max_model_len: int | None) -> dict[str, Any]:
+def adapter_slots(spec: Spec, models: dict[tuple[str, int], Target] | None, trials: int) -> int:
+    """LoRA adapters the engines must hold: those of ``models``, or when the checkpoints are not known yet
+    (streaming) the most the sweep can keep: every level of every trial."""
+    if models is not None:
+        return len({t.adapter for t in models.values() if t.adapter})
+    if spec.train.mode == "lora" and spec.eval.lora_adapters:
+        return trials * len(spec.task.levels())
+    return 0
+
+
+def engine_kwargs(spec: Spec, adapters: int, max_model_len: int | None) -> dict[str, Any]:
     """Keyword arguments of every engine in the pool; ``max_model_len`` is the run's context (each engine
     keeps it within its own model's)."""
     kwargs: dict[str, Any] = {"max_model_len": max_model_len}
-    adapters = {t.adapter for t in models.values() if t.adapter}
     if adapters:
         # one slot more than adapters: vLLM on CPU misroutes base rows once every LoRA slot is taken
-        kwargs.update(enable_lora=True, max_loras=len(adapters) + 1, max_lora_rank=spec.train.lora.r)
+        kwargs.update(enable_lora=True, max_loras=adapters + 1, max_lora_rank=spec.train.lora.r)
     return kwargs
 
 
@@ -144,12 +159,13 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
             "capability": capability,
             "confirmed_capability": confirmed, "step": 0, "status": "base", "stop_reason": "",
             "checkpoint": paths["model.path"], "tokens": 0, "wall_s": 0.0, "train_s": 0.0, "eval_s": 0.0,
-            "restarts": 0, "method_params": "{}"}], fragment="base")
+            "restarts": 0, "method_params": "{}", "finished_at": datetime.now(UTC)}], fragment="base")
     checkpoints = read_table(results_dir, "checkpoints").to_pylist()
     trials = {t["trial_id"]: t for t in read_table(results_dir, "trials").to_pylist()}
     formats = {tid: method_from_json(t["method"], t["method_params"]).train_format(fmt)
                for tid, t in trials.items() if t["method"] in REGISTRY}
     # every checkpoint's request is sent at once, so that the pool's replicas measure several in parallel
+    asked = datetime.now(UTC)
     pending = {(r["trial_id"], r["step"]): start(models[(r["trial_id"], r["step"])], formats.get(r["trial_id"], fmt))
                for r in checkpoints if r["reached"] and r["served_capability"] is None
                and (r["trial_id"], r["step"]) in models}
@@ -159,6 +175,7 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
         for r in rows:
             if (trial_id, r["step"]) in pending and r["reached"] and r["served_capability"] is None:
                 r["served_capability"], r["confirmed_capability"] = pending[(trial_id, r["step"])].result()
+                r["evaluation_started_at"] = asked
                 measured = True
                 confirmed = r["confirmed_capability"]
                 log(f"capability of {trial_id} step {r['step']}: {r['capability']:.3f} in training, "
@@ -187,40 +204,75 @@ def method_encodes(results_dir: Path, eval_fmt: PromptFormat, tokenizer: Any) ->
     return encodes
 
 
-def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[Suite],
-                   log: Callable[[str], None], context_len: int | None = None) -> None:
-    """Start the pool, measure served capability, generate and judge; ``context_len`` is the engines'
-    context from the pre-flight check (``capsafe.context``)."""
+@dataclass
+class EvalRun:
+    """What every group of models evaluated in one run shares: the spec, the pool and the judges."""
+
+    spec: Spec
+    paths: dict[str, str]
+    results_dir: Path
+    suites: list[Suite]
+    log: Callable[[str], None]
+    pool: Pool
+    panel: list[Judge]
+
+    def evaluate(self, models: dict[tuple[str, int], Target]) -> None:
+        """Measure served capability, then generate and judge every suite, for ``models`` (keys already
+        complete in the results are skipped), a few engine models at a time."""
+        spec, e = self.spec, self.spec.eval
+        fmt, eval_fmt = spec.model.prompt_format(), e.prompt_format(spec.model)
+        tokenizer = load_tokenizer(self.paths["model.path"])
+        sampling = Sampling(e.max_new_tokens, e.temperature, e.top_p, e.seed)
+        windows = model_windows(models, models_in_flight(spec, self.paths))
+        for n, window in enumerate(windows, start=1):
+            # each window measured and then evaluated while its engines are loaded
+            if len(windows) > 1:
+                self.log(f"evaluate: models {n}/{len(windows)}: "
+                         + ", ".join(f"{tid} step {step}" for tid, step in window))
+            measure_served_capability(spec, self.paths, self.results_dir, fmt, tokenizer, self.pool, window,
+                                      self.log)
+            evaluate_models(window, self.suites, Encoder(tokenizer, eval_fmt).prompt, sampling, e.repeats,
+                            self.pool, self.panel, e.engine, self.results_dir, self.log,
+                            encodes=method_encodes(self.results_dir, eval_fmt, tokenizer),
+                            status_every_s=e.status_every_s)
+
+
+@contextmanager
+def serving(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[Suite], log: Callable[[str], None],
+            context_len: int | None, adapters: int) -> Iterator[EvalRun]:
+    """The run's generation pool (started on entry, deleted on exit) and what evaluating through it needs;
+    ``context_len`` is the engines' context from the pre-flight check (``capsafe.context``), ``adapters`` the
+    LoRA adapters its engines must hold at once."""
     from capsafe.pool_client import PoolClient
     from capsafe.serve_pool import build_pool, deployment_options, start_pool, stop_pool
 
     e = spec.eval
-    models = checkpoint_targets(spec, paths["model.path"], results_dir)
     autoscaling = e.autoscaling.model_dump() if e.autoscaling else None
-    app = build_pool(e.engine, engine_kwargs(spec, models, context_len),
+    http = None if e.http is None else HttpContext(str(results_dir), paths["model.path"], e.lora_adapters,
+                                                   e.prompt_format(spec.model).to_dict(), e.max_new_tokens)
+    app = build_pool(e.engine, engine_kwargs(spec, adapters, context_len),
                      deployment_options(e.replicas, e.cpus_per_replica, e.gpus_per_replica, autoscaling),
-                     e.max_models_per_replica, e.max_ongoing_requests)
+                     e.max_models_per_replica, e.max_ongoing_requests, http)
     pool_name = f"capsafe-{spec.experiment}"
     size = (f"{e.autoscaling.min_replicas}-{e.autoscaling.max_replicas} (autoscaling)" if e.autoscaling
             else str(e.replicas))
     log(f"evaluate: starting a pool of {size} {e.engine} replica(s)")
-    pool = PoolClient(start_pool(app, pool_name), e.request_retries, log)
+    address = None if e.http is None else (e.http.host, e.http.port)
+    pool = PoolClient(start_pool(app, pool_name, address), e.request_retries, log)
+    if address:
+        log(f"evaluate: the pool's OpenAI-compatible API: http://{address[0]}:{address[1]}/v1 (GET /v1/models "
+            "lists the checkpoints served so far)")
     try:
-        fmt, eval_fmt = spec.model.prompt_format(), e.prompt_format(spec.model)
-        tokenizer = load_tokenizer(paths["model.path"])
-        sampling = Sampling(e.max_new_tokens, e.temperature, e.top_p, e.seed)
-        panel = make_panel(spec, paths, context_len)
-        windows = model_windows(models, models_in_flight(spec, paths))
-        for n, window in enumerate(windows, start=1):
-            # a few engine models at a time, each measured and then evaluated while its engine is loaded
-            if len(windows) > 1:
-                log(f"evaluate: models {n}/{len(windows)}: "
-                    + ", ".join(f"{tid} step {step}" for tid, step in window))
-            measure_served_capability(spec, paths, results_dir, fmt, tokenizer, pool, window, log)
-            evaluate_models(window, suites, Encoder(tokenizer, eval_fmt).prompt, sampling, e.repeats, pool, panel,
-                            e.engine, results_dir, log, encodes=method_encodes(results_dir, eval_fmt, tokenizer),
-                            status_every_s=e.status_every_s)
+        yield EvalRun(spec, paths, results_dir, suites, log, pool, make_panel(spec, paths, context_len))
     finally:
         pool.close()
     stop_pool(pool_name)
 
+
+def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[Suite],
+                   log: Callable[[str], None], context_len: int | None = None) -> None:
+    """After the sweep (``eval.schedule: sequential``): start the pool, then measure served capability,
+    generate and judge every kept checkpoint of the run."""
+    models = checkpoint_targets(spec, paths["model.path"], results_dir)
+    with serving(spec, paths, results_dir, suites, log, context_len, adapter_slots(spec, models, 0)) as run:
+        run.evaluate(models)

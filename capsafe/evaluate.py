@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +121,13 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
         waiting.setdefault(model, []).extend(parts)
 
     def write_generations(job: _Job) -> None:
-        rows = []
+        rows, now = [], datetime.now(UTC)
         for repeat in range(repeats):
             responses = [text for (r, _), part in sorted(job.parts.items()) if r == repeat for text in part]
             seed = repeat_sampling(sampling, repeat).seed
             for item, response in zip(job.suite.items, responses, strict=True):
                 rows.append({**_key(job, item, repeat), "seed": seed, "prompt": item["prompt"],
-                             "response": response, "engine": engine_name})
+                             "response": response, "engine": engine_name, "generated_at": now})
         write_table(results_dir, "generations", rows, fragment=fragment_key(job.trial_id, job.step, job.suite.name))
         start_judges(job, rows)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from capsafe.errors import SpecError
-from capsafe.eval_stage import run_evaluation
+from capsafe.eval_stage import adapter_slots, run_evaluation, serving
+from capsafe.http_api import check_port_free
 from capsafe.inputs import load_suites, load_task, materialize_task, prepare_methods, resolve_paths
 from capsafe.preflight import check_eval_context, resolve_train_len
 from capsafe.ray_shell import ray_logs_dir, ray_session
@@ -61,6 +62,8 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     paths = resolve_paths(spec, log)
     records, suites = load_task(spec, paths), load_suites(spec, paths)  # bad data fails before any write
     context_len = check_eval_context(spec, paths, records["task.eval_file"], suites, log)  # so do long prompts
+    if spec.eval.http is not None:
+        check_port_free(spec.eval.http.host, spec.eval.http.port)  # and a port in use
     results_dir = _prepare_results_dir(spec, resume)
     paths = prepare_methods(spec, materialize_task(records, paths, results_dir / "data"), results_dir / "data")
     trials = plan_trials(spec, paths, results_dir / "models")
@@ -88,8 +91,8 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
             f"{r['step']}, {r['tokens']} tokens, {r['restarts']} restart(s) — [{len(finished)}/{len(todo)} trials "
             f"done{f', ~{eta:.0f} s to go' if left else ''}]")
 
-    need = spec.train.num_workers * spec.train.cpus_per_worker * spec.sweep.max_concurrent_trials + 0.5
-    with ray_session(spec.ray_address, need):
+    streaming = spec.eval.schedule == "streaming"
+    with ray_session(spec.ray_address, run_cpus(spec)):
         logs = ray_logs_dir()
         if logs:
             log(f"workers', Serve's and vLLM's output: {logs} (CAPSAFE_WORKER_LOGS=1 shows it here too)")
@@ -97,12 +100,39 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
 
         resources = {"num_workers": spec.train.num_workers, "use_gpu": spec.train.use_gpu,
                      "cpus_per_worker": spec.train.cpus_per_worker, "max_failures": spec.train.max_failures}
-        run_sweep(todo, resources, results_dir / "ray", f"{spec.experiment}-sweep",
-                  spec.sweep.max_concurrent_trials, log, record, results_dir / "journal", spec.sweep.status_every_s,
-                  tracking_callbacks(spec.sweep.tracking.model_dump(), spec.experiment))
 
-        run_evaluation(spec, paths, results_dir, suites, log, context_len)
+        def sweep(on_done: Callable[[str], None] | None = None) -> None:
+            def recorded(cfg: dict[str, Any], rows: list[dict], checkpoints: list[dict],
+                         trajectory: list[dict]) -> None:
+                record(cfg, rows, checkpoints, trajectory)
+                if on_done:
+                    on_done(cfg["trial_id"])
+
+            run_sweep(todo, resources, results_dir / "ray", f"{spec.experiment}-sweep",
+                      spec.sweep.max_concurrent_trials, log, recorded, results_dir / "journal",
+                      spec.sweep.status_every_s, tracking_callbacks(spec.sweep.tracking.model_dump(), spec.experiment,
+                                                                    results_dir))
+
+        if streaming:
+            from capsafe.eval_stream import StreamingEvaluation
+
+            slots = adapter_slots(spec, None, len(trials))
+            with serving(spec, paths, results_dir, suites, log, context_len, slots) as run, \
+                    StreamingEvaluation(run, log) as stream:
+                for trial in ["base", *sorted(done)]:  # the base model, and on --resume the trials already trained
+                    stream.submit(trial)
+                sweep(stream.submit)
+                log("evaluate: the sweep is done; waiting for the evaluation of its last trials")
+        else:
+            sweep()
+            run_evaluation(spec, paths, results_dir, suites, log, context_len)
     return write_report(results_dir, spec.experiment)
 
 
-__all__ = ["run_experiment"]
+def run_cpus(spec: Spec) -> float:
+    """Logical CPUs the run holds at once: the concurrent trials' workers, the pool's replicas beside them when
+    streaming (after them when sequential), and a little for trial drivers and Serve's controller."""
+    training = spec.train.num_workers * spec.train.cpus_per_worker * spec.sweep.max_concurrent_trials
+    e = spec.eval
+    pool = (e.autoscaling.max_replicas if e.autoscaling else e.replicas) * e.cpus_per_replica
+    return (training + pool if e.schedule == "streaming" else max(training, pool)) + 0.5

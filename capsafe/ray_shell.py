@@ -65,7 +65,9 @@ def ray_session(address: str | None, min_cpus: float) -> Iterator[None]:
             cpus = max(float(os.cpu_count() or 1), min_cpus)
             # The dashboard (127.0.0.1 only) costs ~0.9 GB but without it Train V2 floods the log with
             # "State API may be temporarily unavailable" lines.
-            ray.init(num_cpus=int(cpus + 0.999), include_dashboard=True, dashboard_host="127.0.0.1",
+            # address="local": a new cluster even where `ray start` runs one on this machine (ray.init() with no
+            # address would join it, and then refuse num_cpus)
+            ray.init(address="local", num_cpus=int(cpus + 0.999), include_dashboard=True, dashboard_host="127.0.0.1",
                      runtime_env=env, log_to_driver=to_console)
     except ConnectionError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({exc}); check ray_address in the spec "

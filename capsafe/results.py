@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
         ("step", pa.int64())]            # the checkpoint's training step (0 for the base model)
@@ -42,6 +42,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("eval_s", pa.float64()),         # time in capability evaluations, summed over restarts
         ("restarts", pa.int64()),         # worker-group restarts from a resume checkpoint
         ("method_params", pa.string()),   # JSON of the method's spec fields
+        ("finished_at", pa.timestamp("us", tz="UTC")),  # when the driver recorded the trial (base: measured)
     ]),
     "checkpoints": pa.schema([            # one row per (trial, capability level of the ladder)
         ("trial_id", pa.string()),
@@ -55,6 +56,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("served_capability", pa.float64()),  # selection split, re-measured on what the evaluation pool serves
         ("confirmed_capability", pa.float64()),  # confirmation split, measured by the pool: what is compared
         ("postprocess", pa.string()),  # JSON: what a post-hoc method did to the checkpoint (Safe-LoRA), or null
+        ("evaluation_started_at", pa.timestamp("us", tz="UTC")),  # when the pool was first asked for it
     ]),
     "trajectory": pa.schema([
         ("trial_id", pa.string()),
@@ -75,6 +77,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("prompt", pa.string()),
         ("response", pa.string()),
         ("engine", pa.string()),
+        ("generated_at", pa.timestamp("us", tz="UTC")),  # when the pool's answer reached the driver
     ]),
     "judgments": pa.schema([
         *_KEY,

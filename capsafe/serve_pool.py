@@ -1,5 +1,9 @@
 """The generation pool: a Ray Serve deployment whose replicas each hold engines (vLLM by default).
 
+A vLLM replica runs vLLM's asynchronous engine (``AsyncVLLMEngine``): each request's prompts stream into the
+engine as they arrive and its scheduler batches everything running (continuous batching). The transformers
+engine is synchronous: its requests are merged into batches under a lock (``_LoadedEngine``).
+
 Each engine model (a base model or a fully fine-tuned checkpoint) is a multiplexed model id: Serve routes a
 request to a replica that already has that model's engine loaded, loads it once otherwise, and evicts the
 least recently used engine beyond ``max_models_per_replica``. LoRA checkpoints are adapters on their base
@@ -15,11 +19,14 @@ from typing import Any
 from ray import serve
 
 from capsafe.engines import Request, Sampling, make_engine
+from capsafe.http_api import HttpContext
+from capsafe.panel import Target
 
 
 class _LoadedEngine:
-    """An engine, a lock (vLLM's LLM is not thread-safe) and a queue: generate calls that arrive while the
-    engine is busy are answered together by its next batch, so concurrent requests share engine steps.
+    """An engine in a replica. A synchronous engine (not thread-safe) gets a lock and a queue: generate calls
+    that arrive while it is busy are answered together by its next batch. An asynchronous engine (``async
+    def generate``) is called directly: it batches by itself.
 
     Serve calls ``__del__`` when it evicts the model, which can happen while requests that already hold
     this engine wait for the lock or generate; the engine is then closed by the last of them."""
@@ -30,10 +37,14 @@ class _LoadedEngine:
         self.queue: list[tuple[Request, asyncio.Future[list[str]]]] = []
         self.users = 0
         self.evicted = False
+        self.native = asyncio.iscoroutinefunction(getattr(engine, "generate", None))
 
     async def generate(self, request: Request) -> list[str]:
         self.users += 1
         try:
+            if self.native:
+                result: list[str] = await self.engine.generate(*request)
+                return result
             answer: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
             self.queue.append((request, answer))
             async with self.lock:
@@ -54,6 +65,8 @@ class _LoadedEngine:
     async def call(self, method: str, *args: Any) -> Any:
         self.users += 1
         try:
+            if self.native:
+                return await getattr(self.engine, method)(*args)
             async with self.lock:
                 return await asyncio.to_thread(getattr(self.engine, method), *args)
         finally:
@@ -87,8 +100,9 @@ def deployment_options(replicas: int, cpus: float, gpus: float,
 
 
 def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[str, Any], max_models: int,
-               max_ongoing_requests: int = 64) -> Any:
-    """A bound Serve application for ``serve.run``."""
+               max_ongoing_requests: int = 64, http: HttpContext | None = None) -> Any:
+    """A bound Serve application for ``serve.run``; with ``http`` it also answers the OpenAI-compatible API
+    of ``capsafe.http_api`` (``start_pool`` with an HTTP address exposes it)."""
 
     @serve.deployment(name="capsafe-generation-pool", max_ongoing_requests=max_ongoing_requests,
                       logging_config={"log_level": "WARNING"})
@@ -98,7 +112,7 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def get_engine(self, model_dir: str) -> _LoadedEngine:
-            engine = await asyncio.to_thread(make_engine, self.kind, model_dir, **self.kwargs)
+            engine = await asyncio.to_thread(make_engine, self.kind, model_dir, asynchronous=True, **self.kwargs)
             return _LoadedEngine(engine)
 
         async def generate(self, prompts: list[list[int]], sampling: dict[str, Any], adapter: str | None) -> list[str]:
@@ -110,13 +124,30 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
             result: list[float] = await loaded.call("nll", prompts, continuations)
             return result
 
+        async def __call__(self, request: Any) -> Any:
+            from starlette.responses import JSONResponse
+
+            from capsafe.http_api import handle
+
+            async def run(target: Target, prompts: list[list[int]], sampling: Sampling) -> list[str]:
+                loaded = await self.get_engine(target.model)
+                return await loaded.generate((prompts, sampling, target.adapter))
+
+            if http is None:
+                return JSONResponse({"error": {"message": "eval.http is off"}}, status_code=404)
+            status, body = await handle(request.method, request.url.path, await request.body(), http, run)
+            return JSONResponse(body, status_code=status)
+
     return GenerationPool.options(**options).bind()  # type: ignore[attr-defined]
 
 
-def start_pool(app: Any, name: str) -> Any:
-    """Deploy the pool without an HTTP proxy and return its handle."""
-    serve.start(proxy_location="Disabled")
-    return serve.run(app, name=name, route_prefix=None)
+def start_pool(app: Any, name: str, http: tuple[str, int] | None = None) -> Any:
+    """Deploy the pool and return its handle; without ``http`` (host, port) no HTTP proxy is started."""
+    if http is None:
+        serve.start(proxy_location="Disabled")
+        return serve.run(app, name=name, route_prefix=None)
+    serve.start(proxy_location="HeadOnly", http_options={"host": http[0], "port": http[1]})
+    return serve.run(app, name=name, route_prefix="/")
 
 
 def stop_pool(name: str) -> None:

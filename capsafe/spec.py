@@ -297,6 +297,13 @@ class AutoscalingSpec(_Strict):
         return self
 
 
+class HttpSpec(_Strict):
+    host: str = Field("127.0.0.1", description="Address the pool's OpenAI-compatible API listens on; the "
+                      "default is this machine only (0.0.0.0 opens it to the network: it has no authentication).")
+    port: int = Field(8000, ge=1, le=65535, description="Its port; a port in use stops the run before anything "
+                      "runs.")
+
+
 class EvalSpec(_Strict):
     engine: Literal["vllm", "transformers"] = Field("vllm", description="Generation engine in each Serve "
                                                     "replica; 'transformers' is a slower-to-scale fallback.")
@@ -342,6 +349,14 @@ class EvalSpec(_Strict):
                                       "keeps the model's. Capability is always measured with the training format.")
     chat_template: bool | None = Field(None, description="Chat template on or off for the safety suites only; "
                                        "null keeps model.chat_template.")
+    schedule: Literal["streaming", "sequential"] = Field(
+        "streaming", description="'streaming': the pool starts with the sweep, holds its own resources beside "
+        "training (replicas x cpus/gpus_per_replica) and evaluates each trial's kept checkpoints as soon as the "
+        "trial ends; 'sequential': train every trial, then start the pool on the whole machine (for machines "
+        "too small to run both at once).")
+    http: HttpSpec | None = Field(None, description="Serve an OpenAI-compatible API (GET /v1/models, POST "
+                                  "/v1/chat/completions, /v1/completions) over the pool while it runs, to send "
+                                  "prompts by hand to 'base', a trial id or '<trial id>@<step>'; null: none.")
     status_every_s: float = Field(30.0, ge=0, description="Log a status line (requests answered, pairs judged, "
                                   "time left) at least this often while evaluating; 0 turns it off.")
 
@@ -372,6 +387,12 @@ class TrackingSpec(_Strict):
                                    "mlflow-skinny).")
     mlflow_experiment: str | None = Field(None, description="MLflow experiment name; null: the spec's "
                                           "experiment.")
+    wandb_project: str | None = Field(None, description="Log every trial to this Weights & Biases project (Ray "
+                                      "Tune's WandbLoggerCallback; one W&B run per trial, grouped by sweep), with "
+                                      "the API key from WANDB_API_KEY or `wandb login`. Needs the wandb package.")
+    wandb_mode: Literal["online", "offline"] = Field("online", description="'offline' writes W&B's runs under "
+                                                     "<results>/wandb/ without a network or a key; `wandb sync` "
+                                                     "uploads them later.")
 
     @model_validator(mode="after")
     def _installed(self) -> TrackingSpec:
@@ -382,6 +403,9 @@ class TrackingSpec(_Strict):
         if self.mlflow_uri and importlib.util.find_spec("mlflow") is None:
             raise ValueError("sweep.tracking.mlflow_uri needs the mlflow package; pip install mlflow-skinny (or "
                              "mlflow), or set mlflow_uri to null")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ValueError("sweep.tracking.wandb_project needs the wandb package; pip install wandb, or set "
+                             "wandb_project to null")
         return self
 
 
@@ -390,7 +414,7 @@ class SweepSpec(_Strict):
     status_every_s: int = Field(30, ge=0, description="Print Ray Tune's trial table (status, step, capability, "
                                 "loss, tokens of every trial) at most this often; 0 turns it off.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Opt-in experiment tracking "
-                                   "through Ray Tune's logger callbacks (TensorBoard, MLflow).")
+                                   "through Ray Tune's logger callbacks (TensorBoard, MLflow, Weights & Biases).")
 
 
 class Spec(_Strict):

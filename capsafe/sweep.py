@@ -44,6 +44,11 @@ class TrialRecorder(tune.Callback):
         self.started: dict[str, float] = {}
         journal.mkdir(parents=True, exist_ok=True)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks into the experiment state; ``on_done`` may hold the streaming evaluation
+        # (threads, queues). capsafe never restores a Tuner from that state (--resume starts a fresh one).
+        return {**self.__dict__, "on_done": None, "log": None}
+
     def _journal(self, trial: Any) -> Path:
         return self.journal / f"{trial.config['trial']['trial_id']}.jsonl"
 
@@ -139,8 +144,9 @@ def _tune_reporter_output() -> Iterator[None]:
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
-def tracking_callbacks(tracking: dict[str, Any], experiment: str) -> list[Any]:
-    """Ray Tune's own logger callbacks for the trackers the spec turns on (``sweep.tracking``)."""
+def tracking_callbacks(tracking: dict[str, Any], experiment: str, results_dir: Path | None = None) -> list[Any]:
+    """Ray Tune's own logger callbacks for the trackers the spec turns on (``sweep.tracking``); offline W&B
+    runs go under ``results_dir``/wandb."""
     callbacks: list[Any] = []
     if tracking.get("tensorboard"):
         from ray.tune.logger import TBXLoggerCallback
@@ -154,6 +160,17 @@ def tracking_callbacks(tracking: dict[str, Any], experiment: str) -> list[Any]:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         callbacks.append(MLflowLoggerCallback(tracking_uri=tracking["mlflow_uri"],
                                               experiment_name=tracking.get("mlflow_experiment") or experiment))
+    if tracking.get("wandb_project"):
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        kwargs: dict[str, Any] = {}
+        if tracking.get("wandb_mode") == "offline":
+            os.environ["WANDB_MODE"] = "offline"  # read by Ray's callback: no API key asked for
+            kwargs["mode"] = "offline"
+            if results_dir is not None:
+                (results_dir / "wandb").mkdir(parents=True, exist_ok=True)
+                kwargs["dir"] = str((results_dir / "wandb").resolve())
+        callbacks.append(WandbLoggerCallback(project=tracking["wandb_project"], group=experiment, **kwargs))
     return callbacks
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def summarize_trial(cfg: dict[str, Any], history: list[dict[str, Any]], error: s
             "step": int(at["step"]) if at else None, "capability": float(at["capability"]) if at else None,
             "tokens": int(at["tokens"]) if at else None, "elapsed_s": float(at["elapsed_s"]) if at else None,
             "checkpoint": str(at["model_dir"]) if at else None, "served_capability": None, "confirmed_capability": None,
-            "postprocess": str(at.get("postprocess") or "") or None if at else None})
+            "postprocess": str(at.get("postprocess") or "") or None if at else None, "evaluation_started_at": None})
     at_target = crossed.get(cfg["target"])
     finite = [h for h in reports if math.isfinite(float(h["capability"]))]
     best = max(finite, key=lambda h: float(h["capability"]), default=None)
@@ -96,5 +97,6 @@ def summarize_trial(cfg: dict[str, Any], history: list[dict[str, Any]], error: s
         "tokens": int(last["tokens"]) if last else None, "wall_s": wall_s,
         "train_s": float(last["train_s"]) if last else None, "eval_s": float(last["eval_s"]) if last else None,
         "restarts": int(last.get("restarts", 0)) if last else 0, "method_params": cfg["method_params"],
+        "finished_at": datetime.now(UTC),
     }
     return row, checkpoints, trajectory

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -96,16 +97,49 @@ def _tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
     return scalars
 
 
+def _wandb_records(path: Path) -> Iterator[Any]:
+    """The protobuf records of a W&B run file (``run-<id>.wandb``): a 7-byte header (':W&B', magic, version),
+    then LevelDB's log format (32 KiB blocks of chunks, each with a 7-byte header: CRC, length, type)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    at, chunks = 7, b""
+    while at + 7 <= len(data):
+        left = block - at % block
+        _crc, length, kind = struct.unpack("<IHB", data[at:at + 7])
+        if left < 7 or (kind == 0 and length == 0):  # a block's padding
+            at += left
+            continue
+        chunks += data[at + 7:at + 7 + length]
+        at += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            yield record
+            chunks = b""
+
+
 def test_run_micro_flow_with_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mlruns = tmp_path / "mlruns"
     proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "run", MICRO, f"output_dir={tmp_path}",
                            # experiment tracking through Ray Tune's callbacks, offline: TensorBoard and MLflow
-                           "sweep.tracking.tensorboard=true", f"sweep.tracking.mlflow_uri=file://{mlruns}"],
+                           "sweep.tracking.tensorboard=true", f"sweep.tracking.mlflow_uri=file://{mlruns}",
+                           "sweep.tracking.wandb_project=capsafe-test", "sweep.tracking.wandb_mode=offline"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = tmp_path / "micro"
     _check_results(out, "vllm", {"plain", "safety_mix"})
     assert "| plain |" in proc.stdout  # the report is printed at the end
+    # streaming (eval.schedule's default): the pool started on the first trial's checkpoint while the second
+    # trial was still training, and every key is there exactly once (_check_results)
+    trials = read_table(out, "trials").to_pandas().set_index("trial_id")
+    checkpoints = read_table(out, "checkpoints").to_pandas().set_index("trial_id")
+    started = checkpoints.loc["plain-s0-lr0.003", "evaluation_started_at"]
+    assert trials.loc["plain-s0-lr0.003", "finished_at"] < started < trials.loc["safety_mix-s0-lr0.003", "finished_at"]
+    assert "evaluated while training goes on" in proc.stdout
     # workers' output stays in Ray's log folder: no per-report line from every rank, no vLLM start-up warnings
     console = proc.stdout + proc.stderr
     assert "Reporting training result" not in console and "EngineCore" not in console, console[-3000:]
@@ -128,6 +162,12 @@ def test_run_micro_flow_with_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     runs = mlflow.search_runs(experiment_names=["micro"])
     assert len(runs) == 2 and runs["metrics.capability"].notna().all(), runs.T.head(40)
     assert set(runs["params.trial/trial_id"]) == {"plain-s0-lr0.003", "safety_mix-s0-lr0.003"}
+    # ... and W&B's offline runs, one per trial, their logged capability read back from W&B's own run files
+    wandb_runs = sorted((out / "wandb").rglob("*.wandb"))
+    assert len(wandb_runs) == 2, wandb_runs
+    for path in wandb_runs:
+        history = [r.history for r in _wandb_records(path) if r.WhichOneof("record_type") == "history"]
+        assert len([h for h in history if any(i.key == "capability" for i in h.item)]) >= 2
 
 
 def _ray_pids(temp_dir: str) -> list[int]:

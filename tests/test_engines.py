@@ -1,6 +1,7 @@
 """Both engines for real on the demo world's model: transformers in-process, vLLM (CPU build) in a subprocess
-(vLLM spawns its engine processes, which needs a __main__ guard). Greedy, seeded sampling, LoRA adapters
-on the base engine, and the perplexity scores of the coherence judge."""
+(vLLM spawns its engine processes, which needs a __main__ guard): the asynchronous engine the pool's replicas
+run and the offline one. Greedy, seeded sampling, LoRA adapters on the base engine, and the perplexity scores
+of the coherence judge."""
 
 from __future__ import annotations
 
@@ -17,24 +18,36 @@ from capsafe.engines import Sampling, TransformersEngine
 from capsafe.formatting import Encoder, load_tokenizer
 
 VLLM_SCRIPT = """
-import json, sys
+import asyncio, json, sys
 from capsafe.engines import Sampling
-from capsafe.vllm_engine import VLLMEngine
-if __name__ == "__main__":
-    model, adapter, prompts, refusal = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
-    engine = VLLMEngine(model, max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=8, in_process=True)
-    greedy = Sampling(24)
-    sampled = Sampling(24, temperature=1.0, seed=7)
+from capsafe.vllm_engine import AsyncVLLMEngine, VLLMEngine
+
+async def pool_engine(model, adapter, prompts, refusal):
+    # as a pool replica runs it: vLLM's AsyncLLM, every call's prompts streamed in concurrently
+    engine = AsyncVLLMEngine(model, max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=8)
+    greedy, sampled = Sampling(24), Sampling(24, temperature=1.0, seed=7)
     out = {
-        "greedy": [engine.generate(prompts, greedy), engine.generate(prompts, greedy)],
-        "sampled": [engine.generate(prompts, sampled), engine.generate(prompts[::-1], sampled)[::-1]],
-        "other_seed": engine.generate(prompts, Sampling(24, temperature=1.0, seed=8)),
-        "adapter": engine.generate(prompts, greedy, adapter),
-        "base_after_adapter": engine.generate(prompts, greedy),
-        "mixed": engine.generate_many([(prompts, greedy, adapter), (prompts, greedy, None), (prompts, sampled, None)]),
-        "nll": engine.nll(prompts, [refusal] * len(prompts)),
+        "greedy": [await engine.generate(prompts, greedy), await engine.generate(prompts, greedy)],
+        "sampled": [await engine.generate(prompts, sampled), (await engine.generate(prompts[::-1], sampled))[::-1]],
+        "other_seed": await engine.generate(prompts, Sampling(24, temperature=1.0, seed=8)),
+        "adapter": await engine.generate(prompts, greedy, adapter),
+        "base_after_adapter": await engine.generate(prompts, greedy),
+        # requests arriving together share the engine's steps (continuous batching), scoring among them
+        "mixed": list(await asyncio.gather(
+            engine.generate(prompts, greedy, adapter), engine.generate(prompts, greedy),
+            engine.generate(prompts, sampled), engine.nll(prompts, [refusal] * len(prompts)))),
     }
     engine.close()
+    return out
+
+if __name__ == "__main__":
+    model, adapter, prompts, refusal = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    out = asyncio.run(pool_engine(model, adapter, prompts, refusal))
+    # the offline engine (benchmarks' direct baseline), in this process
+    offline = VLLMEngine(model, max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=8, in_process=True)
+    out["offline"] = offline.generate_many([(prompts, Sampling(24), adapter), (prompts, Sampling(24), None)])
+    out["offline_nll"] = offline.nll(prompts, [refusal] * len(prompts))
+    offline.close()
     print("RESULT" + json.dumps(out))
 """
 
@@ -95,7 +108,10 @@ def test_vllm_engine_matches_transformers_and_repeats(micro_world, random_adapte
     # vLLM's LoRA request gives what transformers + PEFT gives
     assert out["adapter"] == reference.generate(prompts, Sampling(24), random_adapter)
     assert out["base_after_adapter"] == first  # base rows stay base once an adapter is loaded
-    # requests merged into one batch (how a replica serves concurrent requests) answer as if sent alone
-    assert out["mixed"] == [out["adapter"], first, out["sampled"][0]]
+    # concurrent requests (continuous batching, scoring held alone on a LoRA engine) answer as if sent alone
     expected = reference.nll(prompts, [refusal] * len(prompts))
-    assert out["nll"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    assert out["mixed"][:3] == [out["adapter"], first, out["sampled"][0]]
+    assert out["mixed"][3] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    # the offline engine gives the same
+    assert out["offline"] == [out["adapter"], first]
+    assert out["offline_nll"] == pytest.approx(expected, rel=1e-3, abs=1e-3)

@@ -198,7 +198,7 @@ def _trial(tid: str, method: str, reached: bool, cap: float, step: int) -> dict:
             "reached": reached, "capability": cap, "confirmed_capability": cap, "step": step,
             "status": "base" if method == "base" else ("reached" if reached else "not_reached"),
             "stop_reason": "reached" if reached else "budget:steps", "checkpoint": None, "tokens": step * 10,
-            "wall_s": 1.0, "train_s": 0.9, "eval_s": 0.1, "restarts": 0, "method_params": "{}"}
+            "wall_s": 1.0, "train_s": 0.9, "eval_s": 0.1, "restarts": 0, "method_params": "{}", "finished_at": None}
 
 
 def _judgments(tid: str, kind: str, refusals: int, total: int, incoherent: int = 0, step: int = -1) -> list[dict]:
@@ -220,7 +220,8 @@ STEPS = {"base": 0, "p0": 100, "p1": 300, "m0": 800}
 def _checkpoint(tid: str, level: float, step: int | None, cap: float | None) -> dict:
     return {"trial_id": tid, "level": level, "reached": step is not None, "step": step, "capability": cap,
             "tokens": None if step is None else step * 10, "elapsed_s": None if step is None else step / 10.0,
-            "checkpoint": None, "served_capability": cap, "confirmed_capability": cap, "postprocess": None}
+            "checkpoint": None, "served_capability": cap, "confirmed_capability": cap, "postprocess": None,
+            "evaluation_started_at": None}
 
 
 def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:
@@ -281,7 +282,8 @@ def test_report_shows_the_judge_panel_and_kappa(tmp_path: Path) -> None:
     assert "| guard | overrefusal |" not in text and "| xs | over-refusal | guard |" not in text
     write_table(tmp_path, "generations", [
         {"trial_id": "base", "step": 0, "suite": "harmful", "suite_kind": "harmful", "prompt_id": str(i), "repeat": 0,
-         "seed": 0, "prompt": f"request {i}", "response": f"answer | {i}", "engine": "x"} for i in range(10)],
+         "seed": 0, "prompt": f"request {i}", "response": f"answer | {i}", "engine": "x",
+         "generated_at": None} for i in range(10)],
         fragment="all")
     text = write_report(tmp_path, "x")
     # the one split: prompt 5, refused by the keywords' reading, unsafe for the guard

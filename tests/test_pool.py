@@ -1,5 +1,6 @@
-"""The Serve pool for real (local Ray, vLLM engines on the micro world's model): a LoRA adapter on the base
-engine, seeded repeats, the whole judge panel, and a replica killed mid-evaluation. A few minutes."""
+"""The Serve pool for real (local Ray, vLLM's asynchronous engines on the micro world's model): a LoRA adapter
+on the base engine, seeded repeats, the whole judge panel, a replica killed mid-evaluation, and the pool's
+OpenAI-compatible HTTP API. A few minutes."""
 
 from __future__ import annotations
 
@@ -61,6 +62,51 @@ def _alive(pids: set[int]) -> set[int]:
     return {p for p in pids if (st := _stat(p)) is not None and st[0] != "Z"}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _http_run(results: Path, world, adapter: str):
+    """A run's results folder holding one kept LoRA checkpoint (the random adapter) at step 10."""
+    from capsafe.http_api import HttpContext
+    from capsafe.results import write_table
+    from capsafe.train_model import CHECKPOINT_META
+
+    ckpt = results / "models" / "lora-s0-lr0.1" / "step-10"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model").symlink_to(adapter)
+    (ckpt / CHECKPOINT_META).write_text(json.dumps({"kind": "lora"}))
+    write_table(results, "checkpoints", [{
+        "trial_id": "lora-s0-lr0.1", "level": 0.1, "reached": True, "step": 10, "capability": 0.1, "tokens": 1,
+        "elapsed_s": 1.0, "checkpoint": str(ckpt), "served_capability": None, "confirmed_capability": None,
+        "postprocess": None, "evaluation_started_at": None}], fragment="lora-s0-lr0.1")
+    return HttpContext(str(results), str(world.model_dir), True, world.prompt_format().to_dict(), 16)
+
+
+def _check_http(port: int, pool, world, adapter: str) -> None:
+    """The pool's OpenAI-compatible API, through OpenAI's own client: it lists the run's models and answers a
+    chat request as the pool answers the suites' encoding of it (greedy), for the base model and the adapter."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=5)
+    assert {m.id for m in client.models.list()} == {"base", "lora-s0-lr0.1@10"}
+    tokenizer = load_tokenizer(str(world.model_dir))
+    request = _suites(world, 1)[0].items[0]["prompt"]
+    ids = Encoder(tokenizer, world.prompt_format()).prompt(request)
+    for name, target in (("base", Target(str(world.model_dir))),
+                         ("lora-s0-lr0.1@10", Target(str(world.model_dir), adapter))):
+        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": request}],
+                                               max_tokens=16, temperature=0)
+        expected = pool.generate(target, [ids], Sampling(16)).result()[0]
+        assert reply.choices[0].message.content == expected and reply.usage.prompt_tokens == len(ids), name
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-trial", messages=[{"role": "user", "content": request}])
+
+
 def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, micro_judge: Path,
                                                                   random_adapter: str, tmp_path: Path) -> None:
     from capsafe.pool_client import PoolClient
@@ -73,11 +119,13 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, m
     tokenizer = load_tokenizer(base)
     encode = Encoder(tokenizer, micro_world.prompt_format()).prompt
     logs: list[str] = []
+    http, port = _http_run(tmp_path / "run", micro_world, random_adapter), _free_port()
     with ray_session(None, 4):
         options = deployment_options(2, 1.0, 0.0, {"min_replicas": 2, "max_replicas": 2,
                                                    "target_ongoing_requests": 1.0})
         engine = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8}  # one adapter: max_loras above it
-        handle = start_pool(build_pool("vllm", engine, options, max_models=2, max_ongoing_requests=2), "t-pool")
+        app = build_pool("vllm", engine, options, max_models=2, max_ongoing_requests=2, http=http)
+        handle = start_pool(app, "t-pool", ("127.0.0.1", port))
         pool = PoolClient(handle, retries=4, log=logs.append)
         # the world's Llama-Guard-format judge model, served in the same pool as the models it judges, with its
         # published prompt (through its own chat template) and a reworded one
@@ -118,6 +166,7 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, m
         assert not _alive(engine_procs), "the killed replica's engine processes outlived it"
         assert pool.retried >= 1, logs  # the killed replica's requests were sent again
         assert evaluate() == 0  # a rerun finds everything done
+        _check_http(port, pool, micro_world, random_adapter)
         print("\n".join(line for line in logs if "retry" in line or "[1/" in line))
         pool.close()
         stop_pool("t-pool")

@@ -10,21 +10,23 @@ PINNED = {
     "trials": "trial_id:string method:string seed:int64 learning_rate:double target:double tolerance:double "
               "reached:bool capability:double confirmed_capability:double step:int64 status:string "
               "stop_reason:string checkpoint:string tokens:int64 "
-              "wall_s:double train_s:double eval_s:double restarts:int64 method_params:string",
+              "wall_s:double train_s:double eval_s:double restarts:int64 method_params:string "
+              "finished_at:timestamp[us, tz=UTC]",
     "checkpoints": "trial_id:string level:double reached:bool step:int64 capability:double tokens:int64 "
                    "elapsed_s:double checkpoint:string served_capability:double confirmed_capability:double "
-                   "postprocess:string",
+                   "postprocess:string evaluation_started_at:timestamp[us, tz=UTC]",
     "trajectory": "trial_id:string step:int64 capability:double loss:double tokens:int64 elapsed_s:double "
                   "restarts:int64",
     "generations": "trial_id:string step:int64 suite:string suite_kind:string prompt_id:string repeat:int64 "
-                   "seed:int64 prompt:string response:string engine:string",
+                   "seed:int64 prompt:string response:string engine:string "
+                   "generated_at:timestamp[us, tz=UTC]",
     "judgments": "trial_id:string step:int64 suite:string suite_kind:string prompt_id:string repeat:int64 "
                  "judge:string measures:string verdict:string score:double raw:string",
 }
 
 
 def test_schema_is_pinned() -> None:
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
     got = {name: " ".join(f"{f.name}:{f.type}" for f in schema) for name, schema in SCHEMAS.items()}
     assert got == PINNED
 
