@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from capsafe.capacity import check_cluster, local_cpus
 from capsafe.errors import SpecError
 from capsafe.eval_stage import run_evaluation
 from capsafe.inputs import load_suites, load_task, materialize_task, prepare_methods, resolve_paths
@@ -58,6 +59,15 @@ def _prepare_results_dir(spec: Spec, resume: bool) -> Path:
 def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume: bool = False) -> str:
     """Run (or with ``resume`` continue) everything the spec asks for; return the report text."""
     log = log or _logger()
+    beside = False  # the pool starts after the sweep ends
+    # Connect first, so that a spec the cluster can never hold is refused before anything is built or written;
+    # the stages join this session (ray_session is re-entrant) and it ends with them.
+    with ray_session(spec.ray_address, local_cpus(spec, beside)):
+        check_cluster(spec, log, beside)
+        return _run_stages(spec, log, resume)
+
+
+def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool) -> str:
     paths = resolve_paths(spec, log)
     records, suites = load_task(spec, paths), load_suites(spec, paths)  # bad data fails before any write
     context_len = check_eval_context(spec, paths, records["task.eval_file"], suites, log)  # so do long prompts
@@ -88,8 +98,7 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
             f"{r['step']}, {r['tokens']} tokens, {r['restarts']} restart(s) — [{len(finished)}/{len(todo)} trials "
             f"done{f', ~{eta:.0f} s to go' if left else ''}]")
 
-    need = spec.train.num_workers * spec.train.cpus_per_worker * spec.sweep.max_concurrent_trials + 0.5
-    with ray_session(spec.ray_address, need):
+    with ray_session(spec.ray_address, local_cpus(spec)):
         logs = ray_logs_dir()
         if logs:
             log(f"workers', Serve's and vLLM's output: {logs} (CAPSAFE_WORKER_LOGS=1 shows it here too)")
