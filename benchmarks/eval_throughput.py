@@ -5,16 +5,18 @@ compute dominates), same prompts (the demo world's safety suites), same greedy d
 are the generated texts re-tokenised, counted the same way for every row (greedy outputs are compared, too).
 Rows, in one run so they share the machine:
 
-1. direct: one ``VLLMEngine`` (capsafe's vLLM wrapper, a thin shell over ``LLM.generate``) in this process,
-   all prompts in one call, with ``--threads`` torch threads;
-2. the pool with 1 replica of ``--threads`` CPUs, prompts sent as capsafe sends them (chunks, concurrently,
-   through ``PoolClient``): ratio 2/1 is the pool's efficiency (goal >= 0.9);
-3. the pool with 1 replica of 1 CPU and 4. with 2 replicas of 1 CPU each: ratio 4/3 is the scaling from 1 to 2
-   replicas.
+for each N in ``--cpus`` (default 1 and 2):
 
+- direct: one ``VLLMEngine`` (capsafe's offline vLLM wrapper, a thin shell over ``LLM.generate``) in this
+  process, all prompts in one call, its engine with N OpenMP threads;
+- the pool with 1 replica of N CPUs (the replica's engine is vLLM's ``AsyncLLM``), prompts sent as capsafe
+  sends them (chunks, concurrently, through ``PoolClient``): pool / direct at N CPUs is the pool's efficiency
+  (goal >= 0.9 for both);
+
+then the pool with 2 replicas of 1 CPU each: against the 1 x 1 row, the scaling from 1 to 2 replicas.
 Engine start-up is excluded everywhere (each engine answers one warm-up request first).
 
-    .venv/bin/python benchmarks/eval_throughput.py [--prompts 192] [--max-new-tokens 32] [--threads 2]
+    .venv/bin/python benchmarks/eval_throughput.py [--prompts 192] [--max-new-tokens 32] [--cpus 1 2]
         [--hidden 512 --layers 6] [--chunk 32] [--ongoing 4]
 """
 
@@ -49,10 +51,11 @@ def _tokens(tokenizer: Any, texts: list[str]) -> int:
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
 
-def direct(model: str, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[str], float]:
+def direct(model: str, prompts: list[list[int]], max_new_tokens: int, threads: int) -> tuple[list[str], float]:
     from capsafe.engines import Sampling
     from capsafe.vllm_engine import VLLMEngine
 
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the engine process it spawns: a replica of N CPUs gets N
     engine = VLLMEngine(model, max_model_len=256)
     engine.generate(prompts[:4], Sampling(max_new_tokens))  # warm-up
     tick = time.perf_counter()
@@ -93,13 +96,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=192)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="CPUs per replica (and direct threads)")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--chunk", type=int, default=32, help="prompts per request (capsafe's default)")
     parser.add_argument("--ongoing", type=int, default=4, help="max ongoing requests per replica (default 4)")
     args = parser.parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the direct engine gets what a replica of --threads CPUs gets
 
     from train_throughput import build_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,22 +118,28 @@ def main() -> None:
         prompts = _prompts(world, tokenizer, args.prompts)
         print(f"model: {params / 1e6:.1f}M parameters; {len(prompts)} prompts, {args.max_new_tokens} new tokens")
         rows: list[tuple[str, list[str], float]] = []
-        out, spent = direct(model, prompts, args.max_new_tokens)
-        rows.append((f"direct VLLMEngine ({args.threads} threads)", out, spent))
-        with ray_session(None, 2 * args.threads):
-            for replicas, cpus in ((1, float(args.threads)), (1, 1.0), (2, 1.0)):
-                out, spent = pooled(model, prompts, args.max_new_tokens, replicas, cpus, args.chunk,
-                                     args.ongoing)
-                rows.append((f"pool, {replicas} replica(s) x {cpus:g} CPU", out, spent))
+        for cpus in args.cpus:  # each pool row right after its direct row: they share the machine's state
+            out, spent = direct(model, prompts, args.max_new_tokens, cpus)
+            rows.append((f"direct VLLMEngine ({cpus} threads)", out, spent))
+            with ray_session(None, 2 * max(args.cpus)):
+                out, spent = pooled(model, prompts, args.max_new_tokens, 1, float(cpus), args.chunk, args.ongoing)
+            rows.append((f"pool, 1 replica x {cpus} CPU", out, spent))
+        with ray_session(None, 2 * max(args.cpus)):
+            out, spent = pooled(model, prompts, args.max_new_tokens, 2, 1.0, args.chunk, args.ongoing)
+        rows.append(("pool, 2 replicas x 1 CPU", out, spent))
     reference = rows[0][1]
     print("\n| run | generated tokens | seconds | tokens/s | same outputs as direct |\n|---|---|---|---|---|")
-    tps = []
+    tps = {}
     for name, out, spent in rows:
         n = _tokens(tokenizer, out)
-        tps.append(n / spent)
+        tps[name] = n / spent
         print(f"| {name} | {n} | {spent:.1f} | {n / spent:.0f} | {out == reference} |")
-    print(f"\npool / direct at equal CPUs: {tps[1] / tps[0]:.2f} (goal >= 0.9); "
-          f"2 replicas / 1 replica (1 CPU each): {tps[3] / tps[2]:.2f}")
+    for cpus in args.cpus:
+        ratio = tps[f"pool, 1 replica x {cpus} CPU"] / tps[f"direct VLLMEngine ({cpus} threads)"]
+        print(f"pool / direct at {cpus} CPU(s): {ratio:.2f} (goal >= 0.9)")
+    if "pool, 1 replica x 1 CPU" in tps:
+        scaling = tps["pool, 2 replicas x 1 CPU"] / tps["pool, 1 replica x 1 CPU"]
+        print(f"2 replicas / 1 replica (1 CPU each): {scaling:.2f}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from capsafe.capacity import check_cluster, local_cpus
 from capsafe.errors import SpecError
 from capsafe.eval_stage import adapter_slots, run_evaluation, serving
+from capsafe.evaluate import Suite
 from capsafe.http_api import check_port_free
 from capsafe.inputs import load_suites, load_task, materialize_task, prepare_methods, resolve_paths
 from capsafe.preflight import check_eval_context, resolve_train_len
@@ -64,6 +66,16 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     context_len = check_eval_context(spec, paths, records["task.eval_file"], suites, log)  # so do long prompts
     if spec.eval.http is not None:
         check_port_free(spec.eval.http.host, spec.eval.http.port)  # and a port in use
+    beside = spec.eval.schedule == "streaming"  # the pool holds its resources beside training, or after it
+    # Connect before anything is written, so that a spec the cluster can never hold is refused with nothing
+    # half-done; the stages join this session (ray_session is re-entrant) and it ends with them.
+    with ray_session(spec.ray_address, local_cpus(spec, beside)):
+        check_cluster(spec, log, beside)
+        return _run_stages(spec, log, resume, paths, records, suites, context_len)
+
+
+def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dict[str, str],
+                records: dict[str, Any], suites: list[Suite], context_len: int | None) -> str:
     results_dir = _prepare_results_dir(spec, resume)
     paths = prepare_methods(spec, materialize_task(records, paths, results_dir / "data"), results_dir / "data")
     trials = plan_trials(spec, paths, results_dir / "models")
@@ -92,7 +104,7 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
             f"done{f', ~{eta:.0f} s to go' if left else ''}]")
 
     streaming = spec.eval.schedule == "streaming"
-    with ray_session(spec.ray_address, run_cpus(spec)):
+    with ray_session(spec.ray_address, local_cpus(spec, streaming)):  # joins run_experiment's session
         logs = ray_logs_dir()
         if logs:
             log(f"workers', Serve's and vLLM's output: {logs} (CAPSAFE_WORKER_LOGS=1 shows it here too)")
@@ -128,11 +140,3 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
             run_evaluation(spec, paths, results_dir, suites, log, context_len)
     return write_report(results_dir, spec.experiment)
 
-
-def run_cpus(spec: Spec) -> float:
-    """Logical CPUs the run holds at once: the concurrent trials' workers, the pool's replicas beside them when
-    streaming (after them when sequential), and a little for trial drivers and Serve's controller."""
-    training = spec.train.num_workers * spec.train.cpus_per_worker * spec.sweep.max_concurrent_trials
-    e = spec.eval
-    pool = (e.autoscaling.max_replicas if e.autoscaling else e.replicas) * e.cpus_per_replica
-    return (training + pool if e.schedule == "streaming" else max(training, pool)) + 0.5

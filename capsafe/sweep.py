@@ -23,6 +23,7 @@ from ray.tune import CLIReporter
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from capsafe.capability import stop_reason
+from capsafe.capacity import TRIAL_DRIVER_CPUS
 from capsafe.train_loop import train_loop_per_worker
 from capsafe.trials import summarize_trial
 
@@ -185,7 +186,7 @@ def run_sweep(trials: list[dict[str, Any]], resources: dict[str, Any], storage: 
     storage.mkdir(parents=True, exist_ok=True)
     resources = {**resources, "storage": str(storage.resolve())}
     tuner = tune.Tuner(
-        tune.with_resources(_run_trial, {"cpu": 0.1}),
+        tune.with_resources(_run_trial, {"cpu": TRIAL_DRIVER_CPUS}),
         param_space={"trial": tune.grid_search(trials), "resources": resources},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
         # a fresh Tune experiment per run; trial state that must survive lives in the TorchTrainer runs

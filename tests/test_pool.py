@@ -33,9 +33,12 @@ def _suites(world, n: int) -> list[Suite]:
 
 
 def _replica_pids() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # this test's cluster by its GCS address: "auto" refuses a machine running more than one Ray cluster
+    address = ray.get_runtime_context().gcs_address
+    return [a.pid for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
             if a.class_name.startswith("ServeReplica") and "generation-pool" in a.class_name]
 
 

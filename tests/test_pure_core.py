@@ -14,7 +14,8 @@ PURE = ["capsafe.spec", "capsafe.capability", "capsafe.metrics", "capsafe.task_d
         "capsafe.engines", "capsafe.world",
         "capsafe.panel", "capsafe.eval_stage", "capsafe.pool_client", "capsafe.train_loop", "capsafe.pipeline",
         "capsafe.cli", "capsafe.mitigations", "capsafe.mitigations.losses", "capsafe.stats", "capsafe.report_stats",
-        "capsafe.world.unaligned", "capsafe.context", "capsafe.preflight", "capsafe.world.conventions"]
+        "capsafe.world.unaligned", "capsafe.context", "capsafe.preflight", "capsafe.world.conventions",
+        "capsafe.capacity"]
 
 
 def test_pure_modules_import_without_ray_deepspeed_vllm() -> None:

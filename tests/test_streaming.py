@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from capsafe.capacity import local_cpus
 from capsafe.errors import SpecError
 from capsafe.eval_stream import StreamingEvaluation
 from capsafe.http_api import check_port_free
-from capsafe.pipeline import run_cpus
 from capsafe.results import write_table
 from capsafe.spec import load_spec
 from capsafe.train_model import CHECKPOINT_META
@@ -84,9 +84,9 @@ def test_an_evaluation_error_waits_for_the_sweep_then_fails_the_run(tmp_path: Pa
 
 
 def test_streaming_holds_the_pool_beside_training_sequential_after_it() -> None:
-    spec = load_spec(MICRO)  # 2 workers x 0.5 CPU, 1 trial at a time; 1 replica x 1 CPU
-    assert run_cpus(spec) == 1 + 1 + 0.5
-    assert run_cpus(spec.model_copy(update={"eval": spec.eval.model_copy(update={"schedule": "sequential"})})) == 1.5
+    spec = load_spec(MICRO)  # 2 workers x 0.5 CPU and a 0.1-CPU trial driver, 1 trial at a time; 1 replica x 1 CPU
+    assert local_cpus(spec, pool_beside_training=True) == pytest.approx(1.1 + 1 + 0.5)
+    assert local_cpus(spec, pool_beside_training=False) == pytest.approx(1.1 + 0.5)
 
 
 def test_a_port_in_use_stops_the_run_before_anything_is_written(tmp_path: Path) -> None:
