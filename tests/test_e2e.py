@@ -167,7 +167,8 @@ def test_run_micro_flow_with_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert len(wandb_runs) == 2, wandb_runs
     for path in wandb_runs:
         history = [r.history for r in _wandb_records(path) if r.WhichOneof("record_type") == "history"]
-        assert len([h for h in history if any(i.key == "capability" for i in h.item)]) >= 2
+        logged = [h for h in history if any((i.key or "/".join(i.nested_key)) == "capability" for i in h.item)]
+        assert len(logged) >= 2, history
 
 
 def _ray_pids(temp_dir: str) -> list[int]:
