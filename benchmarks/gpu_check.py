@@ -52,7 +52,9 @@ AIMS = {"bare_ratio": 0.95, "mfu": 0.40, "eval_share": 0.10}
 def _task(directory: Path, n: int, filler_tokens: int, seed: int) -> tuple[Path, Path]:
     """Addition items ('what is a + b ?' -> 'a+b') whose prompts start with ``filler_tokens`` random words."""
     rng = random.Random(seed)
-    words = [f"w{i}" for i in range(200)]
+    # letters only: the Llama-3 pre-tokenizer splits digits off, and 200 frequent words become one token each
+    words = [a + b + c for a in "bdgkmprst" for b in ("a", "o", "u", "ei") for c in ("n", "l", "r", "s", "x", "m")]
+    words = words[:200]
 
     def item() -> dict[str, str]:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
@@ -219,6 +221,15 @@ def _init_distributed(backend: str) -> None:
     dist.init_process_group(backend, rank=0, world_size=1)
 
 
+def _mean_length(model: Path, train_file: Path) -> float:
+    """Mean tokens per training example (prompt and answer as the model is fed them)."""
+    from capsafe.formatting import Encoder, load_tokenizer
+
+    encoder = Encoder(load_tokenizer(model))
+    items = [json.loads(line) for line in train_file.read_text().splitlines()[:64]]
+    return sum(len(encoder.example(it["prompt"], it["answer"], None)[0]) for it in items) / len(items)
+
+
 def flops_per_token(model: Path, seq_len: int) -> float:
     """6 N + 12 L H S (PaLM, appendix B): N the non-embedding parameters, L layers, H hidden, S sequence."""
     cfg = json.loads((model / "config.json").read_text())
@@ -251,7 +262,7 @@ def main() -> int:
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="capsafe-gpu-check-") as tmp:
         work = Path(tmp)
-        filler = max(0, seq_len - 24)  # ~one token per filler word, plus the question and the answer
+        filler = max(0, seq_len - 16)  # one token per filler word, plus the question and the answer
         train_file, eval_file = _task(work / "task", steps * batch + batch, filler, seed=0)
         texts = [json.loads(line)["prompt"] for line in train_file.read_text().splitlines()[:200]]
         tick = time.perf_counter()
@@ -259,8 +270,9 @@ def main() -> int:
         figures["params"] = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM
                                 .from_pretrained(model).parameters())
         figures["build_s"] = time.perf_counter() - tick
+        figures["mean_tokens_per_example"] = _mean_length(model, train_file)
         base = {"precision": precision, "use_gpu": gpu, "batch_size": batch, "max_steps": steps,
-                "learning_rates": [1e-5], "max_seq_len": seq_len + 8}
+                "learning_rates": [1e-5]}
         eval_size = 200 if gpu else 8
         for stage in (2, 3):
             for mode in ("full", "lora"):
@@ -293,7 +305,7 @@ def main() -> int:
         figures["bare_tokens_per_s"] = bare
         figures["bare_ratio"] = capsafe_tps / bare
         peak = next((v for k, v in PEAK_BF16.items() if k in figures["device"]), None)
-        figures["flops_per_token"] = flops_per_token(model, seq_len)
+        figures["flops_per_token"] = flops_per_token(model, round(figures["mean_tokens_per_example"]))
         figures["mfu"] = capsafe_tps * figures["flops_per_token"] / peak if gpu and peak else None
         figures["eval_share"] = figures["variants"]["zero2-full-nockpt"]["eval_share"]
         from transformers import AutoTokenizer
