@@ -39,17 +39,24 @@ def _logger() -> Callable[[str], None]:
     return log
 
 
+def _check_resume(spec: Spec) -> None:
+    """Refuse ``--resume`` of a run that does not exist or had another spec (before Ray starts)."""
+    results_dir = spec.results_dir
+    snapshot = json.dumps(spec.model_dump(mode="json"), sort_keys=True, indent=1)
+    old = results_dir / SPEC_SNAPSHOT
+    if not old.is_file():
+        raise SpecError(f"--resume: {results_dir} holds no earlier run of '{spec.experiment}'; drop --resume "
+                        "to start one.")
+    if old.read_text() != snapshot:
+        raise SpecError(f"--resume: the spec differs from the one {results_dir} was run with; resume with the "
+                        f"same spec and overrides (saved in {old}), or run without --resume to start over.")
+
+
 def _prepare_results_dir(spec: Spec, resume: bool) -> Path:
     results_dir = spec.results_dir
     snapshot = json.dumps(spec.model_dump(mode="json"), sort_keys=True, indent=1)
     if resume:
-        old = results_dir / SPEC_SNAPSHOT
-        if not old.is_file():
-            raise SpecError(f"--resume: {results_dir} holds no earlier run of '{spec.experiment}'; drop --resume "
-                            "to start one.")
-        if old.read_text() != snapshot:
-            raise SpecError(f"--resume: the spec differs from the one {results_dir} was run with; resume with the "
-                            f"same spec and overrides (saved in {old}), or run without --resume to start over.")
+        _check_resume(spec)
         return results_dir
     if results_dir.exists():
         shutil.rmtree(results_dir)  # a new run replaces the previous one of the same experiment
@@ -61,6 +68,8 @@ def _prepare_results_dir(spec: Spec, resume: bool) -> Path:
 def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume: bool = False) -> str:
     """Run (or with ``resume`` continue) everything the spec asks for; return the report text."""
     log = log or _logger()
+    if resume:
+        _check_resume(spec)
     paths = resolve_paths(spec, log)
     records, suites = load_task(spec, paths), load_suites(spec, paths)  # bad data fails before any write
     context_len = check_eval_context(spec, paths, records["task.eval_file"], suites, log)  # so do long prompts
