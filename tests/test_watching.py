@@ -51,6 +51,20 @@ def test_trackers_are_ray_tunes_own_callbacks(monkeypatch: pytest.MonkeyPatch) -
     assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"  # MLflow 3 keeps its folder store behind it
 
 
+def test_wandb_offline_writes_under_the_results_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    from capsafe.sweep import tracking_callbacks
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    [callback] = tracking_callbacks({"wandb_project": "p", "wandb_mode": "offline"}, "demo", tmp_path)
+    assert isinstance(callback, WandbLoggerCallback) and callback.project == "p" and callback.group == "demo"
+    assert callback.kwargs == {"mode": "offline", "dir": str((tmp_path / "wandb").resolve())}
+    import os
+
+    assert os.environ["WANDB_MODE"] == "offline"  # Ray's callback then asks for no API key
+
+
 def test_a_tracker_that_is_not_installed_is_refused_by_the_spec(monkeypatch: pytest.MonkeyPatch,
                                                                 tmp_path) -> None:  # noqa: ANN001
     import importlib.util
