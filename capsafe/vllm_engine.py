@@ -73,9 +73,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         scored = [i for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)) if p and c]
-        results = [math.nan] * len(prompts)
         if not scored:
-            return results
+            return [math.nan] * len(prompts)
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         requests = [TokensPrompt(prompt_token_ids=list(prompts[i]) + list(continuations[i])) for i in scored]
         if self.lora:
@@ -85,11 +84,7 @@ class VLLMEngine:
         else:
             outs = self.llm.generate(requests, params, use_tqdm=False)
         self.seen = [list(o.prompt_token_ids) for o in outs]
-        for i, out in zip(scored, outs, strict=True):
-            ids, start = list(out.prompt_token_ids), len(prompts[i])
-            logprobs = [out.prompt_logprobs[k][ids[k]].logprob for k in range(start, len(ids))]
-            results[i] = -sum(logprobs) / len(logprobs)
-        return results
+        return continuation_nll(prompts, scored, outs)
 
     def close(self) -> None:
         if self.llm is None:
@@ -185,12 +180,7 @@ class AsyncVLLMEngine:
         scored = [i for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)) if p and c]
         outs = await asyncio.gather(*(self._run(list(prompts[i]) + list(continuations[i]), params, alone=self.lora)
                                       for i in scored))
-        results = [math.nan] * len(prompts)
-        for i, out in zip(scored, outs, strict=True):
-            ids, start = list(out.prompt_token_ids), len(prompts[i])
-            logprobs = [out.prompt_logprobs[k][ids[k]].logprob for k in range(start, len(ids))]
-            results[i] = -sum(logprobs) / len(logprobs)
-        return results
+        return continuation_nll(prompts, scored, outs)
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
@@ -201,6 +191,17 @@ class AsyncVLLMEngine:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def continuation_nll(prompts: list[list[int]], scored: list[int], outs: list[Any]) -> list[float]:
+    """Mean negative log-likelihood per continuation token, from vLLM's prompt log-probs of prompt +
+    continuation (``outs[j]`` answers ``prompts[scored[j]]``); nan where nothing was scored."""
+    results = [math.nan] * len(prompts)
+    for i, out in zip(scored, outs, strict=True):
+        ids, start = list(out.prompt_token_ids), len(prompts[i])
+        logprobs = [out.prompt_logprobs[k][ids[k]].logprob for k in range(start, len(ids))]
+        results[i] = -sum(logprobs) / len(logprobs)
+    return results
 
 
 def engine_args(model_dir: str, max_model_len: int | None, seed: int, enable_lora: bool, max_loras: int,
