@@ -32,14 +32,34 @@ def _suites(world, n: int) -> list[Suite]:
     return suites
 
 
-def _replica_pids() -> list[int]:
+def _replicas() -> dict[int, object]:
+    """pid -> actor handle of each live generation-pool replica."""
     import ray
     from ray.util.state import list_actors
 
     # this test's cluster by its GCS address: "auto" refuses a machine running more than one Ray cluster
     address = ray.get_runtime_context().gcs_address
-    return [a.pid for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name.startswith("ServeReplica") and "generation-pool" in a.class_name]
+    return {a.pid: ray.get_actor(a.name, namespace=a.ray_namespace)
+            for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name.startswith("ServeReplica") and "generation-pool" in a.class_name}
+
+
+def _busy_replica_with_an_engine(deadline: float) -> int:
+    """A replica that has started its vLLM engine and, by Serve's own count, has requests in flight.
+
+    Waiting for written generations was not enough: by then a replica could be idle (the rest of the work
+    routed to the other one), its death retried nothing, and the test failed on a slow machine."""
+    import ray
+
+    while time.time() < deadline:
+        replicas = _replicas()
+        assert len(replicas) == 2, replicas
+        for pid, actor in replicas.items():
+            ongoing = ray.get(actor.get_num_ongoing_requests.remote())  # type: ignore[attr-defined]
+            if ongoing >= 2 and _descendants(pid):
+                return pid
+        time.sleep(0.1)
+    raise AssertionError("no replica had an engine and requests in flight within the deadline")
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -152,14 +172,8 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, m
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        deadline = time.time() + 300
-        while not list((tmp_path / "generations").glob("*.parquet")) and time.time() < deadline:
-            time.sleep(0.2)
-        replicas = _replica_pids()
-        assert len(replicas) == 2, replicas
-        victim = max(replicas, key=lambda pid: len(_descendants(pid)))  # one that has started a vLLM engine
+        victim = _busy_replica_with_an_engine(time.time() + 300)
         engine_procs = _descendants(victim)
-        assert engine_procs, "no replica has a vLLM engine process yet"
         os.kill(victim, signal.SIGKILL)  # a replica dies with requests in flight
         worker.join(timeout=600)
         assert not worker.is_alive() and not errors, (errors, logs[-10:])
