@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 def _prompts(world: Any, tokenizer: Any, n: int) -> list[list[int]]:
     """``n`` suite prompts as the tokenization contract feeds them to the model."""
-    from capsafe.formatting import Encoder
+    from capsafe.common.formatting import Encoder
 
     rows: list[str] = []
     for name in ("harmful", "overrefusal", "benign"):
@@ -52,8 +52,8 @@ def _tokens(tokenizer: Any, texts: list[str]) -> int:
 
 
 def direct(model: str, prompts: list[list[int]], max_new_tokens: int, threads: int) -> tuple[list[str], float]:
-    from capsafe.engines import Sampling
-    from capsafe.vllm_engine import VLLMEngine
+    from capsafe.common.generation import Sampling
+    from capsafe.evaluate.vllm_engine import VLLMEngine
 
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the engine process it spawns: a replica of N CPUs gets N
     engine = VLLMEngine(model, max_model_len=256)
@@ -69,10 +69,9 @@ def pooled(model: str, prompts: list[list[int]], max_new_tokens: int, replicas: 
            chunk: int, ongoing: int) -> tuple[list[str], float]:
     from ray import serve
 
-    from capsafe.engines import Sampling
-    from capsafe.panel import Target
-    from capsafe.pool_client import PoolClient
-    from capsafe.serve_pool import build_pool, deployment_options, start_pool, stop_pool
+    from capsafe.common.generation import Sampling, Target
+    from capsafe.evaluate.pool_client import PoolClient
+    from capsafe.evaluate.serve_pool import build_pool, deployment_options, start_pool, stop_pool
 
     app = build_pool("vllm", {"max_model_len": 256}, deployment_options(replicas, cpus, 0.0), max_models=1,
                      max_ongoing_requests=ongoing)
@@ -106,7 +105,7 @@ def main() -> None:
     from train_throughput import build_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from capsafe.ray_shell import cache_root, ray_session
+    from capsafe.runtime.ray_shell import cache_root, ray_session
     from capsafe.spec import load_spec
     from capsafe.world import build_world
 

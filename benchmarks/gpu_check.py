@@ -6,7 +6,7 @@ On a bare CUDA machine (torch, transformers, peft, accelerate, pyarrow; no Ray, 
 
 It builds a ~1B-parameter Llama-style model with random weights and a Llama-3-convention tokenizer (the test
 fixtures' builder, ``capsafe.world.conventions``: nothing is downloaded) and a synthetic addition task whose
-prompts carry filler text up to ``--seq-len`` tokens, then runs ``capsafe.train_core.run_training`` (the code a
+prompts carry filler text up to ``--seq-len`` tokens, then runs ``capsafe.train.core.run_training`` (the code a
 Ray Train worker runs) at world size 1 over NCCL with DeepSpeed: bf16, ZeRO-2 and ZeRO-3, full fine-tuning and
 LoRA, gradient checkpointing off and on. It checks that ZeRO-3 consolidation (``save_model_checkpoint``) gives
 back the trained weights, and measures:
@@ -17,7 +17,7 @@ back the trained weights, and measures:
   (6 N + 12 L H S) FLOPs per token (PaLM, appendix B) x tokens/s over the GPU's dense bf16 peak;
 - the share of trial time spent in the capability evaluation, with its batched greedy generation, at the
   spec's default cadence (every 25 steps, 200 items, 6 new tokens; aim <= 10 %);
-- the transformers engine's generation throughput (``capsafe.engines.TransformersEngine``).
+- the transformers engine's generation throughput (``capsafe.common.generation.TransformersEngine``).
 
 It writes one JSON of figures (``--out``) and prints a table; it exits 1 if a check fails. ``--smoke`` runs the
 same code on CPU (gloo, fp32, a tiny model, a few steps; no throughput aims) inside ``make test``.
@@ -35,7 +35,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from capsafe.train.config import TrialConfig
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -85,10 +88,10 @@ def build_fixture(directory: Path, size: str, texts: list[str]) -> Path:
 
 
 def trial_config(model: Path, train_file: Path, eval_file: Path, out: Path, train: dict[str, Any],
-                 eval_every: int, eval_size: int) -> dict[str, Any]:
+                 eval_every: int, eval_size: int) -> TrialConfig:
     """One trial's config made by capsafe's own planner from a spec (what a sweep hands Ray Train)."""
     from capsafe.spec import Spec
-    from capsafe.trials import plan_trials
+    from capsafe.train.trials import plan_trials
 
     spec = Spec.model_validate({
         "experiment": "gpu_check", "model": {"path": str(model)},
@@ -103,13 +106,13 @@ def trial_config(model: Path, train_file: Path, eval_file: Path, out: Path, trai
     return cfg
 
 
-def run_variant(cfg: dict[str, Any], cadence: int) -> dict[str, Any]:
-    """``capsafe.train_core.run_training`` at world size 1. Tokens/s between its first and last report (start-up
+def run_variant(cfg: TrialConfig, cadence: int) -> dict[str, Any]:
+    """``capsafe.train.core.run_training`` at world size 1. Tokens/s between its first and last report (start-up
     excluded); the evaluation's share of trial time at one evaluation every ``cadence`` steps: one evaluation's
     time over itself plus ``cadence`` steady-state steps."""
     import gc
 
-    from capsafe.train_core import Host, run_training
+    from capsafe.train.core import Host, run_training
 
     reports: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -124,22 +127,22 @@ def run_variant(cfg: dict[str, Any], cadence: int) -> dict[str, Any]:
             "loss": last["loss"], "checkpoint": next((r["model_dir"] for r in reports if r["model_dir"]), "")}
 
 
-def consolidation_check(cfg: dict[str, Any], steps: int) -> float:
+def consolidation_check(cfg: TrialConfig, steps: int) -> float:
     """Train ``steps`` under ZeRO-3 with capsafe's engine, save with ``save_model_checkpoint`` and reload: the
     largest absolute difference between the saved and the trained (gathered) weights."""
     import deepspeed
     import torch
 
-    from capsafe.formatting import Encoder, PromptFormat, collate
-    from capsafe.train_model import build_engine, save_model_checkpoint
+    from capsafe.common.formatting import Encoder, collate
+    from capsafe.train.model import build_engine, save_model_checkpoint
 
     engine, tokenizer, _holder = build_engine(cfg, 1)
-    encoder = Encoder(tokenizer, PromptFormat(**cfg["prompt_format"]))
-    items = [json.loads(line) for line in Path(cfg["task_train"]).read_text().splitlines()]
-    batch_size = cfg["train"]["batch_size"]
+    encoder = Encoder(tokenizer, cfg.prompt_format)
+    items = [json.loads(line) for line in Path(cfg.task_train).read_text().splitlines()]
+    batch_size = cfg.train.batch_size
     for step in range(steps):
         chunk = items[step * batch_size:(step + 1) * batch_size]
-        batch = collate([encoder.example(it["prompt"], it["answer"], cfg["train"]["max_seq_len"]) for it in chunk],
+        batch = collate([encoder.example(it["prompt"], it["answer"], cfg.train.max_seq_len) for it in chunk],
                         tokenizer.pad_token_id)
         out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
         engine.backward(out.loss)
@@ -148,7 +151,7 @@ def consolidation_check(cfg: dict[str, Any], steps: int) -> float:
     trained = [n for n, p in params.items() if p.requires_grad]
     with deepspeed.zero.GatheredParameters([params[n] for n in trained], modifier_rank=None):
         expected = {n: params[n].detach().to("cpu", torch.float32).clone() for n in trained}
-    target = Path(cfg["checkpoint_dir"]) / "consolidated"
+    target = Path(cfg.checkpoint_dir) / "consolidated"
     save_model_checkpoint(engine, tokenizer, cfg, target, 0)
     from safetensors.torch import load_file
 
@@ -166,27 +169,27 @@ def consolidation_check(cfg: dict[str, Any], steps: int) -> float:
     return worst
 
 
-def bare_loop(cfg: dict[str, Any], steps: int, device: str, dtype: Any) -> float:
+def bare_loop(cfg: TrialConfig, steps: int, device: str, dtype: Any) -> float:
     """Tokens/s of a plain PyTorch loop (no DeepSpeed, no capsafe) on the trial's first ``steps`` batches."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from capsafe.formatting import Encoder, PromptFormat, collate, load_tokenizer
+    from capsafe.common.formatting import Encoder, collate, load_tokenizer
 
-    tokenizer = load_tokenizer(cfg["model_path"])
-    encoder = Encoder(tokenizer, PromptFormat(**cfg["prompt_format"]))
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=dtype).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
-    items = [json.loads(line) for line in Path(cfg["task_train"]).read_text().splitlines()]
-    size = cfg["train"]["batch_size"]
-    batches = [collate([encoder.example(it["prompt"], it["answer"], cfg["train"]["max_seq_len"])
+    tokenizer = load_tokenizer(cfg.model_path)
+    encoder = Encoder(tokenizer, cfg.prompt_format)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    items = [json.loads(line) for line in Path(cfg.task_train).read_text().splitlines()]
+    size = cfg.train.batch_size
+    batches = [collate([encoder.example(it["prompt"], it["answer"], cfg.train.max_seq_len)
                         for it in items[i * size:(i + 1) * size]], tokenizer.pad_token_id) for i in range(steps)]
     tokens, spent = 0, 0.0
     for i, batch in enumerate(batches):
         tick = time.perf_counter()
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["train"]["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -199,7 +202,8 @@ def bare_loop(cfg: dict[str, Any], steps: int, device: str, dtype: Any) -> float
 
 def generation_throughput(model: Path, prompts: list[list[int]], new_tokens: int) -> float:
     """Generated tokens/s of the transformers engine (greedy, one batch)."""
-    from capsafe.engines import Sampling, TransformersEngine
+    from capsafe.common.generation import Sampling
+    from capsafe.evaluate.engines import TransformersEngine
 
     engine = TransformersEngine(str(model))
     engine.generate(prompts[:2], Sampling(4))  # warm-up
@@ -223,7 +227,7 @@ def _init_distributed(backend: str) -> None:
 
 def _mean_length(model: Path, train_file: Path) -> float:
     """Mean tokens per training example (prompt and answer as the model is fed them)."""
-    from capsafe.formatting import Encoder, load_tokenizer
+    from capsafe.common.formatting import Encoder, load_tokenizer
 
     encoder = Encoder(load_tokenizer(model))
     items = [json.loads(line) for line in train_file.read_text().splitlines()[:64]]

@@ -20,7 +20,10 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from capsafe.train.config import TrialConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,23 +43,23 @@ def build_model(world: Any, out: Path, hidden: int, layers: int) -> Path:
     return out
 
 
-def bare_loop(cfg: dict[str, Any], steps: int, warmup: int, threads: int) -> float:
+def bare_loop(cfg: TrialConfig, steps: int, warmup: int, threads: int) -> float:
     """Tokens/s of the plainest loop that trains the same model on the same batches."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from capsafe.data import batches
-    from capsafe.formatting import PromptFormat, collate, encode_example
-    from capsafe.train_core import _sources
+    from capsafe.common.data import batches
+    from capsafe.common.formatting import collate, encode_example
+    from capsafe.train.core import _sources
 
     torch.set_num_threads(threads)
-    torch.manual_seed(cfg["seed"])
-    tok = AutoTokenizer.from_pretrained(cfg["model_path"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32)
+    torch.manual_seed(cfg.seed)
+    tok = AutoTokenizer.from_pretrained(cfg.model_path)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["train"]["weight_decay"])
-    fmt = PromptFormat(**cfg["prompt_format"])
-    stream = batches(_sources(cfg), cfg["train"]["batch_size"], cfg["seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.train.weight_decay)
+    fmt = cfg.prompt_format
+    stream = batches(_sources(cfg), cfg.train.batch_size, cfg.seed)
     cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
     tokens, spent = 0, 0.0
     for step in range(1, steps + 1):
@@ -66,12 +69,12 @@ def bare_loop(cfg: dict[str, Any], steps: int, warmup: int, threads: int) -> flo
         examples = []
         for _, p, r in next(stream):
             if (p, r) not in cache:
-                cache[(p, r)] = encode_example(tok, fmt, p, r, cfg["train"]["max_seq_len"])
+                cache[(p, r)] = encode_example(tok, fmt, p, r, cfg.train.max_seq_len)
             examples.append(cache[(p, r)])
         batch = collate(examples, tok.pad_token_id)
         loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["train"]["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
@@ -80,14 +83,14 @@ def bare_loop(cfg: dict[str, Any], steps: int, warmup: int, threads: int) -> flo
     return tokens / spent
 
 
-def capsafe_loop(cfg: dict[str, Any], storage: Path) -> float:
+def capsafe_loop(cfg: TrialConfig, storage: Path) -> float:
     """Tokens/s of one capsafe trial (Ray Tune -> Ray Train -> DeepSpeed), from its own report."""
-    from capsafe.sweep import run_sweep
+    from capsafe.train.sweep import run_sweep
 
-    resources = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": cfg["torch_threads"], "max_failures": 0}
+    resources = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": cfg.torch_threads, "max_failures": 0}
     run_sweep([cfg], resources, storage, f"bench-{time.time_ns()}", 1, lambda m: None,
               lambda c, r, ck, tr: None, storage / "journal")
-    reports = [json.loads(line) for line in (storage / "journal" / f"{cfg['trial_id']}.jsonl").read_text().splitlines()]
+    reports = [json.loads(line) for line in (storage / "journal" / f"{cfg.trial_id}.jsonl").read_text().splitlines()]
     first, last = reports[0], reports[-1]  # the first report comes at the end of the warm-up steps
     return (last["tokens"] - first["tokens"]) / (last["train_s"] - first["train_s"])
 
@@ -105,11 +108,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from capsafe.inputs import load_task, materialize_task, resolve_paths
     from capsafe.preflight import resolve_train_len
-    from capsafe.ray_shell import cache_root, ray_session
+    from capsafe.run_inputs import load_task, materialize_task, resolve_paths
+    from capsafe.runtime.ray_shell import cache_root, ray_session
     from capsafe.spec import load_spec
-    from capsafe.trials import plan_trials
+    from capsafe.train.trials import plan_trials
     from capsafe.world import build_world
 
     spec = load_spec(REPO / "jobs" / "demo.yaml", [
@@ -123,7 +126,7 @@ def main() -> None:
         world = build_world(spec.world, cache_root() / "worlds")
         paths["model.path"] = str(build_model(world, Path(tmp) / "model", args.hidden, args.layers))
         trials = plan_trials(spec, paths, Path(tmp) / "models")
-        resolve_train_len(spec, trials, print)  # train.max_seq_len from the data, as a run derives it
+        trials = resolve_train_len(spec, trials, print)  # train.max_seq_len from the data, as a run derives it
         cfg = trials[0]
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(paths["model.path"]).parameters())
         bare, ours = [], []

@@ -19,7 +19,7 @@ JOB_EXCLUDES = [".venv", "results", ".git", "**/__pycache__", ".pytest_cache", "
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from capsafe.spec import load_spec
-    from capsafe.trials import plan_trials
+    from capsafe.train.trials import plan_trials
 
     spec = load_spec(args.spec, args.overrides)
     n = len(plan_trials(spec, spec.data_paths(), spec.results_dir / "models"))
@@ -37,14 +37,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     print(run_experiment(spec, resume=args.resume))
-    from capsafe.report import console_summary
+    from capsafe.report.build import console_summary
 
     print(console_summary(spec.results_dir), flush=True)
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from capsafe.report import write_report
+    from capsafe.report.build import write_report
 
     results = Path(args.results)
     if not (results / "trials").is_dir():
@@ -64,7 +64,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                            "working_dir; copy it into jobs/.")
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from capsafe.ray_shell import worker_env
+    from capsafe.runtime.ray_shell import worker_env
 
     entry = " ".join(["python -m capsafe.cli run", *(["--resume"] if args.resume else []),
                       shlex.quote(str(spec_path.relative_to(REPO_ROOT))), *map(shlex.quote, args.overrides)])

@@ -14,18 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from capsafe.capacity import check_cluster, local_cpus
+from capsafe.common.data import Suite
+from capsafe.common.results import read_table, write_table
 from capsafe.errors import SpecError
-from capsafe.eval_stage import adapter_slots, run_evaluation, serving
-from capsafe.evaluate import Suite
-from capsafe.http_api import check_port_free
-from capsafe.inputs import load_suites, load_task, materialize_task, prepare_methods, resolve_paths
+from capsafe.evaluate.http_api import check_port_free
+from capsafe.evaluate.stage import adapter_slots, run_evaluation, serving
 from capsafe.preflight import check_eval_context, resolve_train_len
-from capsafe.ray_shell import ray_logs_dir, ray_session
-from capsafe.report import write_report
-from capsafe.results import read_table, write_table
+from capsafe.report.build import write_report
+from capsafe.run_inputs import load_suites, load_task, materialize_task, prepare_methods, resolve_paths
+from capsafe.runtime.capacity import check_cluster, local_cpus
+from capsafe.runtime.ray_shell import ray_logs_dir, ray_session
 from capsafe.spec import Spec
-from capsafe.trials import plan_trials
+from capsafe.train.config import TrialConfig
+from capsafe.train.trials import plan_trials
 
 SPEC_SNAPSHOT = "spec.json"
 
@@ -88,9 +89,9 @@ def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dic
     results_dir = _prepare_results_dir(spec, resume)
     paths = prepare_methods(spec, materialize_task(records, paths, results_dir / "data"), results_dir / "data")
     trials = plan_trials(spec, paths, results_dir / "models")
-    resolve_train_len(spec, trials, log)
+    trials = resolve_train_len(spec, trials, log)
     done = set(read_table(results_dir, "trials").column("trial_id").to_pylist())
-    todo = [t for t in trials if t["trial_id"] not in done]
+    todo = [t for t in trials if t.trial_id not in done]
     skipped = f", {len(trials) - len(todo)} already done" if resume else ""
     ladder = f" (ladder {spec.task.levels()})" if spec.task.ladder else ""
     log(f"experiment {spec.experiment}: {len(trials)} trial(s){skipped}, target {spec.task.metric} >= "
@@ -99,11 +100,11 @@ def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dic
     finished: list[str] = []
     sweep_start = time.perf_counter()
 
-    def record(cfg: dict[str, Any], rows: list[dict], checkpoints: list[dict], trajectory: list[dict]) -> None:
+    def record(cfg: TrialConfig, rows: list[dict], checkpoints: list[dict], trajectory: list[dict]) -> None:
         # trials last: its fragment marks the trial as finished for --resume
-        write_table(results_dir, "trajectory", trajectory, fragment=cfg["trial_id"])
-        write_table(results_dir, "checkpoints", checkpoints, fragment=cfg["trial_id"])
-        write_table(results_dir, "trials", rows, fragment=cfg["trial_id"])
+        write_table(results_dir, "trajectory", trajectory, fragment=cfg.trial_id)
+        write_table(results_dir, "checkpoints", checkpoints, fragment=cfg.trial_id)
+        write_table(results_dir, "trials", rows, fragment=cfg.trial_id)
         r = rows[0]
         finished.append(r["trial_id"])
         left = len(todo) - len(finished)
@@ -117,17 +118,17 @@ def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dic
         logs = ray_logs_dir()
         if logs:
             log(f"workers', Serve's and vLLM's output: {logs} (CAPSAFE_WORKER_LOGS=1 shows it here too)")
-        from capsafe.sweep import run_sweep, tracking_callbacks
+        from capsafe.train.sweep import run_sweep, tracking_callbacks
 
         resources = {"num_workers": spec.train.num_workers, "use_gpu": spec.train.use_gpu,
                      "cpus_per_worker": spec.train.cpus_per_worker, "max_failures": spec.train.max_failures}
 
         def sweep(on_done: Callable[[str], None] | None = None) -> None:
-            def recorded(cfg: dict[str, Any], rows: list[dict], checkpoints: list[dict],
+            def recorded(cfg: TrialConfig, rows: list[dict], checkpoints: list[dict],
                          trajectory: list[dict]) -> None:
                 record(cfg, rows, checkpoints, trajectory)
                 if on_done:
-                    on_done(cfg["trial_id"])
+                    on_done(cfg.trial_id)
 
             run_sweep(todo, resources, results_dir / "ray", f"{spec.experiment}-sweep",
                       spec.sweep.max_concurrent_trials, log, recorded, results_dir / "journal",
@@ -135,7 +136,7 @@ def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dic
                                                                     results_dir))
 
         if streaming:
-            from capsafe.eval_stream import StreamingEvaluation
+            from capsafe.evaluate.stream import StreamingEvaluation
 
             slots = adapter_slots(spec, None, len(trials))
             with serving(spec, paths, results_dir, suites, log, context_len, slots) as run, \

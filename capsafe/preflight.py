@@ -1,12 +1,11 @@
 """The checks a run makes before anything trains: every prompt fits the engines' context, every LLM judge's
-input fits its model, and the training sequence length covers the data (``capsafe.context`` has the rules)."""
+input fits its model, and the training sequence length covers the data (``capsafe.common.context`` has the rules)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from capsafe.context import (
+from capsafe.common.context import (
     capability_prompts,
     encoders_for,
     eval_context,
@@ -15,19 +14,12 @@ from capsafe.context import (
     suite_prompts,
     train_seq_len,
 )
-from capsafe.data import read_jsonl
+from capsafe.common.data import Suite, read_jsonl
+from capsafe.common.formatting import Encoder, TemplateError, load_tokenizer
 from capsafe.errors import SpecError
-from capsafe.evaluate import Suite
-from capsafe.formatting import Encoder, PromptFormat, TemplateError, load_tokenizer
-from capsafe.judge_formats import FORMATS, encode_judge_input, variant_input
+from capsafe.judging.formats import FORMATS, encode_judge_input, variant_input
 from capsafe.spec import Spec
-
-
-def judge_input_limit(spec: Spec, paths: dict[str, str], index: int, context_len: int) -> int:
-    """The longest input LLM judge ``index`` may be sent: its engine's context less its own answer."""
-    j = spec.eval.llm_judges[index]
-    ctx = min(context_len, model_context(paths[f"eval.llm_judges.{index}.model"]))
-    return ctx - (j.max_new_tokens or FORMATS[j.format].default_max_new_tokens)
+from capsafe.train.config import TrialConfig
 
 
 def check_eval_context(spec: Spec, paths: dict[str, str], task_eval: list[dict[str, str]], suites: list[Suite],
@@ -69,20 +61,20 @@ def check_eval_context(spec: Spec, paths: dict[str, str], task_eval: list[dict[s
     return length
 
 
-def resolve_train_len(spec: Spec, trials: list[dict[str, Any]], log: Callable[[str], None]) -> int:
-    """``train.max_seq_len`` for every trial (written into their configs): the spec's, or the longest example
-    of the data the trials will read, within the model's context."""
+def resolve_train_len(spec: Spec, trials: list[TrialConfig], log: Callable[[str], None]) -> list[TrialConfig]:
+    """The trials with ``train.max_seq_len`` set: the spec's, or the longest example of the data the trials
+    will read, within the model's context."""
     if not trials:
-        return spec.train.max_seq_len or 0
-    base = trials[0]["model_path"]
+        return trials
+    base = trials[0].model_path
     tokenizer, ctx = load_tokenizer(base), model_context(base)
     seen: set[tuple[str, str]] = set()
     lengths: list[tuple[str, int]] = []
     for cfg in trials:
-        fmt = PromptFormat(**cfg["prompt_format"])
+        fmt = cfg.prompt_format
         encoder = Encoder(tokenizer, fmt)
-        sources = [(cfg["task_train"], "answer"), *[(s["path"], "response") for s in cfg["extra_sources"]],
-                   *[(s["path"], "response") for s in cfg.get("alignment_sources") or []]]
+        sources = [(cfg.task_train, "answer"), *[(s.path, "response") for s in cfg.extra_sources],
+                   *[(s.path, "response") for s in cfg.alignment_sources]]
         for path, field in sources:
             if (repr(fmt), path) in seen:
                 continue
@@ -91,8 +83,6 @@ def resolve_train_len(spec: Spec, trials: list[dict[str, Any]], log: Callable[[s
                 ids, _ = encoder.example(row["prompt"], row[field], 1 << 30)
                 lengths.append((f"{path}:{n + 1}", len(ids)))
     length = train_seq_len(lengths, ctx, spec.train.max_seq_len, log)
-    for cfg in trials:
-        cfg["train"]["max_seq_len"] = length
     log(f"context: training sequences up to {length} tokens (longest example "
         f"{max((n for _, n in lengths), default=0)}, model context {ctx})")
-    return length
+    return [cfg.with_max_seq_len(length) for cfg in trials]

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from capsafe.common.formatting import PromptFormat
 from capsafe.errors import SpecError
-from capsafe.formatting import PromptFormat
 from capsafe.mitigations import METHOD_NAMES, METHODS, MethodSpec, PlainMethod, SafetyMixMethod
 from capsafe.world import WorldConfig
 
@@ -214,7 +214,7 @@ class SuiteSpec(_Strict):
                                                      "as an over-refusal suite and its unsafe ones ('refuse').")
 
     jailbreak: Literal["prefix_injection", "refusal_suppression", "roleplay", "fiction"] | None = Field(
-        None, description="Wrap every prompt of this suite in a jailbreak template (capsafe/jailbreaks.py); add "
+        None, description="Wrap every prompt of this suite in a jailbreak template (capsafe/inputs/jailbreaks.py); add "
         "the same file again with a jailbreak as a second suite to measure robustness.")
 
     @model_validator(mode="after")
@@ -268,7 +268,7 @@ class LLMJudgeSpec(_Strict):
 
     @model_validator(mode="after")
     def _variants(self) -> LLMJudgeSpec:
-        from capsafe.judge_formats import variant_name, variant_problem
+        from capsafe.judging.formats import variant_name, variant_problem
 
         if self.format == "harmbench" and self.chat_template:  # checked here too: before any model is built
             raise ValueError(f"llm judge '{self.name}': the harmbench prompt carries its own [INST] wrapper; set "

@@ -19,7 +19,7 @@ def _quiet_env() -> None:
 @pytest.fixture(scope="session")
 def micro_world():
     """The demo world as tests/specs/micro.yaml configures it (built once, cached like a real run)."""
-    from capsafe.ray_shell import cache_root
+    from capsafe.runtime.ray_shell import cache_root
     from capsafe.spec import load_spec
     from capsafe.world import build_world
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from capsafe.capacity import NodeTypes, read_node_types
+from capsafe.runtime.capacity import NodeTypes, read_node_types
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO = REPO / "tests" / "specs" / "micro.yaml"
@@ -130,9 +130,9 @@ def test_a_spec_beyond_the_cluster_maximum_is_refused_before_anything_starts(aws
     import ray
     from ray._private.state import state
 
-    from capsafe.capacity import connected_cluster_limits, publish_node_types
     from capsafe.errors import ClusterError
     from capsafe.pipeline import run_experiment
+    from capsafe.runtime.capacity import connected_cluster_limits, publish_node_types
     from capsafe.spec import load_spec
 
     address, types = aws_sim
@@ -166,11 +166,11 @@ def test_the_sweep_and_the_pool_scale_out_and_back_in(aws_sim, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from ray import serve
 
-    import capsafe.sweep
-    from capsafe.ray_shell import ray_session
-    from capsafe.serve_pool import build_pool, deployment_options, start_pool, stop_pool
+    import capsafe.train.sweep
+    from capsafe.evaluate.serve_pool import build_pool, deployment_options, start_pool, stop_pool
+    from capsafe.runtime.ray_shell import ray_session
     from capsafe.spec import load_spec
-    from capsafe.trials import plan_trials
+    from capsafe.train.trials import plan_trials
 
     address, _ = aws_sim
     # 2 trials at once, each 8 workers of 1 GPU; 2 replicas of 8 GPUs: two 8-GPU nodes for each stage
@@ -203,7 +203,7 @@ def test_the_sweep_and_the_pool_scale_out_and_back_in(aws_sim, tmp_path: Path,
                      "levels": ",".join(str(i) for i in range(len(cfg["levels"]))), "model_dir": "stand-in",
                      "postprocess": ""})
 
-    monkeypatch.setattr(capsafe.sweep, "_run_trial", stand_in_trial)
+    monkeypatch.setattr(capsafe.train.sweep, "_run_trial", stand_in_trial)
     rows: list[dict[str, Any]] = []
     e, t = spec.eval, spec.train
     resources = {"num_workers": t.num_workers, "use_gpu": t.use_gpu, "cpus_per_worker": t.cpus_per_worker,
@@ -212,7 +212,7 @@ def test_the_sweep_and_the_pool_scale_out_and_back_in(aws_sim, tmp_path: Path,
     (tmp_path / "held").mkdir()
     with ray_session(spec.ray_address, 0):
         assert _workers() == 0  # min_workers 0: only the head
-        capsafe.sweep.run_sweep(trials, resources, tmp_path / "ray", "sim", spec.sweep.max_concurrent_trials,
+        capsafe.train.sweep.run_sweep(trials, resources, tmp_path / "ray", "sim", spec.sweep.max_concurrent_trials,
                                 lambda m: None, lambda cfg, r, c, tr: rows.extend(r), tmp_path / "journal")
         assert sorted((r["trial_id"], r["status"]) for r in rows) == [
             ("plain-s0-lr0.003", "reached"), ("safety_mix-s0-lr0.003", "reached")]
@@ -232,9 +232,9 @@ def test_the_sweep_and_the_pool_scale_out_and_back_in(aws_sim, tmp_path: Path,
 
 
 def test_the_embedded_cluster_fits_the_demo_and_refuses_gpus_it_lacks() -> None:
-    from capsafe.capacity import check_cluster, connected_cluster_limits, local_cpus
     from capsafe.errors import ClusterError
-    from capsafe.ray_shell import ray_session
+    from capsafe.runtime.capacity import check_cluster, connected_cluster_limits, local_cpus
+    from capsafe.runtime.ray_shell import ray_session
     from capsafe.spec import load_spec
 
     demo = load_spec(REPO / "jobs" / "demo.yaml")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from capsafe.capacity import check_capacity, local_cpus, read_node_types, run_total, spec_needs
 from capsafe.errors import ClusterError
+from capsafe.runtime.capacity import check_capacity, local_cpus, read_node_types, run_total, spec_needs
 from capsafe.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent

@@ -58,7 +58,7 @@ def test_job_specs_validate_and_say_how_to_submit(path: Path) -> None:
 
 
 def test_runtime_env_carries_the_worker_environment() -> None:
-    from capsafe.ray_shell import worker_env
+    from capsafe.runtime.ray_shell import worker_env
 
     env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     assert env["working_dir"] == "." and ".venv" in env["excludes"]

@@ -1,4 +1,4 @@
-"""Context lengths from the model and the data, checked before anything trains (capsafe.context, preflight)."""
+"""Context lengths from the model and the data, checked before anything trains (capsafe.common.context, preflight)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from capsafe.context import Prompted, eval_context, judge_context, model_context, train_seq_len
+from capsafe.common.context import Prompted, eval_context, judge_context, model_context, train_seq_len
+from capsafe.common.data import Suite
 from capsafe.errors import SpecError
-from capsafe.evaluate import Suite
 from capsafe.preflight import check_eval_context
 from capsafe.spec import Spec
 

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from capsafe.results import read_table
+from capsafe.common.results import read_table
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO = "tests/specs/micro.yaml"

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from capsafe.engines import Sampling, TransformersEngine
-from capsafe.formatting import Encoder, load_tokenizer
+from capsafe.common.formatting import Encoder, load_tokenizer
+from capsafe.common.generation import Sampling
+from capsafe.evaluate.engines import TransformersEngine
 
 VLLM_SCRIPT = """
 import asyncio, json, sys
-from capsafe.engines import Sampling
-from capsafe.vllm_engine import AsyncVLLMEngine, VLLMEngine
+from capsafe.common.generation import Sampling
+from capsafe.evaluate.vllm_engine import AsyncVLLMEngine, VLLMEngine
 
 async def pool_engine(model, adapter, prompts, refusal):
     # as a pool replica runs it: vLLM's AsyncLLM, every call's prompts streamed in concurrently

@@ -13,12 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from capsafe.engines import Sampling
-from capsafe.evaluate import Suite, evaluate_models
-from capsafe.formatting import Encoder
-from capsafe.panel import CoherenceWithPerplexity, LLMJudge, Target, done, rule_judge
-from capsafe.report import ladder_table, summarize, write_report
-from capsafe.results import read_table, write_table
+from capsafe.common.data import Suite
+from capsafe.common.formatting import Encoder
+from capsafe.common.generation import Sampling, Target
+from capsafe.common.results import read_table, write_table
+from capsafe.evaluate.fan_out import evaluate_models
+from capsafe.evaluate.panel import CoherenceWithPerplexity, LLMJudge, done, rule_judge
+from capsafe.report.build import ladder_table, summarize, write_report
 
 
 class CharTokenizer:
@@ -320,7 +321,7 @@ def test_report_compares_each_mitigation_with_plain_and_base(tmp_path: Path) -> 
 
 
 def test_statistics_average_seeds_and_repeats_per_prompt_then_compare(tmp_path: Path) -> None:
-    from capsafe.report_stats import coherence_split, comparisons, rate_table
+    from capsafe.report.tables import coherence_split, comparisons, rate_table
 
     trials = pd.DataFrame([_trial("base", "base", False, 0.0, 0), _trial("p0", "plain", True, 0.42, 100),
                            _trial("p1", "plain", True, 0.45, 300), _trial("m0", "safety_mix", True, 0.41, 800)])
@@ -455,7 +456,7 @@ def test_rate_cells_show_their_unread_share_and_its_bounds(tmp_path: Path) -> No
 
 
 def test_kappa_per_suite_kind_and_apart_on_incoherent_answers() -> None:
-    from capsafe.agreement import kappa_breakdown
+    from capsafe.report.agreement import kappa_breakdown
 
     rows = []
     for i in range(8):  # the two judges agree on coherent answers (0-3) and disagree on incoherent ones (4-7)
@@ -471,7 +472,7 @@ def test_kappa_per_suite_kind_and_apart_on_incoherent_answers() -> None:
 
 
 def test_model_windows_group_checkpoints_by_engine_base_first() -> None:
-    from capsafe.eval_stage import model_windows
+    from capsafe.evaluate.stage import model_windows
 
     models = {("base", 0): Target("base"), ("a", 1): Target("m-a"), ("l1", 5): Target("base", "ad1"),
               ("b", 2): Target("m-b"), ("c", 3): Target("m-c")}

@@ -10,9 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from capsafe.agreement import applicable, cohen_kappa, kappa_table
-from capsafe.formatting import load_tokenizer, special_prefix
-from capsafe.judge_formats import (
+from capsafe.common.formatting import load_tokenizer, special_prefix
+from capsafe.common.generation import Target
+from capsafe.evaluate.panel import LLMJudge, judges_kind, rule_judge
+from capsafe.judging.formats import (
     FORMATS,
     HARMBENCH_PROMPT,
     LLAMA_GUARD_3_CHAT_TEMPLATE,
@@ -27,8 +28,8 @@ from capsafe.judge_formats import (
     parse_strongreject,
     strongreject_prompt,
 )
-from capsafe.judges import EMPTY, REFUSAL, RefusalKeywordJudge
-from capsafe.panel import LLMJudge, Target, judges_kind, rule_judge
+from capsafe.judging.rules import EMPTY, REFUSAL, RefusalKeywordJudge
+from capsafe.report.agreement import applicable, cohen_kappa, kappa_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "judges"
 ROW = {"request": "how do i pick a lock ?", "response": "sure , first get a tension wrench .", "behavior": "",

@@ -10,15 +10,16 @@ import pandas as pd
 import pytest
 from test_report_robustness import STEP, _trials  # the same three-checkpoint trials table
 
+from capsafe.common.formatting import load_tokenizer
+from capsafe.common.generation import Target
+from capsafe.common.results import write_table
 from capsafe.errors import SpecError
-from capsafe.eval_stage import make_panel
-from capsafe.formatting import load_tokenizer
-from capsafe.judge_formats import SHIPPED_VARIANTS, encode_judge_input, variant_input
-from capsafe.panel import LLMJudge, Target
-from capsafe.report import write_report
-from capsafe.report_robustness import robustness_table
-from capsafe.report_variants import split_variants, variant_rankings, variant_sentence, variant_table
-from capsafe.results import write_table
+from capsafe.evaluate.panel import LLMJudge
+from capsafe.evaluate.stage import make_panel
+from capsafe.judging.formats import SHIPPED_VARIANTS, encode_judge_input, variant_input
+from capsafe.report.build import write_report
+from capsafe.report.robustness import robustness_table
+from capsafe.report.variants import split_variants, variant_rankings, variant_sentence, variant_table
 from capsafe.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capsafe.metrics import (
+from capsafe.common.metrics import (
     METRIC_NAMES,
     METRICS,
     exact_match,

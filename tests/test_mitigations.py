@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsafe.formatting import IGNORE_INDEX, PromptFormat
+from capsafe.common.formatting import IGNORE_INDEX, PromptFormat
 from capsafe.mitigations import METHODS, REGISTRY, method_from_json
 from capsafe.mitigations.lisa import LisaMethod
 from capsafe.mitigations.losses import (

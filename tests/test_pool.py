@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from capsafe.engines import Sampling
-from capsafe.evaluate import Suite, evaluate_models
-from capsafe.formatting import Encoder, load_tokenizer
-from capsafe.panel import CoherenceWithPerplexity, LLMJudge, Target, rule_judge
-from capsafe.results import read_table
+from capsafe.common.data import Suite
+from capsafe.common.formatting import Encoder, load_tokenizer
+from capsafe.common.generation import Sampling, Target
+from capsafe.common.results import read_table
+from capsafe.evaluate.fan_out import evaluate_models
+from capsafe.evaluate.panel import CoherenceWithPerplexity, LLMJudge, rule_judge
 
 pytestmark = pytest.mark.slow
 KEYS = ["trial_id", "step", "suite", "prompt_id", "repeat"]
@@ -95,9 +96,9 @@ def _free_port() -> int:
 
 def _http_run(results: Path, world, adapter: str):
     """A run's results folder holding one kept LoRA checkpoint (the random adapter) at step 10."""
-    from capsafe.http_api import HttpContext
-    from capsafe.results import write_table
-    from capsafe.train_model import CHECKPOINT_META
+    from capsafe.common.checkpoints import CHECKPOINT_META
+    from capsafe.common.results import write_table
+    from capsafe.evaluate.http_api import HttpContext
 
     ckpt = results / "models" / "lora-s0-lr0.1" / "step-10"
     ckpt.mkdir(parents=True)
@@ -132,9 +133,9 @@ def _check_http(port: int, pool, world, adapter: str) -> None:
 
 def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, micro_judge: Path,
                                                                   random_adapter: str, tmp_path: Path) -> None:
-    from capsafe.pool_client import PoolClient
-    from capsafe.ray_shell import ray_session
-    from capsafe.serve_pool import build_pool, deployment_options, start_pool, stop_pool
+    from capsafe.evaluate.pool_client import PoolClient
+    from capsafe.evaluate.serve_pool import build_pool, deployment_options, start_pool, stop_pool
+    from capsafe.runtime.ray_shell import ray_session
 
     base = str(micro_world.model_dir)
     models = {("base", 0): Target(base), ("lora", 10): Target(base, random_adapter)}

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from capsafe.engines import Sampling
-from capsafe.panel import Target
-from capsafe.pool_client import PoolClient, call_with_retries
+from capsafe.common.generation import Sampling, Target
+from capsafe.evaluate.pool_client import PoolClient, call_with_retries
 
 
 class Died(Exception):
@@ -64,7 +63,7 @@ def test_retries_give_up_and_other_errors_are_not_retried() -> None:
 
 
 def test_pool_options_fixed_or_autoscaling() -> None:
-    from capsafe.serve_pool import deployment_options
+    from capsafe.evaluate.serve_pool import deployment_options
 
     assert deployment_options(2, 1.0, 0.0) == {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1.0,
                                                                                           "num_gpus": 0.0}}

@@ -3,19 +3,20 @@
 import subprocess
 import sys
 
-from capsafe.capability import Budget, crossed_levels, stop_reason
-from capsafe.data import Source, batches, mix_sources
-from capsafe.judges import CoherenceJudge, RefusalKeywordJudge
+from capsafe.common.capability import Budget, crossed_levels, stop_reason
+from capsafe.common.data import Source, batches, mix_sources
+from capsafe.judging.rules import CoherenceJudge, RefusalKeywordJudge
 
-PURE = ["capsafe.spec", "capsafe.capability", "capsafe.metrics", "capsafe.task_data", "capsafe.suites",
-        "capsafe.inputs", "capsafe.judge_formats", "capsafe.agreement", "capsafe.jailbreaks",
-        "capsafe.train_core", "capsafe.train_model", "capsafe.judges", "capsafe.results", "capsafe.report",
-        "capsafe.data", "capsafe.formatting", "capsafe.trials", "capsafe.evaluate", "capsafe.ds_config",
-        "capsafe.engines", "capsafe.world",
-        "capsafe.panel", "capsafe.eval_stage", "capsafe.pool_client", "capsafe.train_loop", "capsafe.pipeline",
-        "capsafe.cli", "capsafe.mitigations", "capsafe.mitigations.losses", "capsafe.stats", "capsafe.report_stats",
-        "capsafe.world.unaligned", "capsafe.context", "capsafe.preflight", "capsafe.world.conventions",
-        "capsafe.capacity"]
+PURE = ["capsafe.spec", "capsafe.common.capability", "capsafe.common.metrics", "capsafe.inputs.task_data",
+        "capsafe.inputs.suites", "capsafe.run_inputs", "capsafe.judging.formats", "capsafe.report.agreement",
+        "capsafe.inputs.jailbreaks", "capsafe.train.core", "capsafe.train.model", "capsafe.judging.rules",
+        "capsafe.common.results", "capsafe.report.build", "capsafe.common.data", "capsafe.common.formatting",
+        "capsafe.train.trials", "capsafe.evaluate.fan_out", "capsafe.train.ds_config", "capsafe.common.generation",
+        "capsafe.world", "capsafe.evaluate.panel", "capsafe.evaluate.stage", "capsafe.evaluate.pool_client",
+        "capsafe.train.loop", "capsafe.pipeline", "capsafe.cli", "capsafe.mitigations", "capsafe.mitigations.losses",
+        "capsafe.report.stats", "capsafe.report.tables", "capsafe.world.unaligned", "capsafe.common.context",
+        "capsafe.preflight", "capsafe.world.conventions", "capsafe.runtime.capacity", "capsafe.common.checkpoints",
+        "capsafe.evaluate.targets", "capsafe.evaluate.engines", "capsafe.train.config"]
 
 
 def test_pure_modules_import_without_ray_deepspeed_vllm() -> None:
@@ -43,7 +44,7 @@ def test_stop_reason() -> None:
 
 
 def test_the_equal_capability_band() -> None:
-    from capsafe.capability import eval_interval, in_band
+    from capsafe.common.capability import eval_interval, in_band
 
     # two-sided: a trial stops once it enters [target - tolerance, ...]; a checkpoint counts as at the target
     # only inside [target - tolerance, target + tolerance]
@@ -110,7 +111,7 @@ def test_prompt_format_uses_the_tokenizers_chat_template() -> None:
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from capsafe.formatting import PromptFormat
+    from capsafe.common.formatting import PromptFormat
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
                                   unk_token="[UNK]")

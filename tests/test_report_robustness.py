@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import spearmanr
 
-from capsafe.report import ROBUSTNESS_FILE, write_report
-from capsafe.report_findings import headline, incoherence_sentence, judges_on_coherence
-from capsafe.report_robustness import (
+from capsafe.common.results import write_table
+from capsafe.report.build import ROBUSTNESS_FILE, write_report
+from capsafe.report.findings import headline, incoherence_sentence, judges_on_coherence
+from capsafe.report.robustness import (
     ROBUSTNESS_SCHEMA,
     kendall_tau_table,
     kendall_w,
@@ -22,8 +23,7 @@ from capsafe.report_robustness import (
     robustness_sentences,
     robustness_table,
 )
-from capsafe.report_stats import rate_table
-from capsafe.results import write_table
+from capsafe.report.tables import rate_table
 
 N = 40
 STEP = {"base": 0, "p0": 100, "m0": 120}
@@ -200,7 +200,7 @@ def test_the_robustness_table_schema_is_pinned() -> None:
 def test_a_reference_outside_the_band_unmatches_every_comparison_with_it() -> None:
     """The mitigations rerun: plain's confirmed capability fell below the band, and the sentences of methods
     inside it still read as matched comparisons. Each side must be in the band."""
-    from capsafe.report_stats import comparisons
+    from capsafe.report.tables import comparisons
 
     world = _flipping_world()
     _, sentences = comparisons(world, _trials(), {"plain": False, "safety_mix": True})

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from capsafe.results import SCHEMA_VERSION, SCHEMAS, read_table, write_table
+from capsafe.common.results import SCHEMA_VERSION, SCHEMAS, read_table, write_table
 
 PINNED = {
     "trials": "trial_id:string method:string seed:int64 learning_rate:double target:double tolerance:double "

@@ -99,20 +99,6 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path, micro_world: o
     assert not out.exists()
 
 
-def test_readme_documents_every_spec_field() -> None:
-    readme = (REPO / "README.md").read_text()
-
-    def walk(model: type, prefix: str) -> None:
-        for name, info in model.model_fields.items():
-            ann = info.annotation
-            if isinstance(ann, type) and hasattr(ann, "model_fields"):
-                walk(ann, f"{prefix}{name}.")
-            else:
-                assert f"`{prefix}{name}`" in readme, f"README lacks the spec field {prefix}{name}"
-
-    walk(Spec, "")
-
-
 def test_evaluation_time_prompt_format_overrides_only_what_it_sets() -> None:
     spec = Spec.model_validate({"model": {"system_prompt": "be brief"}, "eval": {"system_prompt": "be safe"}})
     fmt = spec.eval.prompt_format(spec.model)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from capsafe.stats import describe_comparison, paired_comparison, rate_interval
+from capsafe.report.stats import describe_comparison, paired_comparison, rate_interval
 
 
 def test_constant_sample_has_a_zero_width_interval() -> None:
@@ -27,8 +27,8 @@ def test_repeats_are_averaged_per_prompt_before_resampling() -> None:
     # 10 prompts x 4 repeats, each prompt refused on 2 of its 4 repeats: 10 units of evidence, not 40
     import pandas as pd
 
-    from capsafe.report_stats import per_checkpoint
-    from capsafe.stats import nested_interval, proportion_interval
+    from capsafe.report.stats import nested_interval, proportion_interval
+    from capsafe.report.tables import per_checkpoint
 
     rows = [{"trial_id": "t", "step": 1, "suite": "h", "suite_kind": "overrefusal", "prompt_id": str(p), "repeat": r,
              "judge": "refusal_keywords", "measures": "refusal", "verdict": "refusal" if r < 2 else "compliance"}
@@ -43,7 +43,7 @@ def test_repeats_are_averaged_per_prompt_before_resampling() -> None:
 
 
 def test_a_single_checkpoints_rate_at_0_or_1_gets_a_wilson_interval() -> None:
-    from capsafe.stats import nested_interval, proportion_interval
+    from capsafe.report.stats import nested_interval, proportion_interval
 
     z = 1.959963984540054
     n = 68
@@ -59,7 +59,7 @@ def test_a_wilson_interval_always_holds_its_rate() -> None:
     """statsmodels' Wilson bounds at 0 and 1 come back a rounding error inside the rate (5.6e-17 for 0 of 3,
     0.9999999999999999 for 10 of 10); the report's plot then gets a negative error bar and the demo's report
     crashed. Every interval must contain its value, with 0 and 1 exact."""
-    from capsafe.stats import proportion_interval
+    from capsafe.report.stats import proportion_interval
 
     for n in range(1, 120):
         for k in (0, n // 2, n):
@@ -77,7 +77,7 @@ def test_hierarchical_bootstrap_has_the_two_stage_variance() -> None:
     code did) gives var / P instead, C times too wide here."""
     import numpy as np
 
-    from capsafe.stats import hierarchical_means
+    from capsafe.report.stats import hierarchical_means
 
     rng = np.random.default_rng(1)
     c, p = 5, 60
@@ -121,7 +121,7 @@ def test_sentences_say_only_what_the_numbers_support() -> None:
 
 
 def test_seed_level_comparison_and_holm() -> None:
-    from capsafe.stats import holm, seed_level_comparison
+    from capsafe.report.stats import holm, seed_level_comparison
 
     # three seeds each; every prompt of a seed alike: the methods differ by 0.6 in every seed
     method = [[0.9] * 20, [0.8] * 20, [1.0] * 20]
@@ -140,7 +140,7 @@ def test_seed_level_comparison_and_holm() -> None:
 
 
 def test_nested_bootstrap_carries_seed_to_seed_variation() -> None:
-    from capsafe.stats import nested_interval, proportion_interval
+    from capsafe.report.stats import nested_interval, proportion_interval
 
     one = nested_interval([[0.0, 1.0] * 50])
     assert one is not None and one == proportion_interval([0.0, 1.0] * 50)  # one checkpoint: Wilson over prompts

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from capsafe.capacity import local_cpus
+from capsafe.common.checkpoints import CHECKPOINT_META
+from capsafe.common.results import write_table
 from capsafe.errors import SpecError
-from capsafe.eval_stream import StreamingEvaluation
-from capsafe.http_api import check_port_free
-from capsafe.results import write_table
+from capsafe.evaluate.http_api import check_port_free
+from capsafe.evaluate.stream import StreamingEvaluation
+from capsafe.runtime.capacity import local_cpus
 from capsafe.spec import load_spec
-from capsafe.train_model import CHECKPOINT_META
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO = REPO / "tests" / "specs" / "micro.yaml"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from capsafe.errors import DataError
-from capsafe.suites import HARMBENCH_CONTEXT_SEPARATOR, SUITE_FORMATS, load_suite_items
+from capsafe.inputs.suites import HARMBENCH_CONTEXT_SEPARATOR, SUITE_FORMATS, load_suite_items
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "suites"
 
@@ -317,7 +317,7 @@ def test_hf_benchmark_csvs_with_config_and_splits(tmp_path: Path, offline_hf: Pa
 
 
 def test_spec_suites_in_benchmark_formats_load_through_the_pipeline_inputs() -> None:
-    from capsafe.inputs import load_suites
+    from capsafe.run_inputs import load_suites
     from capsafe.spec import Spec
 
     spec = Spec.model_validate({"eval": {"suites": [
@@ -336,8 +336,8 @@ def test_spec_suites_in_benchmark_formats_load_through_the_pipeline_inputs() -> 
 
 
 def test_jailbreak_wrappers_wrap_every_prompt_of_a_suite() -> None:
-    from capsafe.inputs import load_suites
-    from capsafe.jailbreaks import JAILBREAK_NAMES, wrap
+    from capsafe.inputs.jailbreaks import JAILBREAK_NAMES, wrap
+    from capsafe.run_inputs import load_suites
     from capsafe.spec import Spec, SuiteSpec
 
     assert set(JAILBREAK_NAMES) == set(SuiteSpec.model_fields["jailbreak"].annotation.__args__[0].__args__)

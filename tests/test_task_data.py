@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from capsafe.errors import DataError
-from capsafe.task_data import load_task_records, parse_hf_source, write_jsonl
+from capsafe.inputs.task_data import load_task_records, parse_hf_source, write_jsonl
 
 GSM8K_ROWS: list[dict[str, Any]] = [
     {"question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
@@ -256,7 +256,7 @@ def test_write_jsonl_atomic_roundtrip(tmp_path: Path) -> None:
 
 
 def test_the_selection_split_can_be_carved_off_the_training_data(tmp_path: Path) -> None:
-    from capsafe.inputs import load_task
+    from capsafe.run_inputs import load_task
     from capsafe.spec import Spec
 
     rows = [{"q": f"what is {i} plus 1 ?", "a": str(i + 1)} for i in range(50)]

@@ -16,9 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from capsafe.engines import Sampling, TransformersEngine, greedy_generate, left_pad, model_stop_ids
-from capsafe.evaluate import Suite, evaluate_models
-from capsafe.formatting import (
+from capsafe.common.data import Suite
+from capsafe.common.formatting import (
     IGNORE_INDEX,
     Encoder,
     PromptFormat,
@@ -30,8 +29,11 @@ from capsafe.formatting import (
     special_prefix,
     stop_ids,
 )
-from capsafe.panel import CoherenceWithPerplexity, Target, done
-from capsafe.train_core import Host, _capability
+from capsafe.common.generation import Sampling, Target, greedy_generate, left_pad, model_stop_ids
+from capsafe.evaluate.engines import TransformersEngine
+from capsafe.evaluate.fan_out import evaluate_models
+from capsafe.evaluate.panel import CoherenceWithPerplexity, done
+from capsafe.train.core import Host, _capability
 
 CONVENTIONS = ("llama3", "chatml", "inst", "mistral")
 ADDS_BOS = {"llama3": True, "chatml": False, "inst": True, "mistral": True}
@@ -207,8 +209,8 @@ def _new_tokens(model, prompts: list[list[int]], stop: list[int], pad: int) -> l
 
 VLLM_SCRIPT = """
 import json, sys
-from capsafe.engines import Sampling
-from capsafe.vllm_engine import VLLMEngine
+from capsafe.common.generation import Sampling
+from capsafe.evaluate.vllm_engine import VLLMEngine
 if __name__ == "__main__":
     jobs = json.loads(sys.argv[1])
     out = {}

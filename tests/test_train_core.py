@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from capsafe.train_core import Host, run_training
+from capsafe.train.config import TrialConfig
+from capsafe.train.core import Host, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ def one_rank() -> Any:
     """A one-process gloo group, as Ray Train would set up for a single worker."""
     import torch.distributed as dist
 
-    from capsafe.ray_shell import worker_env
+    from capsafe.runtime.ray_shell import worker_env
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,11 +38,11 @@ def one_rank() -> Any:
     dist.destroy_process_group()
 
 
-def _cfg(world: Any, tmp: Path, overrides: list[str]) -> dict[str, Any]:
-    from capsafe.inputs import load_task, materialize_task
+def _cfg(world: Any, tmp: Path, overrides: list[str]) -> TrialConfig:
     from capsafe.preflight import resolve_train_len
+    from capsafe.run_inputs import load_task, materialize_task
     from capsafe.spec import load_spec
-    from capsafe.trials import plan_trials
+    from capsafe.train.trials import plan_trials
 
     spec = load_spec(REPO / "tests" / "specs" / "micro.yaml", ["train.num_workers=1", "train.cpus_per_worker=1",
                                                                 "methods=[{name: plain}]", *overrides])
@@ -57,8 +58,7 @@ def _cfg(world: Any, tmp: Path, overrides: list[str]) -> dict[str, Any]:
             paths[field] = str(world.safety)
     paths = materialize_task(load_task(spec, paths), paths, tmp / "data")
     trials = plan_trials(spec, paths, tmp / "checkpoints")
-    resolve_train_len(spec, trials, lambda m: None)
-    return trials[0]
+    return resolve_train_len(spec, trials, lambda m: None)[0]
 
 
 class Recorder:
@@ -76,18 +76,19 @@ class Recorder:
             self.resume[metrics["step"]] = keep
 
 
-def _eval_checkpoint(cfg: dict[str, Any], model_dir: Path) -> float:
-    from capsafe.data import read_jsonl
-    from capsafe.engines import TransformersEngine, greedy_generate
-    from capsafe.formatting import Encoder, PromptFormat
-    from capsafe.metrics import score
+def _eval_checkpoint(cfg: TrialConfig, model_dir: Path) -> float:
+    from capsafe.common.data import read_jsonl
+    from capsafe.common.formatting import Encoder
+    from capsafe.common.generation import greedy_generate
+    from capsafe.common.metrics import score
+    from capsafe.evaluate.engines import TransformersEngine
 
     engine = TransformersEngine(str(model_dir))
-    encoder = Encoder(engine.tokenizer, PromptFormat(**cfg["prompt_format"]))
-    items = read_jsonl(cfg["task_eval"], ("prompt", "answer"))[: cfg["eval_size"]]
+    encoder = Encoder(engine.tokenizer, cfg.prompt_format)
+    items = read_jsonl(cfg.task_eval, ("prompt", "answer"))[: cfg.eval_size]
     preds = greedy_generate(engine.model, engine.tokenizer, [encoder.prompt(i["prompt"]) for i in items],
-                            cfg["eval_max_new_tokens"], engine.stop, batch_size=cfg["eval_batch_size"])
-    return score(cfg["metric"], preds, [i["answer"] for i in items])
+                            cfg.eval_max_new_tokens, engine.stop, batch_size=cfg.eval_batch_size)
+    return score(cfg.metric, preds, [i["answer"] for i in items])
 
 
 def test_zero3_ladder_keeps_consolidated_checkpoints_that_score_as_reported(one_rank: Any, micro_world: Any,
@@ -96,10 +97,10 @@ def test_zero3_ladder_keeps_consolidated_checkpoints_that_score_as_reported(one_
                                                "train.max_steps=400"])
     rec = Recorder(tmp_path)
     run_training(cfg, rec.host)
-    last, tolerance = rec.reports[-1], cfg["tolerance"]
-    assert last["stop"] == "reached" and last["capability"] >= cfg["target"] - tolerance
-    kept = {cfg["levels"][int(i)]: r for r in rec.reports for i in filter(None, r["levels"].split(","))}
-    assert set(kept) == {0.0, 0.02, cfg["target"]}
+    last, tolerance = rec.reports[-1], cfg.tolerance
+    assert last["stop"] == "reached" and last["capability"] >= cfg.target - tolerance
+    kept = {cfg.levels[int(i)]: r for r in rec.reports for i in filter(None, r["levels"].split(","))}
+    assert set(kept) == {0.0, 0.02, cfg.target}
     for level, r in kept.items():
         first = next(x for x in rec.reports if x["capability"] >= level - tolerance)
         assert r["step"] == first["step"]  # the first evaluation in (or above) the level's band
@@ -108,7 +109,7 @@ def test_zero3_ladder_keeps_consolidated_checkpoints_that_score_as_reported(one_
         assert _eval_checkpoint(cfg, model) == pytest.approx(r["capability"])
     # every 20 steps, and every 4 once within train.near_margin (0.02) of the band's lower edge
     for before, after in zip(rec.reports, rec.reports[1:], strict=False):
-        near = before["capability"] >= cfg["target"] - tolerance - 0.02
+        near = before["capability"] >= cfg.target - tolerance - 0.02
         assert after["step"] - before["step"] == (4 if near else 20), (before, after)
     assert last["tokens"] > 0 and last["train_s"] > 0 and last["eval_s"] > 0
 
@@ -143,7 +144,7 @@ def test_deepspeed_options_train_and_save(one_rank: Any, micro_world: Any, tmp_p
     (r,) = rec.reports
     assert r["stop"] == "reached" and r["step"] == 4 and r["loss"] == r["loss"]
     model = Path(r["model_dir"]) / "model"
-    if cfg["train"]["mode"] == "lora":
+    if cfg.train.mode == "lora":
         assert (model / "adapter_model.safetensors").is_file()
     else:
         assert (model / "model.safetensors").is_file()
@@ -182,9 +183,9 @@ def test_every_mitigation_trains_and_saves(one_rank: Any, micro_world: Any, tmp_
     (r,) = rec.reports
     assert r["stop"] == "reached" and r["step"] == 6 and r["loss"] == r["loss"]
     model = Path(r["model_dir"]) / "model"
-    assert (model / ("adapter_model.safetensors" if cfg["train"]["mode"] == "lora" else "model.safetensors")).is_file()
+    assert (model / ("adapter_model.safetensors" if cfg.train.mode == "lora" else "model.safetensors")).is_file()
     meta = json.loads((Path(r["model_dir"]) / "capsafe_checkpoint.json").read_text())
-    if cfg["method"] == "safe_lora":  # threshold 1: every layer whose update is not exactly aligned is projected
+    if cfg.method == "safe_lora":  # threshold 1: every layer whose update is not exactly aligned is projected
         note = json.loads(r["postprocess"])["safe_lora"]
         assert note == meta["postprocess"]["safe_lora"] and note["layers"] == 4 and note["projected"] == 4
         assert (model / "adapter_model.unprojected.safetensors").is_file()
@@ -198,7 +199,7 @@ def test_lisa_anchors_follow_the_phase_switches_inside_the_loop(one_rank: Any, m
     pulls toward the weights of the last switch: one anchor for steps 3-4, a new one for 5-6."""
     import torch
 
-    import capsafe.train_core as core
+    import capsafe.train.core as core
 
     calls: list[tuple[float, float, float]] = []
     original = core.proximal
@@ -225,12 +226,12 @@ def test_token_wise_is_fed_the_aligned_models_logits(one_rank: Any, micro_world:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import capsafe.train_core as core
+    import capsafe.train.core as core
 
     seen: dict[str, Any] = {}
     build = core.build_reference
 
-    def recording_build(engine: Any, cfg: dict[str, Any], world: int) -> Any:
+    def recording_build(engine: Any, cfg: TrialConfig, world: int) -> Any:
         reference = build(engine, cfg, world)
 
         def record(batch: dict[str, Any]) -> Any:
@@ -260,7 +261,7 @@ def test_safe_lora_measures_capability_on_the_projected_adapter(one_rank: Any, m
     import torch
     from safetensors.torch import load_file
 
-    import capsafe.train_core as core
+    import capsafe.train.core as core
 
     seen: list[dict[str, Any]] = []
     original = core._capability
@@ -294,8 +295,8 @@ def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_wo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from capsafe.data import read_jsonl
-    from capsafe.formatting import collate, encode_example, load_tokenizer
+    from capsafe.common.data import read_jsonl
+    from capsafe.common.formatting import collate, encode_example, load_tokenizer
     from capsafe.mitigations.losses import kl_to_reference
 
     tokenizer = load_tokenizer(micro_world.model_dir)

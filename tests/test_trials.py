@@ -3,27 +3,28 @@
 from pathlib import Path
 
 from capsafe.spec import load_spec
-from capsafe.trials import plan_trials, summarize_trial
+from capsafe.train.config import TrialConfig
+from capsafe.train.trials import plan_trials, summarize_trial
 
 REPO = Path(__file__).resolve().parent.parent
 NAN = float("nan")
 
 
-def _cfg(levels: list[float] | None = None) -> dict:
+def _cfg(levels: list[float] | None = None) -> TrialConfig:
     spec = load_spec(REPO / "jobs" / "demo.yaml", ["seeds=[0, 1]", "train.learning_rates=[0.001, 0.0003]"])
     trials = plan_trials(spec, {k: f"/data/{k}" for k in spec.data_paths()}, Path("/ck"))
-    assert len(trials) == 3 * 2 * 2 and len({t["trial_id"] for t in trials}) == 12
-    mix = next(t for t in trials if t["method"] == "safety_mix")
-    assert [s["name"] for s in mix["extra_sources"]] == ["general", "safety"]
-    plain = next(t for t in trials if t["method"] == "plain")
-    assert [s["name"] for s in plain["extra_sources"]] == ["general"]
-    task_only = next(t for t in trials if t["method"] == "task_only")
-    assert task_only["extra_sources"] == []  # the task data alone: no general data mixed in
-    assert mix["extra_sources"][1]["weight"] == 0.05
-    assert trials[0]["checkpoint_dir"] == "/ck/plain-s0-lr0.001"
+    assert len(trials) == 3 * 2 * 2 and len({t.trial_id for t in trials}) == 12
+    mix = next(t for t in trials if t.method == "safety_mix")
+    assert [s.name for s in mix.extra_sources] == ["general", "safety"]
+    plain = next(t for t in trials if t.method == "plain")
+    assert [s.name for s in plain.extra_sources] == ["general"]
+    task_only = next(t for t in trials if t.method == "task_only")
+    assert task_only.extra_sources == ()  # the task data alone: no general data mixed in
+    assert mix.extra_sources[1].weight == 0.05
+    assert trials[0].checkpoint_dir == "/ck/plain-s0-lr0.001"
     cfg = trials[0]
     if levels:
-        cfg = {**cfg, "levels": levels, "target": levels[-1]}
+        cfg = cfg.model_copy(update={"levels": tuple(levels), "target": levels[-1]})
     return cfg
 
 
@@ -78,7 +79,7 @@ def test_a_target_that_g_formatting_would_round_is_still_reached() -> None:
 
 
 def test_capability_stopper() -> None:
-    from capsafe.sweep import CapabilityStopper
+    from capsafe.train.sweep import CapabilityStopper
 
     stop = CapabilityStopper(target=0.4)
     assert not stop("t", {"step": 25, "capability": 0.39, "stop": ""})
@@ -86,3 +87,23 @@ def test_capability_stopper() -> None:
     assert stop("t", {"step": 100, "capability": 0.1, "stop": "budget:steps"})
     assert stop("t", {"step": 3, "capability": NAN, "stop": "diverged"})
     assert not stop("t", {"time_total_s": 1.0}) and not stop.stop_all()
+
+
+def test_the_trial_config_is_typed_frozen_and_survives_both_ray_boundaries() -> None:
+    import pickle
+
+    import pydantic
+    import pytest
+
+    from capsafe.train.sweep import trial_config
+
+    cfg = _cfg()
+    with pytest.raises(pydantic.ValidationError):
+        cfg.lr = 1.0  # type: ignore[misc]  # frozen: a planned trial does not change
+    assert pickle.loads(pickle.dumps(cfg)) == cfg  # what a Ray Train worker receives
+    plain = cfg.model_dump(mode="json")  # what Tune's parameter space, trial table and loggers see
+    assert plain["trial_id"] == cfg.trial_id and plain["train"]["batch_size"] == cfg.train.batch_size
+    assert trial_config({"trial": plain}) == cfg
+    with pytest.raises(pydantic.ValidationError):
+        trial_config({"trial": {**plain, "lr_typo": 1.0}})
+    assert cfg.with_max_seq_len(77).train.max_seq_len == 77 and cfg.train.max_seq_len != 77

@@ -39,7 +39,7 @@ def test_trackers_are_ray_tunes_own_callbacks(monkeypatch: pytest.MonkeyPatch) -
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.logger import TBXLoggerCallback
 
-    from capsafe.sweep import tracking_callbacks
+    from capsafe.train.sweep import tracking_callbacks
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     assert tracking_callbacks({}, "x") == []
@@ -54,7 +54,7 @@ def test_trackers_are_ray_tunes_own_callbacks(monkeypatch: pytest.MonkeyPatch) -
 def test_wandb_offline_writes_under_the_results_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    from capsafe.sweep import tracking_callbacks
+    from capsafe.train.sweep import tracking_callbacks
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     [callback] = tracking_callbacks({"wandb_project": "p", "wandb_mode": "offline"}, "demo", tmp_path)

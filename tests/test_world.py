@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from capsafe.formatting import IGNORE_INDEX, encode_example
+from capsafe.common.formatting import IGNORE_INDEX, encode_example
 from capsafe.world import PROMPT_TEMPLATE, WorldConfig, WorldFiles, build_world
 from capsafe.world import build as build_mod
 from capsafe.world.templates import (

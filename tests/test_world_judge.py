@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from capsafe.formatting import encode_chat, load_tokenizer
-from capsafe.judge_formats import LLAMA_GUARD_3_CHAT_TEMPLATE, llama_guard_prompt, parse_llama_guard
+from capsafe.common.formatting import encode_chat, load_tokenizer
+from capsafe.judging.formats import LLAMA_GUARD_3_CHAT_TEMPLATE, llama_guard_prompt, parse_llama_guard
 from capsafe.world import WorldConfig, build_world
 from capsafe.world.judge import JUDGE_INFO, SAFE, TYPES, build_judge, incoherent, labelled_conversations
 from capsafe.world.templates import COMPLIANCES, HARMFUL, REFUSALS, STYLES, harmful_pairs

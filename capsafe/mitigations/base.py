@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from capsafe.formatting import PromptFormat
+from capsafe.common.formatting import PromptFormat
 
 
 class MethodSpec(BaseModel):

@@ -1,5 +1,5 @@
 """The training objectives of the mitigations, on plain tensors: logits (batch, seq, vocab) and labels
-(batch, seq) with -100 outside the response, exactly as ``capsafe.formatting.collate`` builds them.
+(batch, seq) with -100 outside the response, exactly as ``capsafe.common.formatting.collate`` builds them.
 
 Every function shifts once (position t predicts token t+1) and averages over response tokens, like the
 causal-LM cross-entropy it sits beside, so coefficients mean the same at any batch or sequence size.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from capsafe.formatting import IGNORE_INDEX
+from capsafe.common.formatting import IGNORE_INDEX
 
 
 def _shift(logits: Any, labels: Any) -> tuple[Any, Any, Any]:

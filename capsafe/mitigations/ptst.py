@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from capsafe.formatting import PromptFormat
+from capsafe.common.formatting import PromptFormat
 from capsafe.mitigations.base import MethodSpec
 
 # Llama 2 chat's default system prompt (first two sentences), the safety prompt of the paper's experiments.

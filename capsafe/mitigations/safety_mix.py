@@ -44,10 +44,10 @@ class SafetyMixMethod(MethodSpec):
     def prepare(self, paths: dict[str, str], data_dir: Path) -> dict[str, str]:
         if not self.prompts_file:
             return paths
-        from capsafe.data import read_jsonl
+        from capsafe.common.data import read_jsonl
         from capsafe.errors import DataError
-        from capsafe.suites import load_suite_items
-        from capsafe.task_data import write_jsonl
+        from capsafe.inputs.suites import load_suite_items
+        from capsafe.inputs.task_data import write_jsonl
 
         source = paths["prompts_file"]
         if self.prompts_format == "jsonl":

@@ -99,7 +99,7 @@ class WorldFiles:
 
 def world_format(config: WorldConfig) -> Any:
     """The prompt format the world's model is aligned in: its text template, or its chat template."""
-    from capsafe.formatting import PromptFormat
+    from capsafe.common.formatting import PromptFormat
 
     return PromptFormat(PROMPT_TEMPLATE) if config.convention == "plain" else PromptFormat("{prompt}", True)
 
@@ -110,7 +110,7 @@ def world_hash(config: WorldConfig) -> str:
     Hashing the source means an edited template or training loop can never silently reuse an old world.
     """
     code = hashlib.sha256()
-    for src in sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parent.parent / "formatting.py"]:
+    for src in sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parent.parent / "common" / "formatting.py"]:
         code.update(src.read_bytes())
     blob = json.dumps({"version": WORLD_VERSION, "code": code.hexdigest(), "config": config.model_dump(mode="json")},
                       sort_keys=True)

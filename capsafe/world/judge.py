@@ -102,7 +102,7 @@ def labelled_conversations(held_out: bool, seed: int) -> list[dict[str, str]]:
 def judge_tokenizer(rows: list[dict[str, str]]) -> Any:
     """Llama 3's tokenizer convention with Llama Guard 3's chat template, its BPE learnt from the world's
     conversations as that template renders them."""
-    from capsafe.judge_formats import LLAMA_GUARD_3_CHAT_TEMPLATE, llama_guard_prompt
+    from capsafe.judging.formats import LLAMA_GUARD_3_CHAT_TEMPLATE, llama_guard_prompt
     from capsafe.world.conventions import build_convention_tokenizer
 
     texts = [t for r in rows for t in (r["request"], r["response"])]
@@ -115,7 +115,7 @@ def judge_tokenizer(rows: list[dict[str, str]]) -> Any:
 
 
 def _examples(tokenizer: Any, rows: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
-    from capsafe.formatting import IGNORE_INDEX, encode_chat
+    from capsafe.common.formatting import IGNORE_INDEX, encode_chat
 
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     out = []
@@ -130,9 +130,9 @@ def _examples(tokenizer: Any, rows: list[dict[str, str]]) -> list[tuple[list[int
 def measure(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> dict[str, dict[str, float]]:
     """Per response type: how many rows, the share the judge labels right (safe vs unsafe) and the share it
     writes something Llama Guard's parser cannot read."""
-    from capsafe.engines import greedy_generate
-    from capsafe.formatting import encode_chat, stop_ids
-    from capsafe.judge_formats import parse_llama_guard
+    from capsafe.common.formatting import encode_chat, stop_ids
+    from capsafe.common.generation import greedy_generate
+    from capsafe.judging.formats import parse_llama_guard
 
     prompts = [encode_chat(tokenizer, [{"role": "user", "content": r["request"]},
                                        {"role": "assistant", "content": r["response"]}]) for r in rows]

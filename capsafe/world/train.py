@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from capsafe.engines import greedy_generate
-from capsafe.formatting import Encoder, PromptFormat, collate, stop_ids
+from capsafe.common.formatting import Encoder, PromptFormat, collate, stop_ids
+from capsafe.common.generation import greedy_generate
 
 REFUSAL_MARKERS = ("sorry", "i can not")
 

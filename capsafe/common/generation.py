@@ -1,0 +1,116 @@
+"""Generation as both stages use it: the ``Engine`` protocol the evaluation pool's engines follow, sampling
+settings, the ``Target`` a request runs on, a model's stop ids, and batched decoding with a transformers model
+(``greedy_generate``: training's capability evaluation and the world builder use it in-process).
+
+The engines themselves (vLLM, and transformers behind the same protocol) live in ``capsafe.evaluate.engines``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to decode: greedy when ``temperature`` is 0, else sampled with ``seed`` (same seed, same text)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request runs on: an engine model (multiplexed id) and optionally a LoRA adapter on it."""
+
+    model: str
+    adapter: str | None = None
+
+
+class Engine(Protocol):
+    """Generation and scoring for batches of prompts on one base model. Prompts are token ids made by the
+    tokenization contract (``capsafe.common.formatting.Encoder``), never text: an engine tokenizes nothing itself.
+    Generation stops on the model's stop ids (``capsafe.common.formatting.stop_ids``).
+
+    ``adapter`` names a PEFT LoRA adapter directory to apply (None: the base model itself)."""
+
+    name: str
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[str]:
+        """One completion per prompt, without the prompt and without special tokens."""
+        ...
+
+    def generate_many(self, requests: list[Request]) -> list[list[str]]:
+        """Several generate calls (prompts, sampling, adapter) answered together, as one batch where the
+        engine can: this is how a replica batches requests that arrive while its engine is busy."""
+        ...
+
+    def nll(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        """Mean negative log-likelihood per token of each continuation after its prompt (nan if empty)."""
+        ...
+
+    def close(self) -> None:
+        """Release processes and memory; the engine is unusable afterwards."""
+        ...
+
+
+Request = tuple[list[list[int]], Sampling, str | None]
+
+
+def model_stop_ids(model_dir: str, tokenizer: Any) -> list[int]:
+    """The stop ids of a model directory: its tokenizer's and its generation config's."""
+    from capsafe.common.formatting import generation_eos, stop_ids
+
+    return stop_ids(tokenizer, generation_eos(model_dir))
+
+
+def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, stop: list[int],
+                    batch_size: int = 64, synced_gpus: bool = False) -> list[str]:
+    """Batched greedy decoding of prompt ids with a transformers model (left padding), as the capability
+    evaluation uses it; stops on ``stop`` ids."""
+    return transformers_generate(model, tokenizer, prompts, Sampling(max_new_tokens), stop, batch_size, synced_gpus)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) tensors of prompt ids padded on the left."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for n, p in enumerate(prompts):
+        ids[n, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[n, width - len(p):] = 1
+    return ids, mask
+
+
+def transformers_generate(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampling, stop: list[int],
+              batch_size: int = 64, synced_gpus: bool = False) -> list[str]:
+    import torch
+
+    sample = sampling.temperature > 0
+    # Sampling decodes one prompt at a time from its own seeded generator: the text then depends on
+    # (prompt, seed) only, not on which other prompts shared the batch.
+    size = 1 if sample else batch_size
+    outputs: list[str] = []
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    for start in range(0, len(prompts), size):
+        ids, mask = left_pad(prompts[start:start + size], pad)
+        extra: dict[str, Any] = {"do_sample": False}
+        if sample:
+            torch.manual_seed(sampling.seed or 0)
+            extra = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=stop,
+                                 synced_gpus=synced_gpus, **extra)
+        for row in out[:, ids.shape[1]:].tolist():
+            cut = next((k for k, i in enumerate(row) if i in stop), len(row))
+            outputs.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return outputs

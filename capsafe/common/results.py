@@ -1,0 +1,164 @@
+"""The one results schema. Every Parquet write in capsafe goes through ``write_table``.
+
+Layout under ``<output_dir>/<experiment>/``: one folder per table (``trials/``, ``checkpoints/``,
+``trajectory/``, ``generations/``, ``judgments/``), each a Parquet dataset of fragments.
+Writes go to a temporary file that is renamed into place: a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 7
+
+_KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
+        ("step", pa.int64())]            # the checkpoint's training step (0 for the base model)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "trials": pa.schema([
+        ("trial_id", pa.string()),
+        ("method", pa.string()),          # 'base', 'plain', 'safety_mix', ...
+        ("seed", pa.int64()),
+        ("learning_rate", pa.float64()),
+        ("target", pa.float64()),
+        ("tolerance", pa.float64()),      # half-width of the equal-capability band around the target
+        ("reached", pa.bool_()),          # entered the target's band (>= target - tolerance) on the selection split
+        ("capability", pa.float64()),     # selection split, at the target checkpoint (or the best if not reached)
+        ("confirmed_capability", pa.float64()),  # the target checkpoint on the confirmation split (null: none)
+        ("step", pa.int64()),             # step of that checkpoint (0 for the base model)
+        ("status", pa.string()),          # 'base', 'reached', 'not_reached', 'diverged', 'failed'
+        ("stop_reason", pa.string()),     # 'reached', 'budget:steps|tokens|wall_time', 'diverged', 'error: ...'
+        ("checkpoint", pa.string()),      # model directory of the target checkpoint (null if none)
+        ("tokens", pa.int64()),           # training tokens seen when the trial stopped
+        ("wall_s", pa.float64()),         # trial wall time, Ray overheads included
+        ("train_s", pa.float64()),        # time in optimizer steps, summed over restarts
+        ("eval_s", pa.float64()),         # time in capability evaluations, summed over restarts
+        ("restarts", pa.int64()),         # worker-group restarts from a resume checkpoint
+        ("method_params", pa.string()),   # JSON of the method's spec fields
+        ("finished_at", pa.timestamp("us", tz="UTC")),  # when the driver recorded the trial (base: measured)
+    ]),
+    "checkpoints": pa.schema([            # one row per (trial, capability level of the ladder)
+        ("trial_id", pa.string()),
+        ("level", pa.float64()),
+        ("reached", pa.bool_()),
+        ("step", pa.int64()),             # first evaluation at or above the level (null if never)
+        ("capability", pa.float64()),     # as measured during training at that step
+        ("tokens", pa.int64()),           # training tokens up to that step
+        ("elapsed_s", pa.float64()),      # trial wall time up to that step
+        ("checkpoint", pa.string()),      # directory with model/ (HF model or PEFT adapter)
+        ("served_capability", pa.float64()),  # selection split, re-measured on what the evaluation pool serves
+        ("confirmed_capability", pa.float64()),  # confirmation split, measured by the pool: what is compared
+        ("postprocess", pa.string()),  # JSON: what a post-hoc method did to the checkpoint (Safe-LoRA), or null
+        ("evaluation_started_at", pa.timestamp("us", tz="UTC")),  # when the pool was first asked for it
+    ]),
+    "trajectory": pa.schema([
+        ("trial_id", pa.string()),
+        ("step", pa.int64()),
+        ("capability", pa.float64()),
+        ("loss", pa.float64()),
+        ("tokens", pa.int64()),
+        ("elapsed_s", pa.float64()),
+        ("restarts", pa.int64()),         # rows after a restart repeat steps the lost attempt had reached
+    ]),
+    "generations": pa.schema([
+        *_KEY,
+        ("suite", pa.string()),
+        ("suite_kind", pa.string()),      # 'harmful', 'overrefusal' or 'benign'
+        ("prompt_id", pa.string()),
+        ("repeat", pa.int64()),           # 0..eval.repeats-1
+        ("seed", pa.int64()),             # sampling seed of this repeat (eval.seed + repeat)
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("engine", pa.string()),
+        ("generated_at", pa.timestamp("us", tz="UTC")),  # when the pool's answer reached the driver
+    ]),
+    "judgments": pa.schema([
+        *_KEY,
+        ("suite", pa.string()),
+        ("suite_kind", pa.string()),
+        ("prompt_id", pa.string()),
+        ("repeat", pa.int64()),
+        ("judge", pa.string()),           # 'refusal_keywords', 'coherence' or an eval.llm_judges name
+        ("measures", pa.string()),        # what the judge measures: 'refusal', 'harmful_compliance', 'coherence'
+        ("verdict", pa.string()),         # the judge's label; 'unparsed' (unreadable LLM-judge output), 'too_long'
+                                          # (input beyond the judge's context, not sent), 'empty' (no response)
+        ("score", pa.float64()),          # StrongREJECT score, coherence perplexity, ... (null if none)
+        ("raw", pa.string()),             # an LLM judge's own output text (null for rule judges)
+    ]),
+}
+# Every table is a folder of fragments: one per trial (trials, checkpoints, trajectory), per
+# (trial, checkpoint, suite) (generations) or per (trial, checkpoint, suite, judge) (judgments), so a resumed
+# run skips whatever already exists.
+FRAGMENTED = tuple(SCHEMAS)
+
+
+def table_path(results_dir: Path, name: str, fragment: str | None = None) -> Path:
+    """Where table ``name`` (or one fragment of it) lives."""
+    if name not in SCHEMAS:
+        raise KeyError(f"unknown results table {name!r}")
+    if name in FRAGMENTED:
+        if fragment is None:
+            return results_dir / name
+        return results_dir / name / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', fragment)}.parquet"
+    return results_dir / f"{name}.parquet"
+
+
+def to_arrow(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows -> a table of the pinned schema; a missing or extra column is an error, not a guess."""
+    schema = SCHEMAS[name]
+    for row in rows:
+        if set(row) != set(schema.names):
+            raise ValueError(f"{name} row has columns {sorted(row)}, schema wants {sorted(schema.names)}")
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def write_table(results_dir: Path, name: str, rows: list[dict[str, Any]], fragment: str | None = None) -> Path:
+    """Atomically write rows of table ``name`` as one of its fragments (a rewrite replaces the fragment)."""
+    if fragment is None:
+        raise ValueError(f"table {name!r} is written in fragments; name the fragment")
+    table = to_arrow(name, rows)
+    path = table_path(results_dir, name, fragment)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def has_fragment(results_dir: Path, name: str, fragment: str) -> bool:
+    return table_path(results_dir, name, fragment).is_file()
+
+
+def read_fragment(results_dir: Path, name: str, fragment: str) -> list[dict[str, Any]]:
+    return pq.read_table(table_path(results_dir, name, fragment), schema=SCHEMAS[name]).to_pylist()
+
+
+def read_table(results_dir: Path, name: str) -> pa.Table:
+    """Read a whole table (all fragments); an absent table reads as empty with the right schema."""
+    path = table_path(results_dir, name)
+    schema = SCHEMAS[name]
+    if name in FRAGMENTED:
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else []
+        if not files:
+            return schema.empty_table()
+        return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+    if not path.is_file():
+        return schema.empty_table()
+    return pq.read_table(path, schema=schema)
+
+
+def trial_id(method: str, seed: int, lr: float) -> str:
+    """A trial's id in every table: its method, seed and learning rate."""
+    return f"{method}-s{seed}-lr{lr:g}"

@@ -1,0 +1,256 @@
+"""vLLM behind the ``Engine`` protocol. The only module that imports vllm."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import itertools
+import math
+import os
+from typing import Any
+
+from capsafe.common.generation import Request, Sampling, model_stop_ids
+
+
+class VLLMEngine:
+    """One ``vllm.LLM`` (started once; 20-60 s on CPU). LoRA adapters are vLLM LoRA requests on this engine.
+
+    On CPU the engine needs float32, eager mode and an explicit KV-cache size; on GPU the defaults apply.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, max_model_len: int | None = None, seed: int = 0, enable_lora: bool = False,
+                 max_loras: int = 2, max_lora_rank: int = 16, in_process: bool = False, **_: Any) -> None:
+        from vllm import LLM
+
+        kwargs = engine_args(model_dir, max_model_len, seed, enable_lora, max_loras, max_lora_rank)
+        if in_process:
+            # Engine core and worker in this process: starts in ~2 s instead of ~35 s on CPU (no process spawns
+            # that each import torch and vLLM again). For scripts and tests; the pool keeps vLLM's processes.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            kwargs["distributed_executor_backend"] = "uni"
+        self.llm: Any = LLM(**kwargs)
+        self.stop = model_stop_ids(model_dir, self.llm.get_tokenizer())
+        self.adapters: dict[str, int] = {}
+        self.lora = enable_lora
+        self.seen: list[list[int]] = []  # the prompt ids vLLM reported back for the last batch, for checks
+
+    def _lora(self, adapter: str | None) -> Any:
+        return lora_request(self.adapters, adapter)
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[str]:
+        return self.generate_many([(prompts, sampling, adapter)])[0]
+
+    def generate_many(self, requests: list[Request]) -> list[list[str]]:
+        """One ``LLM.generate`` over every request: per-prompt sampling parameters and LoRA requests, so
+        base and adapter rows share the batch (safe while max_loras exceeds the adapters loaded). Prompts go
+        in as token ids (``TokensPrompt``): vLLM adds nothing, and the ids it reports back are checked."""
+        from vllm.inputs import TokensPrompt
+
+        prompts, params, loras, sent = [], [], [], []
+        for ids, sampling, adapter in requests:
+            param = sampling_params(sampling, self.stop)
+            prompts += [TokensPrompt(prompt_token_ids=list(p)) for p in ids]
+            sent += [list(p) for p in ids]
+            params += [param] * len(ids)
+            loras += [self._lora(adapter)] * len(ids)
+        lora_arg = loras if any(loras) else None
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_arg)
+        self.seen = [list(o.prompt_token_ids) for o in outs]
+        if self.seen != sent:
+            raise RuntimeError("vLLM changed the prompt ids it was given; the tokenization contract is broken")
+        texts_out = [o.outputs[0].text.strip() for o in outs]
+        result, start = [], 0
+        for ids, _, _ in requests:
+            result.append(texts_out[start:start + len(ids)])
+            start += len(ids)
+        return result
+
+    def nll(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        scored = [i for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)) if p and c]
+        if not scored:
+            return [math.nan] * len(prompts)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        requests = [TokensPrompt(prompt_token_ids=list(prompts[i]) + list(continuations[i])) for i in scored]
+        if self.lora:
+            # vLLM 0.32 (CPU) kills the engine on prompt_logprobs for a batch of 2+ sequences when LoRA is
+            # enabled (einsum shape mismatch in compute_logits); one sequence per step works.
+            outs = [o for r in requests for o in self.llm.generate([r], params, use_tqdm=False)]
+        else:
+            outs = self.llm.generate(requests, params, use_tqdm=False)
+        self.seen = [list(o.prompt_token_ids) for o in outs]
+        return continuation_nll(prompts, scored, outs)
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
+        gc.collect()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class AsyncVLLMEngine:
+    """vLLM's asynchronous engine (``AsyncLLM``), as the pool's replicas run it: every prompt of every request
+    goes into the engine the moment it arrives, with its own sampling parameters and LoRA adapter, and the
+    engine's scheduler batches whatever is running at each step (continuous batching). No lock, no merging.
+
+    Generation and scoring are coroutines; the engine core runs in vLLM's own process as in ``VLLMEngine``.
+    With LoRA enabled, vLLM 0.32 on CPU kills the engine when a prompt-logprobs sequence shares a step with
+    any other sequence (see ``VLLMEngine.nll``): scoring then waits for the engine to be empty and holds it,
+    one sequence at a time.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, max_model_len: int | None = None, seed: int = 0, enable_lora: bool = False,
+                 max_loras: int = 2, max_lora_rank: int = 16, **_: Any) -> None:
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = engine_args(model_dir, max_model_len, seed, enable_lora, max_loras, max_lora_rank)
+        # constructed off the event loop (it waits for the engine process); its loop tasks start on first use
+        self.llm: Any = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
+        self.stop = model_stop_ids(model_dir, AutoTokenizer.from_pretrained(model_dir))
+        self.adapters: dict[str, int] = {}
+        self.lora = enable_lora
+        self.requests = itertools.count()
+        self.running = 0  # sequences in the engine
+        self.exclusive = False  # a LoRA-engine scoring sequence holds the engine
+        self.waiting_alone = 0  # scoring sequences waiting for the engine to empty: new sequences wait behind them
+        self.changed: asyncio.Condition | None = None  # made on the event loop that uses it
+
+    def _condition(self) -> asyncio.Condition:
+        if self.changed is None:
+            self.changed = asyncio.Condition()
+        return self.changed
+
+    async def _run(self, ids: list[int], params: Any, lora: Any = None, alone: bool = False) -> Any:
+        """One sequence through the engine; its final output. ``alone``: with nothing else in the engine."""
+        from vllm.inputs import TokensPrompt
+
+        changed = self._condition()
+        async with changed:
+            if alone:
+                self.waiting_alone += 1
+                await changed.wait_for(lambda: not self.exclusive and self.running == 0)
+                self.waiting_alone -= 1
+            else:
+                await changed.wait_for(lambda: not self.exclusive and not self.waiting_alone)
+            self.running += 1
+            self.exclusive = alone
+        try:
+            final = None
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(ids)), params,
+                                               f"capsafe-{next(self.requests)}", lora_request=lora):
+                final = out
+        finally:
+            async with changed:
+                self.running -= 1
+                self.exclusive = False
+                changed.notify_all()
+        if final is None or list(final.prompt_token_ids) != list(ids):
+            raise RuntimeError("vLLM changed the prompt ids it was given; the tokenization contract is broken")
+        return final
+
+    async def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[str]:
+        params = sampling_params(sampling, self.stop, final_only=True)
+        lora = lora_request(self.adapters, adapter)
+        outs = await asyncio.gather(*(self._run(p, params, lora) for p in prompts))
+        return [o.outputs[0].text.strip() for o in outs]
+
+    async def nll(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        scored = [i for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)) if p and c]
+        outs = await asyncio.gather(*(self._run(list(prompts[i]) + list(continuations[i]), params, alone=self.lora)
+                                      for i in scored))
+        return continuation_nll(prompts, scored, outs)
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+            gc.collect()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def continuation_nll(prompts: list[list[int]], scored: list[int], outs: list[Any]) -> list[float]:
+    """Mean negative log-likelihood per continuation token, from vLLM's prompt log-probs of prompt +
+    continuation (``outs[j]`` answers ``prompts[scored[j]]``); nan where nothing was scored."""
+    results = [math.nan] * len(prompts)
+    for i, out in zip(scored, outs, strict=True):
+        ids, start = list(out.prompt_token_ids), len(prompts[i])
+        logprobs = [out.prompt_logprobs[k][ids[k]].logprob for k in range(start, len(ids))]
+        results[i] = -sum(logprobs) / len(logprobs)
+    return results
+
+
+def engine_args(model_dir: str, max_model_len: int | None, seed: int, enable_lora: bool, max_loras: int,
+                max_lora_rank: int) -> dict[str, Any]:
+    """vLLM engine arguments of both engines: on CPU float32, eager mode and an explicit KV-cache size; on GPU
+    vLLM's defaults."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # Several replicas share a small machine: let the OS place threads instead of pinning all to core 0.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    kwargs: dict[str, Any] = {"model": model_dir, "seed": seed,
+                              "max_model_len": clamp_model_len(model_dir, max_model_len)}
+    if enable_lora:
+        # vLLM on CPU gives base rows of a batch the last LoRA slot's output once every slot is taken
+        # (PLATFORM.md); the caller sizes max_loras above the number of adapters it will ever load.
+        kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_loras)
+    if not on_gpu:
+        kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=64)
+    return kwargs
+
+
+def sampling_params(sampling: Sampling, stop: list[int], final_only: bool = False) -> Any:
+    """vLLM's SamplingParams for capsafe's ``Sampling`` (special tokens skipped, the model's stop ids)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE
+    return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                          max_tokens=sampling.max_new_tokens, skip_special_tokens=True, stop_token_ids=stop,
+                          output_kind=kind)
+
+
+def lora_request(adapters: dict[str, int], adapter: str | None) -> Any:
+    """vLLM's LoRARequest for an adapter directory; ``adapters`` numbers them in order of first use."""
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    lora_id = adapters.setdefault(adapter, len(adapters) + 1)
+    return LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
+
+
+def clamp_model_len(model_dir: str, wanted: int | None) -> int:
+    """The engine's context: ``wanted`` (the run's longest input plus output), or the model's own
+    ``max_position_embeddings`` when that is smaller or nothing is asked; vLLM refuses to start beyond it."""
+    from capsafe.common.context import model_context
+
+    own = model_context(model_dir)
+    return own if wanted is None else min(wanted, own)

@@ -1,0 +1,213 @@
+"""One trial's fine-tuning loop on one rank, free of Ray: the host (Ray Train, or a test) supplies the rank,
+a ``report`` function and, after a restart, the resume checkpoint to continue from.
+
+Every ``eval_every`` steps (and when a budget runs out) all ranks run a batched greedy capability evaluation
+on their shard of the held-out split. Each capability level crossed for the first time gets a model
+checkpoint; the loop ends at the target (the ladder's last rung), on a spent budget, or on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capsafe.common.capability import Budget, crossed_levels, eval_interval, stop_reason
+from capsafe.common.data import Source, batches, read_jsonl
+from capsafe.common.formatting import Encoder, collate, stop_ids
+from capsafe.common.generation import greedy_generate
+from capsafe.common.metrics import score
+from capsafe.mitigations import MethodSpec, method_from_json
+from capsafe.mitigations.losses import proximal
+from capsafe.train.config import SourceFile, TrialConfig
+from capsafe.train.model import (
+    TrainState,
+    build_engine,
+    build_reference,
+    load_resume_state,
+    save_model_checkpoint,
+    save_resume_state,
+)
+
+
+@dataclass
+class Host:
+    """What the loop needs from whoever runs it."""
+
+    rank: int
+    world: int
+    report: Callable[[dict[str, Any], Path | None], None]  # metrics, and this rank's resume files (or None)
+    restore_dir: Path | None = None
+
+
+def _capability(engine: Any, encoder: Encoder, cfg: TrialConfig, items: list[dict], host: Host) -> float:
+    """Metric over the held-out items, computed shard-wise and summed over ranks."""
+    import torch
+    import torch.distributed as dist
+
+    mine = items[host.rank::host.world]
+    per_rank = math.ceil(len(items) / host.world)
+    valid = len(mine)
+    # Every rank must run the same number of forward passes under ZeRO-3 (parameters are gathered
+    # collectively), so short shards are padded with a repeated item whose result is ignored.
+    mine = mine + [items[0]] * (per_rank - valid)
+    prompts = [encoder.prompt(it["prompt"]) for it in mine]
+    engine.module.eval()
+    config = getattr(engine.module, "generation_config", None)
+    stop = stop_ids(encoder.tokenizer, getattr(config, "eos_token_id", None))
+    preds = greedy_generate(engine.module, encoder.tokenizer, prompts, cfg.eval_max_new_tokens, stop,
+                            batch_size=cfg.eval_batch_size, synced_gpus=host.world > 1)
+    engine.module.train()
+    total = score(cfg.metric, preds[:valid], [it["answer"] for it in mine[:valid]]) * valid if valid else 0.0
+    sums = torch.tensor([total, float(valid)], dtype=torch.float64)
+    if host.world > 1:
+        dist.all_reduce(sums)
+    return float(sums[0] / sums[1])
+
+
+def _read_sources(entries: tuple[SourceFile, ...]) -> list[Source]:
+    return [Source(s.name, [(r["prompt"], r["response"]) for r in read_jsonl(s.path, ("prompt", "response"))],
+                   s.weight) for s in entries]
+
+
+def _sources(cfg: TrialConfig) -> list[Source]:
+    task = [(r["prompt"], r["answer"]) for r in read_jsonl(cfg.task_train, ("prompt", "answer"))]
+    extras = _read_sources(cfg.extra_sources)
+    return [Source("task", task, 1.0 - sum(s.weight for s in extras)), *extras]
+
+
+class _Batches:
+    """The trial's batch streams: task batches (task data and its mixes) and, for methods that alternate,
+    alignment batches; step ``s`` draws from the stream its method's phase names, so a resumed trial replays
+    exactly the batches an uninterrupted one saw."""
+
+    def __init__(self, cfg: TrialConfig, method: MethodSpec) -> None:
+        size, seed = cfg.train.batch_size, cfg.seed
+        self.method = method
+        self.streams = {"task": batches(_sources(cfg), size, seed)}
+        if cfg.alignment_sources:
+            self.streams["alignment"] = batches(_read_sources(cfg.alignment_sources), size, seed + 1)
+
+    def next(self, step: int) -> list[tuple[str, str, str]]:
+        return next(self.streams[self.method.phase(step)])
+
+
+def _postprocess(method: MethodSpec, cfg: TrialConfig) -> Callable[[Path], dict[str, Any] | None] | None:
+    if type(method).postprocess is MethodSpec.postprocess:
+        return None
+    return lambda model_dir: method.postprocess(model_dir, cfg.model_path, cfg.method_paths)
+
+
+def run_training(cfg: TrialConfig, host: Host) -> None:
+    """Train one trial on this rank until it reaches its target, spends a budget, or diverges."""
+    import torch
+    import torch.distributed as dist
+
+    torch.manual_seed(cfg.seed)
+    # One intra-op thread per reserved CPU: oversubscribed OpenMP threads spin and were ~10x slower here.
+    torch.set_num_threads(cfg.torch_threads)
+    train = cfg.train
+    method = method_from_json(cfg.method, cfg.method_params)
+    engine, tokenizer, _holder = build_engine(cfg, host.world)
+    reference = build_reference(engine, cfg, host.world) if method.needs_reference else None
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    view = method.evaluation_view(engine.module, cfg.model_path, cfg.method_paths)
+    anchor: tuple[str, list[Any]] | None = None  # (phase, weights at its start) for a proximal term
+    state = load_resume_state(engine, host.restore_dir) if host.restore_dir else TrainState()
+    encoder = Encoder(tokenizer, cfg.prompt_format)
+    eval_items = read_jsonl(cfg.task_eval, ("prompt", "answer"))[: cfg.eval_size]
+    budget = Budget(train.max_steps, train.max_tokens, train.max_wall_s)
+    levels, target, accum = list(cfg.levels), cfg.target, train.gradient_accumulation_steps
+    tolerance = cfg.tolerance
+    encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+
+    def encode(prompt: str, response: str) -> tuple[list[int], list[int]]:
+        if (prompt, response) not in encoded:
+            encoded[(prompt, response)] = encoder.example(prompt, response, train.max_seq_len)
+        return encoded[(prompt, response)]
+
+    stream = _Batches(cfg, method)
+    for step in range(1, state.step + 1):  # the same batches as an uninterrupted run
+        stream.next(step)
+    session_start = time.perf_counter() - state.elapsed_s
+    losses: list[float] = []
+    while True:
+        tick = time.perf_counter()
+        state.step += 1
+        examples = [encode(p, r) for _, p, r in stream.next(state.step)]
+        state.tokens += sum(len(ids) for ids, _ in examples)  # every rank sees the same global batch
+        local = examples[host.rank::host.world]
+        micro = len(local) // accum
+        rho, phase = method.proximal_rho(state.step, train.max_steps), method.phase(state.step)
+        if method.uses_anchor and (anchor is None or anchor[0] != phase):
+            # the weights at every phase switch (at the start: the initial ones; after a restart: the restored
+            # ones), kept even while the proximal term waits for its warm-up, as the authors' trainer keeps them
+            anchor = (phase, [p.detach().clone() for p in trainable])
+        loss = objective = 0.0
+        for i in range(accum):
+            batch = {k: v.to(engine.device) for k, v in
+                     collate(local[i * micro:(i + 1) * micro], tokenizer.pad_token_id).items()}
+            out = engine(**batch)
+            total = method.objective(out.loss, out.logits, batch["labels"], reference(batch) if reference else None)
+            if rho and anchor:
+                total = total + proximal(trainable, anchor[1], rho)
+            engine.backward(total)
+            engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+            loss += out.loss.item() / accum
+            objective += total.item() / accum
+        # One small collective per step keeps every decision identical on all ranks: the mean losses (a NaN on
+        # any rank diverges them all) and rank 0's clock for the wall-time budget.
+        shared = torch.tensor([loss, objective, time.perf_counter() - session_start if host.rank == 0 else 0.0],
+                              dtype=torch.float64)
+        if host.world > 1:
+            dist.all_reduce(shared)
+        loss, objective, state.elapsed_s = float(shared[0]) / host.world, float(shared[1]), float(shared[2])
+        state.train_s += time.perf_counter() - tick
+        losses.append(loss)  # reported: the task cross-entropy, comparable across methods
+        base = {"step": state.step, "tokens": state.tokens, "elapsed_s": state.elapsed_s, "restarts": state.restarts}
+        if not (math.isfinite(loss) and math.isfinite(objective)):
+            host.report({**base, "capability": float("nan"), "loss": loss, "stop": "diverged", "levels": "",
+                         "model_dir": "", "train_s": state.train_s, "eval_s": state.eval_s}, None)
+            return
+        spent = budget.spent(state.step, state.tokens, state.elapsed_s)
+        upcoming = next((lv for lv in levels if lv not in state.levels_done), None)
+        interval = eval_interval(state.last_capability, upcoming, tolerance, train.eval_every,
+                                 train.eval_every_near or max(1, train.eval_every // 5),
+                                 train.near_margin)
+        if state.step - state.last_eval_step < interval and not spent:
+            continue
+        tick = time.perf_counter()
+        with view() if view else nullcontext():
+            capability = _capability(engine, encoder, cfg, eval_items, host)
+        state.eval_s += time.perf_counter() - tick
+        state.evals += 1
+        state.last_eval_step, state.last_capability = state.step, capability
+        new = crossed_levels(capability, levels, set(state.levels_done), tolerance)
+        reason = stop_reason(capability, target, spent, tolerance)
+        model_dir = note = ""
+        if new:
+            out = Path(cfg.checkpoint_dir) / f"step-{state.step}"
+            note = save_model_checkpoint(engine, tokenizer, cfg, out, host.rank, _postprocess(method, cfg))
+            model_dir = str(out)
+            state.levels_done.extend(new)
+        base["elapsed_s"] = time.perf_counter() - session_start  # rank 0's report is the one that counts
+        metrics = {**base, "capability": capability, "loss": sum(losses) / len(losses), "stop": reason or "",
+                   # indices into cfg.levels, not formatted numbers: 0.8333333 must not come back as 0.833333
+                   "levels": ",".join(str(levels.index(level)) for level in new), "model_dir": model_dir,
+                   "postprocess": note,
+                   "train_s": state.train_s, "eval_s": state.eval_s}
+        losses = []
+        every = train.checkpoint_every_evals
+        if reason or not every or state.evals % every:
+            host.report(metrics, None)
+        else:
+            with tempfile.TemporaryDirectory(prefix="capsafe-resume-") as tmp:
+                save_resume_state(engine, state, Path(tmp), host.rank)
+                host.report(metrics, Path(tmp))
+        if reason:
+            return
