@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SPEC ?= jobs/demo.yaml
 
-.PHONY: venv demo test lint fast-test
+.PHONY: venv demo test lint fast-test docs
 venv:
 	@bash scripts/venv.sh
 
@@ -20,3 +20,6 @@ fast-test: venv
 lint: venv
 	$(PY) -m ruff check capsafe tests benchmarks scripts
 	$(PY) -m mypy capsafe
+
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
