@@ -429,7 +429,7 @@ class Spec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec, description="Fine-tuning (Ray Train + DeepSpeed).")
     methods: list[Method] = Field(default_factory=_default_methods, min_length=1,
                                   description="Fine-tuning methods to compare, each with its own fields: "
-                                  f"{', '.join(METHOD_NAMES)} (see the method reference in README.md).")
+                                  f"{', '.join(METHOD_NAMES)} (see docs/mitigations.md and docs/reference/spec.md).")
     seeds: list[int] = Field([0], min_length=1, description="Seeds; each method runs once per seed.")
     sweep: SweepSpec = Field(default_factory=SweepSpec, description="Ray Tune settings.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Safety evaluation (Ray Serve + vLLM).")
@@ -552,8 +552,8 @@ def _format_errors(source: str, err: ValidationError) -> str:
         if not loc or e["type"] == "value_error":
             lines.append(f"{e['msg'].removeprefix('Value error, ')}; fix it in the file or with an override.")
         elif e["type"] == "extra_forbidden":
-            lines.append(f"unknown field '{field}': remove it or fix its spelling (see the spec reference in "
-                         "README.md).")
+            lines.append(f"unknown field '{field}': remove it or fix its spelling (see the spec reference, "
+                         "docs/reference/spec.md).")
         elif e["type"] == "union_tag_invalid":
             lines.append(f"field '{field}': unknown method {e['input'].get('name')!r}; choose one of "
                          f"{', '.join(METHOD_NAMES)}.")

@@ -2,7 +2,8 @@
 
 Adding a method: write ``capsafe/mitigations/<name>.py`` with a ``MethodSpec`` subclass (a ``name`` literal,
 its fields with defaults and descriptions, and the hooks it changes), then add the class to ``METHODS``
-below. The spec, the trials, the training loop, the evaluation and the README's reference pick it up.
+below. The spec, the trials, the training loop, the evaluation and the spec reference
+(``scripts/spec_reference.py`` writes ``docs/reference/spec.md``) pick it up.
 """
 
 from __future__ import annotations

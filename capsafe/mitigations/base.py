@@ -16,7 +16,7 @@ class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
-    summary: ClassVar[str] = ""  # one line for the README's method table
+    summary: ClassVar[str] = ""  # one line for the method reference (docs/reference/spec.md)
     needs_reference: ClassVar[bool] = False  # training needs the reference (aligned) model's logits
     uses_anchor: ClassVar[bool] = False  # the loop keeps the weights of every phase switch (a proximal term)
     mixes_general: ClassVar[bool] = True  # its task batches take task.general_fraction of general data
