@@ -33,7 +33,7 @@ from capsafe.common.generation import Sampling, Target, greedy_generate, left_pa
 from capsafe.evaluate.engines import TransformersEngine
 from capsafe.evaluate.fan_out import evaluate_models
 from capsafe.evaluate.panel import CoherenceWithPerplexity, done
-from capsafe.train.core import Host, _capability
+from capsafe.train.core import Host, capability_on
 
 CONVENTIONS = ("llama3", "chatml", "inst", "mistral")
 ADDS_BOS = {"llama3": True, "chatml": False, "inst": True, "mistral": True}
@@ -136,9 +136,8 @@ def _stage_ids(model_dir: Path, fmt: PromptFormat, tmp_path: Path) -> dict[str, 
     # the in-training capability evaluation, through the train loop's own function
     engine = TransformersEngine(str(model_dir))
     recorder = RecordingModel(engine.model)
-    cfg = {"eval_max_new_tokens": 4, "eval_batch_size": 8, "metric": "exact_match"}
-    _capability(SimpleNamespace(module=recorder), encoder, cfg, [{"prompt": r, "answer": "x"} for r in REQUESTS],
-                Host(0, 1, lambda m, d: None))
+    capability_on(SimpleNamespace(module=recorder), encoder, [{"prompt": r, "answer": "x"} for r in REQUESTS],
+                  Host(0, 1, lambda m, d: None), 4, 8, "exact_match")
     stages["capability (training)"] = recorder.seen
     # served capability and the safety generations go through the evaluation driver and the pool
     pool = RecordingPool(engine)

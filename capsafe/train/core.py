@@ -46,7 +46,13 @@ class Host:
 
 
 def _capability(engine: Any, encoder: Encoder, cfg: TrialConfig, items: list[dict], host: Host) -> float:
-    """Metric over the held-out items, computed shard-wise and summed over ranks."""
+    """The trial's capability metric over the held-out items, computed shard-wise and summed over ranks."""
+    return capability_on(engine, encoder, items, host, cfg.eval_max_new_tokens, cfg.eval_batch_size, cfg.metric)
+
+
+def capability_on(engine: Any, encoder: Encoder, items: list[dict], host: Host, max_new_tokens: int,
+                  batch_size: int, metric: str) -> float:
+    """``metric`` over ``items`` from greedy answers of at most ``max_new_tokens``, sharded over the ranks."""
     import torch
     import torch.distributed as dist
 
@@ -60,10 +66,10 @@ def _capability(engine: Any, encoder: Encoder, cfg: TrialConfig, items: list[dic
     engine.module.eval()
     config = getattr(engine.module, "generation_config", None)
     stop = stop_ids(encoder.tokenizer, getattr(config, "eos_token_id", None))
-    preds = greedy_generate(engine.module, encoder.tokenizer, prompts, cfg.eval_max_new_tokens, stop,
-                            batch_size=cfg.eval_batch_size, synced_gpus=host.world > 1)
+    preds = greedy_generate(engine.module, encoder.tokenizer, prompts, max_new_tokens, stop,
+                            batch_size=batch_size, synced_gpus=host.world > 1)
     engine.module.train()
-    total = score(cfg.metric, preds[:valid], [it["answer"] for it in mine[:valid]]) * valid if valid else 0.0
+    total = score(metric, preds[:valid], [it["answer"] for it in mine[:valid]]) * valid if valid else 0.0
     sums = torch.tensor([total, float(valid)], dtype=torch.float64)
     if host.world > 1:
         dist.all_reduce(sums)
