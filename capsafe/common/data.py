@@ -8,8 +8,22 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from capsafe.errors import DataError
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) of each non-blank line of a jsonl file."""
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); write one object per line.") \
+                    from None
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
@@ -18,19 +32,11 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file '{path}' does not exist; fix the path in the spec.")
-    with p.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); one object per line.") from None
-            missing = [k for k in required if not isinstance(row.get(k), str)]
-            if missing:
-                raise DataError(f"{path}:{lineno} lacks string field(s) {missing}; each line needs "
-                                f"{list(required)}.")
-            rows.append(row)
+    for lineno, row in jsonl_lines(p):
+        missing = [k for k in required if not isinstance(row.get(k), str)]
+        if missing:
+            raise DataError(f"{path}:{lineno} lacks string field(s) {missing}; each line needs {list(required)}.")
+        rows.append(row)
     if not rows:
         raise DataError(f"data file '{path}' has no rows.")
     return rows

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from capsafe.common.data import jsonl_lines
 from capsafe.errors import DataError
 
 HF_PREFIX = "hf:"
@@ -150,15 +151,8 @@ def _local_rows(source: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); write one object per line.") from None
-            yield f"{path}:{lineno}", row
+    for lineno, row in jsonl_lines(path):
+        yield f"{path}:{lineno}", row
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
