@@ -22,7 +22,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from capsafe.train.trials import plan_trials
 
     spec = load_spec(args.spec, args.overrides)
-    n = len(plan_trials(spec, spec.data_paths(), spec.results_dir / "models"))
+    paths = spec.data_paths()
+    if spec.task.selection_from_train is not None:  # carved off the training data when the run starts
+        paths["task.eval_file"] = paths["task.train_file"]
+    n = len(plan_trials(spec, paths, spec.results_dir / "models"))
     ladder = f" (ladder {spec.task.levels()})" if spec.task.ladder else ""
     print(f"{args.spec}: valid. {n} trial(s) ({len(spec.methods)} method(s) x {len(spec.seeds)} seed(s) x "
           f"{len(spec.train.learning_rates)} learning rate(s)), target {spec.task.metric} >= {spec.task.target}"
