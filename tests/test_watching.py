@@ -4,7 +4,11 @@ again); experiment trackers are Ray Tune's own callbacks, turned on by the spec 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +83,59 @@ def test_a_tracker_that_is_not_installed_is_refused_by_the_spec(monkeypatch: pyt
     with pytest.raises(SpecError, match="pip install mlflow-skinny"):
         load_spec(demo, ["sweep.tracking.mlflow_uri=http://127.0.0.1:5000"])
     assert load_spec(demo, ["sweep.tracking.tensorboard=true"]).sweep.tracking.tensorboard
+
+
+# One trial's W&B logging actor as Ray runs it (its run() with a queue of results), followed by what Ray does the
+# moment run() returns: WandbLoggerCallback kills the actor, and Ray ends the actor's child processes (wandb-core).
+# A loaded machine is made deterministic: wandb-core is frozen for a second as it is sent the finish message, as a
+# service the scheduler has not run yet would be.
+_LOGGING_ACTOR = r"""
+import os, signal, sys, threading
+import psutil
+from ray.air.integrations.wandb import _QueueItem, _WandbLoggingActor
+from wandb.sdk.lib.service.service_connection import ServiceConnection
+from capsafe.train.wandb_tracker import FlushedWandbLoggingActor
+
+def core_pids():
+    return [p.pid for p in psutil.Process().children(recursive=True)]
+
+inform_finish = ServiceConnection.inform_finish
+def freeze_then_inform_finish(self, run_id):
+    pids = core_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    threading.Timer(1.0, lambda: [os.kill(pid, signal.SIGCONT) for pid in pids]).start()
+    inform_finish(self, run_id)
+ServiceConnection.inform_finish = freeze_then_inform_finish
+
+class Items:
+    def __init__(self, items):
+        self.items = list(items)
+    def get(self):
+        return self.items.pop(0)
+
+folder, which, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cls = FlushedWandbLoggingActor if which == "capsafe" else _WandbLoggingActor
+results = [(_QueueItem.RESULT, {"training_iteration": i, "step": 10 * i, "capability": i / n}) for i in range(1, n + 1)]
+actor = cls(logdir=folder, queue=Items(results + [(_QueueItem.END, None)]), exclude=[], to_config=[],
+            id="trial0", name="trial0", project="p", mode="offline", dir=folder)
+actor.run()
+for pid in core_pids():
+    os.kill(pid, signal.SIGKILL)
+os._exit(0)
+"""
+
+
+def test_every_wandb_record_is_on_disk_when_the_logging_actor_returns(tmp_path: Path) -> None:
+    # Ray's own actor returned from run() with its records still buffered in wandb-core, so killing it at once
+    # (as WandbLoggerCallback does at the experiment's end) lost them: a W&B run with one point of its curve, or
+    # none (issue 22). capsafe's actor returns only once wandb-core has written and closed the run file.
+    from wandb_runs import logged_values
+
+    n = 8
+    proc = subprocess.run([sys.executable, "-c", _LOGGING_ACTOR, str(tmp_path), "capsafe", str(n)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "WANDB_SILENT": "true", "WANDB_DISABLE_CODE": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [run_file] = tmp_path.rglob("*.wandb")
+    assert [float(v) for v in logged_values(run_file, "capability")] == [i / n for i in range(1, n + 1)]

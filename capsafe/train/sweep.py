@@ -170,7 +170,7 @@ def tracking_callbacks(tracking: dict[str, Any], experiment: str, results_dir: P
         callbacks.append(MLflowLoggerCallback(tracking_uri=tracking["mlflow_uri"],
                                               experiment_name=tracking.get("mlflow_experiment") or experiment))
     if tracking.get("wandb_project"):
-        from ray.air.integrations.wandb import WandbLoggerCallback
+        from capsafe.train.wandb_tracker import WandbTracker
 
         kwargs: dict[str, Any] = {}
         if tracking.get("wandb_mode") == "offline":
@@ -179,7 +179,7 @@ def tracking_callbacks(tracking: dict[str, Any], experiment: str, results_dir: P
             if results_dir is not None:
                 (results_dir / "wandb").mkdir(parents=True, exist_ok=True)
                 kwargs["dir"] = str((results_dir / "wandb").resolve())
-        callbacks.append(WandbLoggerCallback(project=tracking["wandb_project"], group=experiment, **kwargs))
+        callbacks.append(WandbTracker(project=tracking["wandb_project"], group=experiment, **kwargs))
     return callbacks
 
 
