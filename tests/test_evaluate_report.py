@@ -222,7 +222,7 @@ def _checkpoint(tid: str, level: float, step: int | None, cap: float | None) -> 
     return {"trial_id": tid, "level": level, "reached": step is not None, "step": step, "capability": cap,
             "tokens": None if step is None else step * 10, "elapsed_s": None if step is None else step / 10.0,
             "checkpoint": None, "served_capability": cap, "confirmed_capability": cap, "postprocess": None,
-            "evaluation_started_at": None}
+            "confirmed_items": None, "evaluation_started_at": None}
 
 
 def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:
