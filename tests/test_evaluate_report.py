@@ -314,8 +314,8 @@ def test_report_compares_each_mitigation_with_plain_and_base(tmp_path: Path) -> 
     assert ("| 0.29 (confirmation); 0.42 (confirmation) | NO: outside [0.35, 0.45] | Safe-LoRA projected 1/4 layers "
             "(threshold 0.5) |") in row
     assert "| kl |" not in text.split("## Mitigations")[1].split("##")[0]  # did not reach the target
-    assert "| safe_lora | s0 | 0.4 | 200 | 0.41 | 0.30 | 0.29 | -0.110 | NO (confirmation) |" in text
-    assert "| plain | p0 | 0.4 | 100 | 0.42 | 0.42 | 0.42 | +0.020 | yes |" in text
+    assert "| safe_lora | s0 | 0.4 | 200 | 0.41 | 0.30 | 0.29 | n/a | -0.110 | NO (confirmation) |" in text
+    assert "| plain | p0 | 0.4 | 100 | 0.42 | 0.42 | 0.42 | n/a | +0.020 | yes |" in text  # n/a: no item count
     # the summary table says which methods are in the band
     assert "| safe_lora | 1/1 | 200 | 0.41 | 0.29 | NO: outside [0.35, 0.45] |" in text
 
