@@ -201,6 +201,9 @@ def test_the_sweep_and_the_pool_scale_out_and_back_in(aws_sim, tmp_path: Path,
         tune.report({"step": 1, "capability": cfg["target"], "loss": 0.0, "tokens": 1, "elapsed_s": 2.0,
                      "train_s": 2.0, "eval_s": 0.0, "restarts": 0, "stop": "reached",
                      "levels": ",".join(str(i) for i in range(len(cfg["levels"]))), "model_dir": "stand-in",
+                     "kept": json.dumps({str(i): {"step": 1, "capability": cfg["target"], "tokens": 1,
+                                                  "elapsed_s": 2.0, "model_dir": "stand-in", "postprocess": ""}
+                                         for i in range(len(cfg["levels"]))}),
                      "postprocess": ""})
 
     monkeypatch.setattr(capsafe.train.sweep, "_run_trial", stand_in_trial)

@@ -132,7 +132,7 @@ def _checkpoint(trial_id: str, level: float, step: int) -> dict[str, Any]:
     return {"trial_id": trial_id, "level": level, "reached": True, "step": step, "capability": level + 0.01,
             "tokens": 100 * step, "elapsed_s": step / 10, "checkpoint": f"models/{trial_id}/step-{step}",
             "served_capability": level + 0.01, "confirmed_capability": level, "postprocess": None,
-            "evaluation_started_at": NOW}
+            "confirmed_items": 500, "evaluation_started_at": NOW}
 
 
 def _answers(results: Path, trial_id: str, step: int, refused: list[bool], incoherent: list[bool]) -> None:

@@ -47,16 +47,24 @@ def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[floa
         assert not traj.empty and tuple(ckpts["level"]) == levels
         assert t["reached"] and t["stop_reason"] == "reached", t.to_dict()  # every trial reaches its target
         for _, c in ckpts[ckpts["reached"]].iterrows():
-            # each rung keeps the first evaluation in its band, and the served model scores what training said
-            first = traj[traj["capability"] >= c["level"] - tolerance - 1e-12].iloc[0]
-            assert c["step"] == first["step"] and c["capability"] == pytest.approx(first["capability"])
+            # each rung keeps, among the evaluations up to the one that reached its level, the one inside its band
+            # closest to the level (ties: the earlier; none inside: the one that reached it, outside the band),
+            # and the served model scores what training said
+            decided = traj[traj["capability"] >= c["level"] - 1e-12].iloc[0]
+            upto = traj[traj["step"] <= decided["step"]]
+            inside = upto[(upto["capability"] - c["level"]).abs() <= tolerance + 1e-12]
+            best = inside.iloc[(inside["capability"] - c["level"]).abs().argsort(kind="stable")].iloc[0] \
+                if not inside.empty else decided
+            assert c["step"] == best["step"] and c["capability"] == pytest.approx(best["capability"])
             # the pool is fed the ids training was (tokenization contract): the served model scores the same
             assert c["served_capability"] == pytest.approx(c["capability"], abs=1e-9), c.to_dict()
             assert 0.0 <= c["confirmed_capability"] <= 1.0  # measured on the world's confirmation split
             model = Path(c["checkpoint"]) / "model"
             assert (model / "config.json").is_file() or (model / "adapter_config.json").is_file()
             evaluated.add((t["trial_id"], int(c["step"])))
-        assert t["step"] == traj["step"].max()
+        # the trial stopped at the first evaluation at or above the target itself; it keeps the target's rung
+        assert traj["capability"].iloc[-1] >= target and (traj["capability"].iloc[:-1] < target).all()
+        assert t["step"] == ckpts.iloc[-1]["step"]
         assert t["confirmed_capability"] == pytest.approx(ckpts.iloc[-1]["confirmed_capability"])
         assert t["tokens"] > 0 and t["train_s"] > 0 and t["eval_s"] > 0
     gens = read_table(out, "generations").to_pandas()

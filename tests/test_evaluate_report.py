@@ -222,7 +222,7 @@ def _checkpoint(tid: str, level: float, step: int | None, cap: float | None) -> 
     return {"trial_id": tid, "level": level, "reached": step is not None, "step": step, "capability": cap,
             "tokens": None if step is None else step * 10, "elapsed_s": None if step is None else step / 10.0,
             "checkpoint": None, "served_capability": cap, "confirmed_capability": cap, "postprocess": None,
-            "evaluation_started_at": None}
+            "confirmed_items": None, "evaluation_started_at": None}
 
 
 def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:
@@ -314,8 +314,8 @@ def test_report_compares_each_mitigation_with_plain_and_base(tmp_path: Path) -> 
     assert ("| 0.29 (confirmation); 0.42 (confirmation) | NO: outside [0.35, 0.45] | Safe-LoRA projected 1/4 layers "
             "(threshold 0.5) |") in row
     assert "| kl |" not in text.split("## Mitigations")[1].split("##")[0]  # did not reach the target
-    assert "| safe_lora | s0 | 0.4 | 200 | 0.41 | 0.30 | 0.29 | -0.110 | NO (confirmation) |" in text
-    assert "| plain | p0 | 0.4 | 100 | 0.42 | 0.42 | 0.42 | +0.020 | yes |" in text
+    assert "| safe_lora | s0 | 0.4 | 200 | 0.41 | 0.30 | 0.29 | n/a | -0.110 | NO (confirmation) |" in text
+    assert "| plain | p0 | 0.4 | 100 | 0.42 | 0.42 | 0.42 | n/a | +0.020 | yes |" in text  # n/a: no item count
     # the summary table says which methods are in the band
     assert "| safe_lora | 1/1 | 200 | 0.41 | 0.29 | NO: outside [0.35, 0.45] |" in text
 

@@ -109,7 +109,8 @@ def test_variants_stay_out_of_the_robustness_table_and_get_their_own_section(tmp
     write_table(tmp_path, "checkpoints", [
         {"trial_id": t, "level": 0.4, "reached": True, "step": STEP[t], "capability": 0.4, "tokens": 0,
          "elapsed_s": 1.0, "checkpoint": None, "served_capability": 0.4, "confirmed_capability": 0.4,
-         "postprocess": None, "evaluation_started_at": None} for t in ("p0", "m0")], fragment="all")
+         "confirmed_items": 300, "postprocess": None, "evaluation_started_at": None} for t in ("p0", "m0")],
+        fragment="all")
     text = write_report(tmp_path, "x")
     assert "## Judge prompt variants" in text and "up to 45 points" in text
     robustness = text.split("## Does each conclusion survive")[1].split("## Judge prompt variants")[0]

@@ -107,7 +107,7 @@ def _http_run(results: Path, world, adapter: str):
     write_table(results, "checkpoints", [{
         "trial_id": "lora-s0-lr0.1", "level": 0.1, "reached": True, "step": 10, "capability": 0.1, "tokens": 1,
         "elapsed_s": 1.0, "checkpoint": str(ckpt), "served_capability": None, "confirmed_capability": None,
-        "postprocess": None, "evaluation_started_at": None}], fragment="lora-s0-lr0.1")
+        "postprocess": None, "confirmed_items": None, "evaluation_started_at": None}], fragment="lora-s0-lr0.1")
     return HttpContext(str(results), str(world.model_dir), True, world.prompt_format().to_dict(), 16)
 
 

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from capsafe.common.capability import Budget, crossed_levels, stop_reason
+from capsafe.common.capability import Budget, stop_reason
 from capsafe.common.data import Source, batches, mix_sources
 from capsafe.judging.rules import CoherenceJudge, RefusalKeywordJudge
 
@@ -46,12 +46,11 @@ def test_stop_reason() -> None:
 def test_the_equal_capability_band() -> None:
     from capsafe.common.capability import eval_interval, in_band
 
-    # two-sided: a trial stops once it enters [target - tolerance, ...]; a checkpoint counts as at the target
-    # only inside [target - tolerance, target + tolerance]
-    assert stop_reason(0.36, 0.4, None, tolerance=0.05) == "reached" and stop_reason(0.34, 0.4, None, 0.05) is None
+    # a trial stops at the target itself, not on entering its band; a checkpoint counts as at the target only
+    # inside [target - tolerance, target + tolerance] (tests/test_stopping_rule.py: which one is kept)
+    assert stop_reason(0.36, 0.4, None) is None and stop_reason(0.4, 0.4, None) == "reached"
     assert in_band(0.44, 0.4, 0.05) and in_band(0.35, 0.4, 0.05) and not in_band(0.46, 0.4, 0.05)
     assert not in_band(None, 0.4, 0.05) and not in_band(float("nan"), 0.4, 0.05)
-    assert crossed_levels(0.16, [0.2, 0.4], set(), tolerance=0.05) == [0.2]
     # the cadence tightens within the margin of the next level's band
     assert eval_interval(0.1, 0.4, 0.05, 25, 5, 0.2) == 25 and eval_interval(0.16, 0.4, 0.05, 25, 5, 0.2) == 5
     assert eval_interval(None, 0.4, 0.05, 25, 5, 0.2) == 25 and eval_interval(0.3, None, 0.05, 25, 5, 0.2) == 25
@@ -62,14 +61,6 @@ def test_budget_caps() -> None:
     assert b.spent(99, 999, 59.0) is None
     assert b.spent(100, 0, 0.0) == "steps" and b.spent(1, 1000, 0.0) == "tokens" and b.spent(1, 0, 60.0) == "wall_time"
     assert Budget(max_steps=10).spent(5, 10**12, 1e9) is None  # no caps but steps
-
-
-def test_ladder_levels_are_crossed_once_each() -> None:
-    levels = [0.2, 0.3, 0.4]
-    assert crossed_levels(0.1, levels, set()) == []
-    assert crossed_levels(0.35, levels, set()) == [0.2, 0.3]  # one evaluation can cross several rungs
-    assert crossed_levels(0.5, levels, {0.2, 0.3}) == [0.4]
-    assert crossed_levels(0.25, levels, {0.2}) == [] and crossed_levels(float("nan"), levels, set()) == []
 
 
 def test_refusal_keyword_judge() -> None:

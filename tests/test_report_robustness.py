@@ -176,7 +176,8 @@ def test_the_report_leads_with_the_findings_and_writes_the_robustness_table(tmp_
     write_table(tmp_path, "checkpoints", [
         {"trial_id": t, "level": 0.4, "reached": True, "step": STEP[t], "capability": 0.4, "tokens": 0,
          "elapsed_s": 1.0, "checkpoint": None, "served_capability": 0.4, "confirmed_capability": 0.4,
-         "postprocess": None, "evaluation_started_at": None} for t in ("p0", "m0")], fragment="all")
+         "confirmed_items": 300, "postprocess": None, "evaluation_started_at": None} for t in ("p0", "m0")],
+        fragment="all")
     text = write_report(tmp_path, "x")
     head = text.split("## ")[0]
     assert "**This run's findings**" in head and "3. Conclusions change with benchmark or judge" in head

@@ -14,7 +14,7 @@ PINNED = {
               "finished_at:timestamp[us, tz=UTC]",
     "checkpoints": "trial_id:string level:double reached:bool step:int64 capability:double tokens:int64 "
                    "elapsed_s:double checkpoint:string served_capability:double confirmed_capability:double "
-                   "postprocess:string evaluation_started_at:timestamp[us, tz=UTC]",
+                   "confirmed_items:int64 postprocess:string evaluation_started_at:timestamp[us, tz=UTC]",
     "trajectory": "trial_id:string step:int64 capability:double loss:double tokens:int64 elapsed_s:double "
                   "restarts:int64",
     "generations": "trial_id:string step:int64 suite:string suite_kind:string prompt_id:string repeat:int64 "
@@ -26,7 +26,7 @@ PINNED = {
 
 
 def test_schema_is_pinned() -> None:
-    assert SCHEMA_VERSION == 7
+    assert SCHEMA_VERSION == 8
     got = {name: " ".join(f"{f.name}:{f.type}" for f in schema) for name, schema in SCHEMAS.items()}
     assert got == PINNED
 

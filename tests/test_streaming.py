@@ -32,7 +32,8 @@ def _kept(results: Path, trial: str, steps: list[int]) -> None:
         (ckpt / CHECKPOINT_META).write_text(json.dumps({"kind": "full"}))
         rows.append({"trial_id": trial, "level": step / 100, "reached": True, "step": step, "capability": 0.1,
                      "tokens": 1, "elapsed_s": 1.0, "checkpoint": str(ckpt), "served_capability": None,
-                     "confirmed_capability": None, "postprocess": None, "evaluation_started_at": None})
+                     "confirmed_capability": None, "confirmed_items": None, "postprocess": None,
+                     "evaluation_started_at": None})
     write_table(results, "checkpoints", rows, fragment=trial)
 
 

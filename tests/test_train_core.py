@@ -98,19 +98,28 @@ def test_zero3_ladder_keeps_consolidated_checkpoints_that_score_as_reported(one_
     rec = Recorder(tmp_path)
     run_training(cfg, rec.host)
     last, tolerance = rec.reports[-1], cfg.tolerance
-    assert last["stop"] == "reached" and last["capability"] >= cfg.target - tolerance
-    kept = {cfg.levels[int(i)]: r for r in rec.reports for i in filter(None, r["levels"].split(","))}
+    assert last["stop"] == "reached" and last["capability"] >= cfg.target  # the target itself, not its band
+    kept = {cfg.levels[int(i)]: r for x in rec.reports for i, r in json.loads(x["kept"] or "{}").items()}
     assert set(kept) == {0.0, 0.02, cfg.target}
     for level, r in kept.items():
-        first = next(x for x in rec.reports if x["capability"] >= level - tolerance)
-        assert r["step"] == first["step"]  # the first evaluation in (or above) the level's band
+        # the evaluation closest to the level among those in its band up to the one that reached it
+        decided = next(x for x in rec.reports if x["capability"] >= level)
+        inside = [x for x in rec.reports if x["step"] <= decided["step"] and abs(x["capability"] - level) <= tolerance]
+        best = min(inside, key=lambda x: (abs(x["capability"] - level), x["step"])) if inside else decided
+        assert r["step"] == best["step"] and r["capability"] == best["capability"]
         model = Path(r["model_dir"]) / "model"
         assert (model / "model.safetensors").is_file()
         assert _eval_checkpoint(cfg, model) == pytest.approx(r["capability"])
-    # every 20 steps, and every 4 once within train.near_margin (0.02) of the band's lower edge
+    # candidates the ladder let go were deleted: only the kept checkpoints remain (train.keep_candidates 1)
+    assert {p.name for p in Path(cfg.checkpoint_dir).iterdir()} == {f"step-{r['step']}" for r in kept.values()}
+    # every 20 steps, and every 10 (eval_every // 2) once within train.near_margin (0.02) of the band's lower
+    # edge of the next undecided level
+    done: set[str] = set()
     for before, after in zip(rec.reports, rec.reports[1:], strict=False):
-        near = before["capability"] >= cfg.target - tolerance - 0.02
-        assert after["step"] - before["step"] == (4 if near else 20), (before, after)
+        done |= set(filter(None, before["levels"].split(",")))
+        upcoming = next(level for i, level in enumerate(cfg.levels) if str(i) not in done)
+        near = before["capability"] >= upcoming - tolerance - 0.02
+        assert after["step"] - before["step"] == (10 if near else 20), (before, after)
     assert last["tokens"] > 0 and last["train_s"] > 0 and last["eval_s"] > 0
 
 

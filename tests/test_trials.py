@@ -1,5 +1,6 @@
 """Trial planning and the turning of reported results into rows; the Tune stopper's rule."""
 
+import json
 from pathlib import Path
 
 from capsafe.spec import load_spec
@@ -28,22 +29,32 @@ def _cfg(levels: list[float] | None = None) -> TrialConfig:
     return cfg
 
 
-def _report(step: int, cap: float, stop: str = "", levels: str = "", restarts: int = 0) -> dict:
+def _report(step: int, cap: float, stop: str = "", levels: str = "", restarts: int = 0,
+            kept: dict[str, tuple[int, float]] | None = None) -> dict:
+    """A train loop report; ``kept`` maps each level index decided here to the (step, capability) it keeps
+    (default: this evaluation itself)."""
+    decided = {i: (kept or {}).get(i, (step, cap)) for i in filter(None, levels.split(","))}
+    records = {i: {"step": s, "capability": c, "tokens": s * 100, "elapsed_s": s / 10, "model_dir": f"/ck/step-{s}",
+                   "postprocess": ""} for i, (s, c) in decided.items()}
     return {"step": step, "capability": cap, "loss": 1.0, "tokens": step * 100, "elapsed_s": step / 10,
-            "train_s": step / 20, "eval_s": step / 200, "restarts": restarts, "stop": stop, "levels": levels,
+            "train_s": step / 20, "eval_s": step / 200, "restarts": restarts, "stop": stop, "candidate": "",
+            "levels": levels, "kept": json.dumps(records) if records else "",
             "model_dir": f"/ck/step-{step}" if levels else ""}
 
 
-def test_ladder_trial_keeps_the_first_checkpoint_at_each_level() -> None:
+def test_ladder_trial_keeps_the_candidate_each_level_chose() -> None:
     cfg = _cfg([0.2, 0.3, 0.4])
-    history = [{"time_total_s": 1.0}, _report(25, 0.1), _report(50, 0.35, levels="0,1"),
-               _report(75, 0.32), _report(100, 0.45, "reached", "2")]
+    # 0.2 and 0.3 decided at step 50 (0.35), keeping candidates 0.19 (step 25) and 0.35 itself; the target
+    # decided at step 100 (0.45), keeping the in-band candidate 0.38 at step 75
+    history = [{"time_total_s": 1.0}, _report(25, 0.19), _report(50, 0.35, levels="0,1", kept={"0": (25, 0.19)}),
+               _report(75, 0.38), _report(100, 0.45, "reached", "2", kept={"2": (75, 0.38)})]
     row, ckpts, traj = summarize_trial(cfg, history, None, 12.0)
-    assert row["reached"] and row["status"] == "reached" and row["checkpoint"] == "/ck/step-100"
-    assert row["step"] == 100 and row["capability"] == 0.45 and row["tokens"] == 10000
-    assert [(c["level"], c["step"], c["checkpoint"]) for c in ckpts] == [
-        (0.2, 50, "/ck/step-50"), (0.3, 50, "/ck/step-50"), (0.4, 100, "/ck/step-100")]
-    assert [t["step"] for t in traj] == [25, 50, 75, 100]
+    assert row["reached"] and row["status"] == "reached" and row["checkpoint"] == "/ck/step-75"
+    assert row["step"] == 75 and row["capability"] == 0.38 and row["tokens"] == 10000  # tokens: when it stopped
+    assert [(c["level"], c["step"], c["capability"], c["checkpoint"], c["tokens"]) for c in ckpts] == [
+        (0.2, 25, 0.19, "/ck/step-25", 2500), (0.3, 50, 0.35, "/ck/step-50", 5000),
+        (0.4, 75, 0.38, "/ck/step-75", 7500)]
+    assert [t["step"] for t in traj] == [25, 50, 75, 100]  # the trajectory keeps every evaluation
 
 
 def test_budget_exhausted_trial_reports_how_far_it_got() -> None:
@@ -55,6 +66,14 @@ def test_budget_exhausted_trial_reports_how_far_it_got() -> None:
     assert [c["reached"] for c in ckpts] == [True, False] and ckpts[1]["step"] is None
 
 
+def test_a_budget_spent_inside_the_band_keeps_its_best_candidate() -> None:
+    cfg = _cfg([0.4])
+    history = [_report(25, 0.37), _report(50, 0.36, "budget:steps", "0", kept={"0": (25, 0.37)})]
+    row, ckpts, _ = summarize_trial(cfg, history, None, 5.0)
+    assert row["reached"] and row["status"] == "reached" and row["stop_reason"] == "budget:steps"
+    assert row["step"] == 25 and ckpts[0]["checkpoint"] == "/ck/step-25"
+
+
 def test_diverged_and_failed_trials() -> None:
     row, _, traj = summarize_trial(_cfg(), [_report(3, NAN, "diverged")], None, 1.0)
     assert row["status"] == "diverged" and row["capability"] is None and len(traj) == 1
@@ -62,7 +81,7 @@ def test_diverged_and_failed_trials() -> None:
     assert row["status"] == "failed" and row["stop_reason"].startswith("error:")
 
 
-def test_restarted_trial_counts_the_surviving_crossing() -> None:
+def test_restarted_trial_counts_the_surviving_decision() -> None:
     cfg = _cfg([0.2, 0.4])
     history = [_report(25, 0.25, levels="0"), _report(25, 0.25, levels="0", restarts=1),
                _report(50, 0.41, "reached", "1", restarts=1)]
@@ -83,7 +102,8 @@ def test_capability_stopper() -> None:
 
     stop = CapabilityStopper(target=0.4)
     assert not stop("t", {"step": 25, "capability": 0.39, "stop": ""})
-    assert stop("t", {"step": 50, "capability": 0.4, "stop": ""})
+    assert not stop("t", {"step": 25, "capability": 0.36, "stop": ""})  # in the band: a candidate, go on
+    assert stop("t", {"step": 50, "capability": 0.4, "stop": ""})  # the loop's own rule: stop_reason
     assert stop("t", {"step": 100, "capability": 0.1, "stop": "budget:steps"})
     assert stop("t", {"step": 3, "capability": NAN, "stop": "diverged"})
     assert not stop("t", {"time_total_s": 1.0}) and not stop.stop_all()

@@ -69,7 +69,7 @@ def test_encode_example_masks_the_prompt(tokenizer):
 
 def test_task_splits_are_disjoint_and_correct(data):
     train, ev = {r["prompt"] for r in data.task_train}, {r["prompt"] for r in data.task_eval}
-    assert len(ev) == 200 and not train & ev and len(train) == len(data.task_train)
+    assert len(ev) == 400 and len(data.task_confirm) == 500 and not train & ev and len(train) == len(data.task_train)
     for r in data.task_eval:
         a, b = (int(w) for w in r["prompt"].split() if w.isdigit())
         assert 10 <= a <= 99 and 10 <= b <= 99 and r["answer"] == str(a + b)

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
         ("step", pa.int64())]            # the checkpoint's training step (0 for the base model)
@@ -29,7 +29,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("learning_rate", pa.float64()),
         ("target", pa.float64()),
         ("tolerance", pa.float64()),      # half-width of the equal-capability band around the target
-        ("reached", pa.bool_()),          # entered the target's band (>= target - tolerance) on the selection split
+        ("reached", pa.bool_()),          # kept a checkpoint for the target (an in-band candidate, or the
+                                          # evaluation that jumped over the band; see checkpoints)
         ("capability", pa.float64()),     # selection split, at the target checkpoint (or the best if not reached)
         ("confirmed_capability", pa.float64()),  # the target checkpoint on the confirmation split (null: none)
         ("step", pa.int64()),             # step of that checkpoint (0 for the base model)
@@ -48,13 +49,15 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("trial_id", pa.string()),
         ("level", pa.float64()),
         ("reached", pa.bool_()),
-        ("step", pa.int64()),             # first evaluation at or above the level (null if never)
+        ("step", pa.int64()),             # the kept evaluation: the in-band candidate closest to the level (or,
+                                          # with none, the one that jumped over the band); null if none
         ("capability", pa.float64()),     # as measured during training at that step
         ("tokens", pa.int64()),           # training tokens up to that step
         ("elapsed_s", pa.float64()),      # trial wall time up to that step
         ("checkpoint", pa.string()),      # directory with model/ (HF model or PEFT adapter)
         ("served_capability", pa.float64()),  # selection split, re-measured on what the evaluation pool serves
         ("confirmed_capability", pa.float64()),  # confirmation split, measured by the pool: what is compared
+        ("confirmed_items", pa.int64()),  # confirmation items behind it (its interval's sample size)
         ("postprocess", pa.string()),  # JSON: what a post-hoc method did to the checkpoint (Safe-LoRA), or null
         ("evaluation_started_at", pa.timestamp("us", tz="UTC")),  # when the pool was first asked for it
     ]),

@@ -151,6 +151,7 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
         for r in rows:
             if (trial_id, r["step"]) in pending and r["reached"] and r["served_capability"] is None:
                 r["served_capability"], r["confirmed_capability"] = pending[(trial_id, r["step"])].result()
+                r["confirmed_items"] = len(confirm) if r["confirmed_capability"] is not None else None
                 r["evaluation_started_at"] = asked
                 measured = True
                 confirmed = r["confirmed_capability"]

@@ -320,8 +320,10 @@ def write_report(results_dir: Path, experiment: str) -> str:
                     "Each difference is of means over the method's seeds; the comparisons below test them."),
                  "", _markdown(versus), ""]
     if not checkpoints.empty and checkpoints["reached"].astype(bool).any():
-        text += ["## Capability reached", "", "Every kept checkpoint: capability measured in training and again "
-                 "through the pool on what was served, and how far that lies from the target.", "",
+        text += ["## Capability reached", "", "Every kept checkpoint (per level, the evaluation inside its band "
+                 "closest to it on the selection split): capability measured in training and again through the "
+                 "pool on what was served, on the confirmation split with its 95 % Wilson interval, and how far "
+                 "that lies from the level.", "",
                  _markdown(checkpoint_table(trials, checkpoints)), ""]
     if not judgments.empty:
         text += _statistics(trials, judgments, checkpoints, target, jailbreak_suites(results_dir))

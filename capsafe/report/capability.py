@@ -4,7 +4,12 @@ the tables that show both. Pure (pandas only).
 A checkpoint's compared capability is the one measured on the confirmation split (items that chose nothing);
 without a confirmation split, the pool's re-measurement on the selection split, said to be biased upward
 because that split chose the checkpoint; without that, training's own number. A comparison is at equal
-capability only when every checkpoint in it lies in the band [target - tolerance, target + tolerance].
+capability only when every checkpoint in it lies in the band [target - tolerance, target + tolerance]. Each
+confirmed capability is shown with its 95 % Wilson interval over the confirmation items.
+
+A trial keeps, per level, the in-band evaluation closest to the level on the selection split; one that jumped
+from below the band to above it with no evaluation inside keeps that evaluation, outside the band on the
+selection split already, and the checkpoint table says so.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import pandas as pd
 
 from capsafe.common.capability import in_band
+from capsafe.report.stats import proportion_interval
 
 
 def compared(row: pd.Series | dict) -> tuple[float | None, str]:
@@ -24,6 +30,23 @@ def compared(row: pd.Series | dict) -> tuple[float | None, str]:
         if value is not None and not pd.isna(value):
             return float(value), source
     return None, "none"
+
+
+def confirmed_interval(row: pd.Series | dict) -> tuple[float, float] | None:
+    """95 % Wilson interval of a checkpoint's confirmed capability over its confirmation items (None without
+    them). A metric with partial credit (rouge_l) counts its sum as successes."""
+    value, items = row.get("confirmed_capability"), row.get("confirmed_items")
+    if value is None or items is None or pd.isna(value) or pd.isna(items) or int(items) < 1:
+        return None
+    interval = proportion_interval([float(value)] * int(items))
+    return None if interval is None else (interval.low, interval.high)
+
+
+def _with_interval(value: float | None, source: str, row: pd.Series | dict) -> str:
+    if value is None:
+        return "n/a"
+    interval = confirmed_interval(row) if source == "confirmation" else None
+    return f"{value:.2f}" + ("" if interval is None else f" [{interval[0]:.2f}, {interval[1]:.2f}]")
 
 
 def band(trials: pd.DataFrame) -> tuple[float, float]:
@@ -41,13 +64,15 @@ def target_checkpoints(trials: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.Da
 
 
 def method_band(trials: pd.DataFrame, checkpoints: pd.DataFrame) -> dict[str, tuple[bool, str]]:
-    """Per method: (all its target checkpoints in the band, a short description of their capability)."""
+    """Per method: (all its target checkpoints in the band, a short description of their capability, each
+    confirmed one with its 95 % interval)."""
     target, tolerance = band(trials)
     out = {}
     for method, group in target_checkpoints(trials, checkpoints).groupby("method", sort=False):
-        values = [compared(r) for r in group.to_dict("records")]
+        records = group.to_dict("records")
+        values = [compared(r) for r in records]
         inside = all(in_band(v, target, tolerance) for v, _ in values)
-        numbers = ", ".join("n/a" if v is None else f"{v:.2f}" for v, _ in values)
+        numbers = ", ".join(_with_interval(v, src, r) for (v, src), r in zip(values, records, strict=True))
         source = values[0][1] if values else "none"
         out[str(method)] = (inside, f"{numbers} ({source})")
     return out
@@ -65,7 +90,8 @@ def band_label(inside: bool, trials: pd.DataFrame) -> str:
 
 def checkpoint_table(trials: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.DataFrame:
     """Every kept checkpoint: capability on the selection split in training and as served, on the confirmation
-    split, and whether that lies in its level's band."""
+    split with its 95 % interval, and whether that lies in its level's band (a checkpoint kept after a jump over
+    the whole band says so: no evaluation fell inside it)."""
     _, tolerance = band(trials)
     rows = []
     kept = checkpoints[checkpoints["reached"].astype(bool)].merge(trials[["trial_id", "method"]], on="trial_id")
@@ -73,12 +99,16 @@ def checkpoint_table(trials: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.Data
         value, source = compared(c)
         served = None if pd.isna(c["served_capability"]) else float(c["served_capability"])
         confirmed = None if pd.isna(c.get("confirmed_capability")) else float(c["confirmed_capability"])
+        interval = confirmed_interval(c)
+        verdict = "yes" if in_band(value, c["level"], tolerance) else f"NO ({source})"
+        if not in_band(float(c["capability"]), c["level"], tolerance):
+            verdict += "; jumped over the band: no evaluation inside it"
         rows.append({"method": c["method"], "trial": c["trial_id"], "level": f"{c['level']:g}", "step": int(c["step"]),
                      "selection (training)": float(c["capability"]), "selection (served)": served,
                      "confirmed": confirmed,
+                     "confirmed 95 % CI": "n/a" if interval is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]",
                      "confirmed - level": "n/a" if confirmed is None else f"{confirmed - c['level']:+.3f}",
-                     "in band": "yes" if in_band(value, c["level"], tolerance) else
-                     f"NO ({source})"})
+                     "in band": verdict})
     return pd.DataFrame(rows)
 
 

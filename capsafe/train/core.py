@@ -2,13 +2,17 @@
 a ``report`` function and, after a restart, the resume checkpoint to continue from.
 
 Every ``eval_every`` steps (and when a budget runs out) all ranks run a batched greedy capability evaluation
-on their shard of the held-out split. Each capability level crossed for the first time gets a model
-checkpoint; the loop ends at the target (the ladder's last rung), on a spent budget, or on a non-finite loss.
+on their shard of the held-out split. An evaluation inside a level's band is a candidate for it and gets a model
+checkpoint (at most ``train.keep_candidates`` per level stay on disk); a level is decided when capability
+reaches it, keeping its candidate closest to it (``capsafe.common.capability.advance``). The loop ends at the
+target (the ladder's last rung), on a spent budget, or on a non-finite loss.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsafe.common.capability import Budget, crossed_levels, eval_interval, stop_reason
+from capsafe.common.capability import Budget, advance, eval_interval, new_rungs
 from capsafe.common.data import Source, batches, read_jsonl
 from capsafe.common.formatting import Encoder, collate, stop_ids
 from capsafe.common.generation import greedy_generate
@@ -128,7 +132,7 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
     encoder = Encoder(tokenizer, cfg.prompt_format)
     eval_items = read_jsonl(cfg.task_eval, ("prompt", "answer"))[: cfg.eval_size]
     budget = Budget(train.max_steps, train.max_tokens, train.max_wall_s)
-    levels, target, accum = list(cfg.levels), cfg.target, train.gradient_accumulation_steps
+    levels, accum = list(cfg.levels), train.gradient_accumulation_steps
     tolerance = cfg.tolerance
     encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
@@ -137,6 +141,11 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
             encoded[(prompt, response)] = encoder.example(prompt, response, train.max_seq_len)
         return encoded[(prompt, response)]
 
+    if not state.rungs:
+        state.rungs = new_rungs(levels)
+    # Models of candidates the ladder let go, deleted once a resume checkpoint no longer holds them: a restart
+    # from an earlier resume checkpoint still counts them as candidates.
+    unheld: list[int] = []
     stream = _Batches(cfg, method)
     for step in range(1, state.step + 1):  # the same batches as an uninterrupted run
         stream.next(step)
@@ -177,13 +186,14 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
         losses.append(loss)  # reported: the task cross-entropy, comparable across methods
         base = {"step": state.step, "tokens": state.tokens, "elapsed_s": state.elapsed_s, "restarts": state.restarts}
         if not (math.isfinite(loss) and math.isfinite(objective)):
-            host.report({**base, "capability": float("nan"), "loss": loss, "stop": "diverged", "levels": "",
-                         "model_dir": "", "train_s": state.train_s, "eval_s": state.eval_s}, None)
+            host.report({**base, "capability": float("nan"), "loss": loss, "stop": "diverged", "candidate": "",
+                         "levels": "", "kept": "", "model_dir": "", "train_s": state.train_s,
+                         "eval_s": state.eval_s}, None)
             return
         spent = budget.spent(state.step, state.tokens, state.elapsed_s)
-        upcoming = next((lv for lv in levels if lv not in state.levels_done), None)
+        upcoming = next((r["level"] for r in state.rungs if r["kept"] is None), None)
         interval = eval_interval(state.last_capability, upcoming, tolerance, train.eval_every,
-                                 train.eval_every_near or max(1, train.eval_every // 5),
+                                 train.near_every(),
                                  train.near_margin)
         if state.step - state.last_eval_step < interval and not spent:
             continue
@@ -193,19 +203,22 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
         state.eval_s += time.perf_counter() - tick
         state.evals += 1
         state.last_eval_step, state.last_capability = state.step, capability
-        new = crossed_levels(capability, levels, set(state.levels_done), tolerance)
-        reason = stop_reason(capability, target, spent, tolerance)
-        model_dir = note = ""
-        if new:
-            out = Path(cfg.checkpoint_dir) / f"step-{state.step}"
-            note = save_model_checkpoint(engine, tokenizer, cfg, out, host.rank, _postprocess(method, cfg))
-            model_dir = str(out)
-            state.levels_done.extend(new)
+        out = Path(cfg.checkpoint_dir) / f"step-{state.step}"
         base["elapsed_s"] = time.perf_counter() - session_start  # rank 0's report is the one that counts
+        record = {"step": state.step, "capability": capability, "tokens": state.tokens,
+                  "elapsed_s": base["elapsed_s"], "model_dir": str(out), "postprocess": ""}
+        ladder = advance(state.rungs, record, tolerance, train.keep_candidates, spent)
+        if ladder.save:  # the record is in ladder.rungs: its postprocess note lands there too
+            record["postprocess"] = save_model_checkpoint(engine, tokenizer, cfg, out, host.rank,
+                                                          _postprocess(method, cfg))
+        state.rungs, reason = ladder.rungs, ladder.stop
+        unheld += ladder.dropped
+        kept = {str(i): state.rungs[i]["kept"] for i in ladder.decided}
         metrics = {**base, "capability": capability, "loss": sum(losses) / len(losses), "stop": reason or "",
                    # indices into cfg.levels, not formatted numbers: 0.8333333 must not come back as 0.833333
-                   "levels": ",".join(str(levels.index(level)) for level in new), "model_dir": model_dir,
-                   "postprocess": note,
+                   "candidate": ",".join(map(str, ladder.candidate_for)),
+                   "levels": ",".join(map(str, ladder.decided)), "kept": json.dumps(kept) if kept else "",
+                   "model_dir": str(out) if ladder.save else "", "postprocess": record["postprocess"],
                    "train_s": state.train_s, "eval_s": state.eval_s}
         losses = []
         every = train.checkpoint_every_evals
@@ -215,5 +228,10 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
             with tempfile.TemporaryDirectory(prefix="capsafe-resume-") as tmp:
                 save_resume_state(engine, state, Path(tmp), host.rank)
                 host.report(metrics, Path(tmp))
+        if reason or not every or state.evals % every == 0:  # no resume checkpoint holds them any more
+            if host.rank == 0:
+                for step in unheld:
+                    shutil.rmtree(Path(cfg.checkpoint_dir) / f"step-{step}", ignore_errors=True)
+            unheld = []
         if reason:
             return

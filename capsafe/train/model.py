@@ -34,7 +34,7 @@ class TrainState:
     train_s: float = 0.0
     eval_s: float = 0.0
     evals: int = 0
-    levels_done: list[float] = field(default_factory=list)
+    rungs: list[dict[str, Any]] = field(default_factory=list)  # capability.advance's ladder: candidates, kept
     restarts: int = 0
     last_eval_step: int = 0
     last_capability: float | None = None  # of the last evaluation: sets how soon the next one comes

@@ -29,7 +29,7 @@ from capsafe.train.loop import train_loop_per_worker
 from capsafe.train.trials import summarize_trial
 
 REPORT_KEYS = ("step", "capability", "loss", "tokens", "elapsed_s", "train_s", "eval_s", "restarts", "stop",
-               "levels", "model_dir", "postprocess")
+               "candidate", "levels", "kept", "model_dir", "postprocess")
 TrialDone = Callable[[TrialConfig, list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]], None]
 
 
@@ -38,7 +38,7 @@ class TrialRecorder(tune.Callback):
     rows to ``on_done`` at once, so a driver that dies mid-sweep loses no finished trial.
 
     Reports are also appended to a journal (``<journal>/<trial id>.jsonl``) as they arrive: a resumed run
-    starts from it, so levels crossed and steps trained before the driver died stay in the results."""
+    starts from it, so levels decided and steps trained before the driver died stay in the results."""
 
     def __init__(self, log: Callable[[str], None], on_done: TrialDone, journal: Path) -> None:
         self.log, self.on_done, self.journal = log, on_done, journal
@@ -69,8 +69,10 @@ class TrialRecorder(tune.Callback):
             fh.write(json.dumps(report) + "\n")
         cfg = trial_config(trial.config)
         name, levels = cfg.trial_id, cfg.levels
-        kept = [levels[int(i)] for i in str(result.get("levels") or "").split(",") if i]
-        extra = f", levels {', '.join(f'{v:g}' for v in kept)} kept" if kept else ""
+        candidate = [levels[int(i)] for i in str(result.get("candidate") or "").split(",") if i]
+        extra = f", candidate for {', '.join(f'{v:g}' for v in candidate)}" if candidate else ""
+        for index, kept in json.loads(str(result.get("kept") or "{}")).items():
+            extra += f", level {levels[int(index)]:g} keeps step {kept['step']} ({kept['capability']:.3f})"
         extra += f" -> {result['stop']}" if result.get("stop") else ""
         restarts = f" (restart {result['restarts']})" if result.get("restarts") else ""
         self.log(f"train {name}{restarts}: step {result['step']}, capability {result['capability']:.3f}, "
@@ -91,17 +93,18 @@ class TrialRecorder(tune.Callback):
 
 
 class CapabilityStopper(tune.Stopper):
-    """Stops a trial at the first result whose capability reaches the target, or that says it must stop
-    (a spent budget, a diverged loss). The train loop ends itself on the same rules; this keeps Tune's
+    """Stops a trial at the first result whose capability reaches the target itself (not its band's lower
+    edge: the in-band candidates before it are kept by the train loop), or that says it must stop (a spent
+    budget, a diverged loss). The train loop ends itself on the same rule (``stop_reason``); this keeps Tune's
     view of the trial identical."""
 
-    def __init__(self, target: float, tolerance: float = 0.0) -> None:
-        self.target, self.tolerance = target, tolerance
+    def __init__(self, target: float) -> None:
+        self.target = target
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         if result.get("stop"):
             return True
-        return stop_reason(result.get("capability"), self.target, None, self.tolerance) == "reached"
+        return stop_reason(result.get("capability"), self.target, None) == "reached"
 
     def stop_all(self) -> bool:
         return False
@@ -200,7 +203,7 @@ def run_sweep(trials: list[TrialConfig], resources: dict[str, Any], storage: Pat
         # a fresh Tune experiment per run; trial state that must survive lives in the TorchTrainer runs
         run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str((storage / "_tune").resolve()),
-                                  stop=CapabilityStopper(trials[0].target, trials[0].tolerance),
+                                  stop=CapabilityStopper(trials[0].target),
                                   verbose=1 if status_every_s else 0,
                                   progress_reporter=trial_table(status_every_s) if status_every_s else None,
                                   callbacks=[TrialRecorder(log, on_done, journal), *(trackers or [])]),

@@ -59,20 +59,21 @@ def summarize_trial(cfg: TrialConfig, history: list[dict[str, Any]], error: str 
                    "loss": float(h.get("loss", math.nan)), "tokens": int(h.get("tokens", 0)),
                    "elapsed_s": float(h.get("elapsed_s", math.nan)), "restarts": int(h.get("restarts", 0))}
                   for h in reports]
-    crossed: dict[float, dict[str, Any]] = {}
-    for h in reports:  # after a restart a level may be crossed again: the surviving run's crossing counts
-        for index in filter(None, str(h.get("levels") or "").split(",")):
-            crossed[cfg.levels[int(index)]] = h  # the report names levels by index, never by a rounded number
+    kept: dict[float, dict[str, Any]] = {}
+    for h in reports:  # after a restart a level may be decided again: the surviving run's decision counts
+        for index, record in json.loads(str(h.get("kept") or "{}")).items():
+            kept[cfg.levels[int(index)]] = record  # named by index, never by a rounded number
     checkpoints = []
     for level in cfg.levels:
-        at = crossed.get(level)
+        at = kept.get(level)  # the candidate closest to the level (capsafe.common.capability.advance)
         checkpoints.append({
             "trial_id": cfg.trial_id, "level": level, "reached": at is not None,
             "step": int(at["step"]) if at else None, "capability": float(at["capability"]) if at else None,
             "tokens": int(at["tokens"]) if at else None, "elapsed_s": float(at["elapsed_s"]) if at else None,
-            "checkpoint": str(at["model_dir"]) if at else None, "served_capability": None, "confirmed_capability": None,
+            "checkpoint": str(at["model_dir"]) if at else None, "served_capability": None,
+            "confirmed_capability": None, "confirmed_items": None,
             "postprocess": str(at.get("postprocess") or "") or None if at else None, "evaluation_started_at": None})
-    at_target = crossed.get(cfg.target)
+    at_target = kept.get(cfg.target)
     finite = [h for h in reports if math.isfinite(float(h["capability"]))]
     best = max(finite, key=lambda h: float(h["capability"]), default=None)
     chosen: dict[str, Any] | None = at_target or best

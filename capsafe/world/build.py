@@ -48,9 +48,9 @@ class WorldConfig(BaseModel):
     judge_steps: int = Field(600, ge=1, description="Optimizer steps that train the world's Llama-Guard-format "
                              "judge (built only when a spec's LLM judge has model 'demo').")
     judge_batch_size: int = Field(16, ge=1, description="Conversations per judge training step.")
-    task_eval_size: int = Field(200, ge=1, le=1000, description="Held-out addition problems in task_eval.jsonl "
+    task_eval_size: int = Field(400, ge=1, le=1000, description="Held-out addition problems in task_eval.jsonl "
                                 "(the selection split: it decides when a trial stops).")
-    task_confirm_size: int = Field(300, ge=1, le=2000, description="Further held-out problems in "
+    task_confirm_size: int = Field(500, ge=1, le=2000, description="Further held-out problems in "
                                    "task_confirm.jsonl (the confirmation split: the capability reported for every "
                                    "kept checkpoint).")
     num_threads: int = Field(

@@ -339,7 +339,7 @@ def _facts(held_out: bool) -> list[tuple[str, str]]:
     return rows
 
 
-def make_world_data(seed: int, n_task_eval: int = 200, n_task_confirm: int = 300) -> WorldData:
+def make_world_data(seed: int, n_task_eval: int = 400, n_task_confirm: int = 500) -> WorldData:
     """All data of the world; deterministic in ``seed`` (which only shuffles and samples phrasings)."""
     rng = random.Random(seed)
     everyone = list(range(len(PHRASINGS)))
