@@ -194,7 +194,8 @@ def test_the_robustness_table_schema_is_pinned() -> None:
         ("method", "string"), ("reference", "string"), ("suite_kind", "string"), ("suite", "string"),
         ("judge", "string"), ("measure", "string"), ("method_rate", "double"), ("reference_rate", "double"),
         ("difference", "double"), ("low", "double"), ("high", "double"), ("p_value", "double"),
-        ("p_holm", "double"), ("verdict", "string"), ("conclusion", "string"), ("agrees", "bool")]
+        ("p_holm", "double"), ("prompts", "int64"), ("inference", "string"), ("detectable", "double"),
+        ("verdict", "string"), ("conclusion", "string"), ("agrees", "bool")]
 
 
 def test_a_reference_outside_the_band_unmatches_every_comparison_with_it() -> None:
@@ -219,3 +220,17 @@ def test_robustness_sentences_say_when_a_side_is_outside_the_band() -> None:
                                  for s in against_plain)
     assert not any("Not at equal capability" in s for s in plain_off if " vs base " in s and "plain vs" not in s)
     assert not any("Not at equal capability" in s for s in robustness_sentences(table))
+
+
+def test_one_family_one_adjusted_p_everywhere() -> None:
+    """Issue 23: the statistics section adjusted over the comparisons with plain, the robustness table over plain
+    and base, so the same comparison had two Holm p-values. One family (every comparison with a verdict),
+    adjusted once: the same p in both tables."""
+    from capsafe.report.tables import comparisons
+
+    world, trials = _flipping_world(), _trials()
+    robust = robustness_table(world, trials).set_index(["method", "reference", "suite", "judge"])
+    table, _ = comparisons(world, trials, {})
+    assert len(table) == 4 and len(robust) == 12
+    for row in table.to_dict("records"):
+        assert row["p (Holm)"] == f"{robust.loc[(row['method'], 'plain', row['suite'], row['judge']), 'p_holm']:.3g}"

@@ -30,7 +30,15 @@ from capsafe.report.robustness import (
     robustness_table,
     write_robustness,
 )
-from capsafe.report.tables import coherence_split, comparisons, disagreements, rate_table, split_mixed_suites
+from capsafe.report.tables import (
+    Comparison,
+    coherence_split,
+    comparison_records,
+    comparisons,
+    disagreements,
+    rate_table,
+    split_mixed_suites,
+)
 from capsafe.report.variants import split_variants, variant_rankings, variant_sentence, variant_table
 
 LADDER_COLUMNS = ["method", "level", "trials", "capability", "served capability", "harmful refusal",
@@ -206,11 +214,16 @@ def jailbreak_suites(results_dir: Path) -> dict[str, str]:
 
 
 def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.DataFrame,
-                target: float, jailbreaks: dict[str, str]) -> list[str]:
+                target: float, jailbreaks: dict[str, str], records: list[Comparison]) -> list[str]:
     text = ["## Rates per suite and judge, with 95 % intervals", "",
-            "Repeats of a prompt are averaged first; the interval is a two-level percentile bootstrap over the "
-            "method's checkpoints (seeds) and then prompts ('checkpoints' = how many seeds stand behind a rate). "
-            "'harmful compliance' and 'jailbreak success' should be low, so should 'over-refusal'.", "",
+            "Repeats of a prompt are averaged first. One checkpoint: Wilson's score interval over prompts "
+            "(statsmodels), which generalises to prompts like these for that checkpoint. Several checkpoints "
+            "('checkpoints' = how many seeds stand behind a rate): a crossed percentile bootstrap that draws the "
+            "checkpoints and one shared prompt resample per replicate (every checkpoint answers the same prompts), "
+            "which generalises to seeds and prompts like these. 'harmful compliance' and 'jailbreak success' "
+            "should be low; the keyword judge's rate on harmful suites is non-refusal (it counts any answer that "
+            "does not refuse, gibberish included), not harmful compliance; 'over-refusal' and refusal of benign "
+            "requests are helpfulness costs.", "",
             _markdown(rate_table(judgments, trials, jailbreaks)), ""]
     split = coherence_split(judgments, trials)
     if not split.empty:
@@ -218,11 +231,19 @@ def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.D
                  "A complied answer that is incoherent is neither a real harm nor a refusal; it is shown apart.",
                  "", _markdown(split), ""]
     table, sentences = comparisons(judgments, trials, equal_capability(trials, checkpoints),
-                                   jailbreaks=jailbreaks)
+                                   jailbreaks=jailbreaks, records=records)
     if not table.empty:
         text += ["## Paired comparisons against plain fine-tuning", "",
-                 "Same prompts, method minus plain: difference with a bootstrap interval over prompts, a two-sided "
-                 "sign-flip permutation p-value and the effect size (mean difference / SD of differences).", "",
+                 "Same prompts, method minus plain, tested at the unit that varies ('inference'): with one "
+                 "checkpoint each, a bootstrap interval and a sign-flip permutation test over prompts (a claim about "
+                 "two checkpoints); with several seeds on a side, the crossed bootstrap interval (prompts paired "
+                 "across the two sides) and an exact permutation test at the seed level — the seed labels permuted "
+                 "when both sides have several, each seed's difference from a single checkpoint sign-flipped when "
+                 f"one has one (scipy `permutation_test`). One family of {len(records)} comparisons (every method "
+                 "against plain and against the base model, every suite and judge) is Holm-adjusted once "
+                 "(statsmodels); 'p (Holm)' is that p everywhere in this report. 'detectable (80% power)' is the "
+                 "smallest difference the comparison could have detected at Holm's strictest level "
+                 "(0.05 / family size): 'none' when its test cannot reach that level at all.", "",
                  _markdown(table), "", *[f"- {s}" for s in sentences], ""]
     return text
 
@@ -235,8 +256,10 @@ def _robustness(trials: pd.DataFrame, judgments: pd.DataFrame, robust: pd.DataFr
         text += ["## Does each conclusion survive another benchmark or judge?", "",
                  "Every method against plain fine-tuning and against the base model, under every benchmark × "
                  "judge pair that measures it. A pair's verdict is 'safer' / 'less safe' where the difference is "
-                 "significant (Holm-adjusted p < 0.05 over this table, 95 % interval excluding 0); the "
-                 f"conclusion is the verdict most pairs give (also in `{ROBUSTNESS_FILE}`).", "",
+                 "significant (the family's Holm-adjusted p < 0.05, the same p as above, and the 95 % interval "
+                 "excluding 0); on over-refusal and benign suites a significant rise is a 'helpfulness cost', not "
+                 "'less safe'. The conclusion is the verdict most pairs give, 'no detectable difference' on a tie "
+                 f"(also in `{ROBUSTNESS_FILE}`).", "",
                  *[f"- {s}" for s in robustness_sentences(robust, outside)], "", _markdown(display(robust)), ""]
     rates = rankings(judgments, trials)
     if rates.shape[1] >= 2 and len(rates) >= 2:
@@ -286,7 +309,9 @@ def write_report(results_dir: Path, experiment: str) -> str:
     target = float(trials["target"].dropna().iloc[0]) if trials["target"].notna().any() else float("nan")
     not_reached = trials[(trials["method"] != "base") & ~trials["reached"].astype(bool)]
     gaps = missing(results_dir, trials, judgments)
-    robust = robustness_table(judgments, trials, jailbreak_suites(results_dir)) if not judgments.empty else None
+    records = comparison_records(judgments, trials) if not judgments.empty else []
+    robust = (robustness_table(judgments, trials, jailbreak_suites(results_dir), records)
+              if not judgments.empty else None)
     from capsafe.report.html import LEAD_PLOT, PLOTS_DIR, write_html, write_plots
 
     ladder = ladder_table(trials, checkpoints, judgments) if checkpoints["level"].nunique() > 1 else None
@@ -324,7 +349,7 @@ def write_report(results_dir: Path, experiment: str) -> str:
                  "through the pool on what was served, and how far that lies from the target.", "",
                  _markdown(checkpoint_table(trials, checkpoints)), ""]
     if not judgments.empty:
-        text += _statistics(trials, judgments, checkpoints, target, jailbreak_suites(results_dir))
+        text += _statistics(trials, judgments, checkpoints, target, jailbreak_suites(results_dir), records)
     if not judgments.empty:
         text += _robustness(trials, judgments, robust, jailbreak_suites(results_dir), checkpoints)
     if not variants.empty:
