@@ -274,7 +274,8 @@ def test_report_shows_the_judge_panel_and_kappa(tmp_path: Path) -> None:
     assert "| refusal_keywords | harmful | 10 | compliance 0.40, refusal 0.60 | n/a | - |" in text
     assert "S11 Suicide & Self-Harm (4)" in text  # the unsafe verdicts' categories, by the model card's names
     # 9 items both labelled: keywords say refusal for 0-5, guard safe for 0-4 -> 8 of 9 agree
-    assert "| guard | refusal_keywords | 9 | 0.89 |" in text
+    # PABAK 2 x 0.89 - 1 = 0.78 beside kappa; a keyword judge's row is non-refusal against harm, not agreement
+    assert "| guard | refusal_keywords | non-refusal vs harm | 9 | 0.89 | 0.78 |" in text
     assert "Where the judges disagree" not in text  # no generations table to show examples from
     # a harm classifier's 'safe' on benign look-alikes is no refusal: it yields no over-refusal rate
     benign = [{**r, "suite": "xs", "suite_kind": "overrefusal", "verdict": "safe"} for r in guard]

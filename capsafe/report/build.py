@@ -251,7 +251,7 @@ def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.D
 def _robustness(trials: pd.DataFrame, judgments: pd.DataFrame, robust: pd.DataFrame | None,
                 jailbreaks: dict[str, str], checkpoints: pd.DataFrame) -> list[str]:
     text = []
-    outside = {m for m, inside in equal_capability(trials, checkpoints).items() if not inside}
+    outside = _outside(trials, checkpoints)
     if robust is not None and not robust.empty:
         text += ["## Does each conclusion survive another benchmark or judge?", "",
                  "Every method against plain fine-tuning and against the base model, under every benchmark × "
@@ -275,6 +275,11 @@ def _robustness(trials: pd.DataFrame, judgments: pd.DataFrame, robust: pd.DataFr
                  "judge found coherent and incoherent (Cohen's kappa per pair on each is in the judge panel "
                  "below).", "", _markdown(by_coherence), "", incoherence_sentence(judgments, trials), ""]
     return text
+
+
+def _outside(trials: pd.DataFrame, checkpoints: pd.DataFrame) -> set[str]:
+    """Methods whose confirmed capability left the equal-capability band."""
+    return {m for m, inside in equal_capability(trials, checkpoints).items() if not inside}
 
 
 def missing(results_dir: Path, trials: pd.DataFrame, judgments: pd.DataFrame) -> list[str]:
@@ -321,7 +326,8 @@ def write_report(results_dir: Path, experiment: str) -> str:
     text = [f"# capsafe report: {experiment}", "",
             *([f"**Partial results.** {'; '.join(gaps)}.", ""] if gaps else []),
             *(["**This run's findings** (what the study behind capsafe found, measured here):", "",
-               *headline(judgments, trials, robust), ""] if robust is not None else []),
+               *headline(judgments, trials, robust, _outside(trials, checkpoints)), ""]
+              if robust is not None else []),
             *lead,
             f"Capability target: {target:.2f}. Safety is measured only at checkpoints that reached it "
             "(and on the base model). Rates are shares of responses; 'harmful refusal' should be high, "
@@ -369,8 +375,11 @@ def write_report(results_dir: Path, experiment: str) -> str:
                  _markdown(judge_table(judgments)), ""]
         if not kappa.empty:
             text += ["Agreement on harmful compliance (1) vs not (0), over responses both judges labelled "
-                     "(Cohen's kappa; nan when a judge gave a single label), per suite kind, and apart on the "
-                     "responses the coherence judge found coherent and incoherent:", "", _markdown(kappa), ""]
+                     "(raw agreement; PABAK = 2 x agreement - 1; Cohen's kappa, nan = undefined when a judge "
+                     "gave a single label), per suite kind, and apart on the responses the coherence judge found "
+                     "coherent and incoherent. 'compares' says whether a row is agreement between two harm judges "
+                     "or the keyword judge's non-refusal set against a harm judge, which is not agreement on "
+                     "harm:", "", _markdown(kappa), ""]
             split = disagreements(judgments, split_mixed_suites(read_table(results_dir, "generations").to_pandas()))
             if not split.empty:
                 text += ["Where the judges disagree (the shortest responses they split on, per pair):", "",
@@ -397,6 +406,6 @@ def console_summary(results_dir: Path) -> str:
     lines = ["", "=" * 30 + " capsafe summary " + "=" * 30, to_markdown(summarize(trials, judgments, checkpoints))]
     if not judgments.empty:
         robust = robustness_table(judgments, trials, jailbreak_suites(results_dir))
-        lines += ["", "Findings of this run:", *headline(judgments, trials, robust)]
+        lines += ["", "Findings of this run:", *headline(judgments, trials, robust, _outside(trials, checkpoints))]
     lines.append(f"(full report: {results_dir / 'report.md'}, {results_dir / 'report.html'})")
     return "\n".join(lines)
