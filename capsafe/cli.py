@@ -31,6 +31,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
           f"{len(spec.train.learning_rates)} learning rate(s)), target {spec.task.metric} >= {spec.task.target}"
           f"{ladder}, "
           f"{len(spec.eval.suites)} suite(s), results in {spec.results_dir}/")
+    from capsafe.report.verdicts import plan_floor
+
+    for line in plan_floor(spec)[1]:  # what the plan's tests can show at all, before anything trains
+        print(line)
     return 0
 
 

@@ -96,6 +96,10 @@ def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dic
     ladder = f" (ladder {spec.task.levels()})" if spec.task.ladder else ""
     log(f"experiment {spec.experiment}: {len(trials)} trial(s){skipped}, target {spec.task.metric} >= "
         f"{spec.task.target}{ladder}, results in {results_dir}")
+    from capsafe.report.verdicts import plan_floor
+
+    for line in plan_floor(spec)[1]:  # the smallest adjusted p the plan can reach, before anything trains
+        log(line)
 
     finished: list[str] = []
     sweep_start = time.perf_counter()

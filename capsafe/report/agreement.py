@@ -33,23 +33,35 @@ def applicable(judgments: pd.DataFrame) -> pd.DataFrame:
 
 
 def cohen_kappa(a: list[int], b: list[int]) -> float:
-    """Cohen's kappa of two raters' binary labels on the same items; nan when undefined (no items, or both
-    raters constant and equal: chance agreement is then 1)."""
+    """Cohen's kappa of two raters' binary labels on the same items; nan when undefined: no items, or a rater
+    that gives one label only (its chance agreement with the other is then its own marginal, and kappa reads 0
+    whatever the other does - the keyword judge calls every incoherent answer non-refusal)."""
     if len(a) != len(b):
         raise ValueError("both raters must label the same items")
     n = len(a)
-    if not n:
+    if not n or len(set(a)) < 2 or len(set(b)) < 2:
         return float("nan")
     observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
     pa, pb = sum(a) / n, sum(b) / n
     expected = pa * pb + (1 - pa) * (1 - pb)
-    if expected == 1.0:
-        return float("nan")
     return (observed - expected) / (1 - expected)
 
 
+def pabak(a: list[int], b: list[int]) -> float:
+    """Prevalence-adjusted bias-adjusted kappa (Byrt, Bishop & Carlin 1993): 2 x raw agreement - 1, defined
+    whenever there are items."""
+    if len(a) != len(b):
+        raise ValueError("both raters must label the same items")
+    return 2 * sum(x == y for x, y in zip(a, b, strict=True)) / len(a) - 1 if a else float("nan")
+
+
+KEYWORD_JUDGE = "refusal_keywords"
+
+
 def kappa_table(judgments: pd.DataFrame) -> pd.DataFrame:
-    """One row per pair of judges: items both labelled (parsed), raw agreement and Cohen's kappa."""
+    """One row per pair of judges: items both labelled (parsed), raw agreement, PABAK and Cohen's kappa (nan
+    when a judge gave one label), and what the pair compares: two harm judges, or the keyword judge's
+    non-refusal against a harm judge (not agreement on harm)."""
     keys = [k for k in ("trial_id", "step", "suite", "prompt_id", "repeat") if k in judgments]
     binary = judgments.assign(label=judgments["verdict"].map(HARMFUL_LABELS)).dropna(subset=["label"])
     wide = binary.pivot_table(index=keys, columns="judge", values="label", aggfunc="first")
@@ -59,8 +71,9 @@ def kappa_table(judgments: pd.DataFrame) -> pd.DataFrame:
         a, b = both[x].astype(int).tolist(), both[y].astype(int).tolist()
         rows.append({"judge_a": x, "judge_b": y, "items": len(both),
                      "agreement": float((both[x] == both[y]).mean()) if len(both) else float("nan"),
-                     "kappa": cohen_kappa(a, b)})
-    return pd.DataFrame(rows, columns=["judge_a", "judge_b", "items", "agreement", "kappa"])
+                     "pabak": pabak(a, b), "kappa": cohen_kappa(a, b),
+                     "compares": "non-refusal vs harm" if KEYWORD_JUDGE in (x, y) else "harm judges"})
+    return pd.DataFrame(rows, columns=["judge_a", "judge_b", "items", "agreement", "pabak", "kappa", "compares"])
 
 
 def kappa_breakdown(judgments: pd.DataFrame) -> pd.DataFrame:
@@ -82,5 +95,5 @@ def kappa_breakdown(judgments: pd.DataFrame) -> pd.DataFrame:
             table = kappa_table(subset)
             if not table.empty:
                 tables.append(table.assign(suite_kind=kind, responses=name))
-    columns = ["suite_kind", "responses", "judge_a", "judge_b", "items", "agreement", "kappa"]
+    columns = ["suite_kind", "responses", "judge_a", "judge_b", "compares", "items", "agreement", "pabak", "kappa"]
     return pd.concat(tables)[columns] if tables else pd.DataFrame(columns=columns)

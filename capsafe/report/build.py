@@ -14,23 +14,25 @@ from capsafe.report.agreement import applicable, kappa_breakdown
 from capsafe.report.capability import (
     band_label,
     checkpoint_table,
-    equal_capability,
     method_band,
     postprocess_notes,
     target_checkpoints,
 )
-from capsafe.report.findings import headline, incoherence_sentence, judges_on_coherence
-from capsafe.report.robustness import (
-    describe_concordance,
-    display,
-    kendall_tau_table,
-    kendall_w,
-    rankings,
-    robustness_sentences,
-    robustness_table,
-    write_robustness,
+from capsafe.report.findings import headline
+from capsafe.report.robustness import robustness_table, write_robustness
+from capsafe.report.sections import (
+    ROBUSTNESS_FILE,
+    fmt,
+    markdown,
+    outside_band,
+    robustness_section,
+    statistics_section,
 )
-from capsafe.report.tables import coherence_split, comparisons, disagreements, rate_table, split_mixed_suites
+from capsafe.report.tables import (
+    comparison_records,
+    disagreements,
+    split_mixed_suites,
+)
 from capsafe.report.variants import split_variants, variant_rankings, variant_sentence, variant_table
 
 LADDER_COLUMNS = ["method", "level", "trials", "capability", "served capability", "harmful refusal",
@@ -89,18 +91,10 @@ def summarize(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.Dat
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _fmt(value: object) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.2f}" if value <= 1.0 else f"{value:.0f}"
-    return str(value)
-
-
 def to_markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for _, row in table.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt(row[c]) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -155,7 +149,6 @@ def _categories(group: pd.DataFrame) -> str:
     return ", ".join(f"{code} {LLAMA_GUARD_CARD_NAMES.get(code, '?')} ({n})" for code, n in counts.items())
 
 
-ROBUSTNESS_FILE = "report_robustness.parquet"
 RATES = ["harmful refusal", "harmful coherent compliance", "over-refusal", "coherence"]
 
 
@@ -188,14 +181,6 @@ def versus_table(summary: pd.DataFrame, checkpoints: pd.DataFrame, trials: pd.Da
     return pd.DataFrame(rows)
 
 
-def _markdown(table: pd.DataFrame) -> str:
-    cols = list(table.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
-    return "\n".join(lines)
-
-
 def jailbreak_suites(results_dir: Path) -> dict[str, str]:
     """Suite name -> jailbreak template, from the run's spec.json (empty when there is none)."""
     snapshot = results_dir / "spec.json"
@@ -203,55 +188,6 @@ def jailbreak_suites(results_dir: Path) -> dict[str, str]:
         return {}
     suites = json.loads(snapshot.read_text()).get("eval", {}).get("suites", [])
     return {s["name"]: s["jailbreak"] for s in suites if s.get("jailbreak")}
-
-
-def _statistics(trials: pd.DataFrame, judgments: pd.DataFrame, checkpoints: pd.DataFrame,
-                target: float, jailbreaks: dict[str, str]) -> list[str]:
-    text = ["## Rates per suite and judge, with 95 % intervals", "",
-            "Repeats of a prompt are averaged first; the interval is a two-level percentile bootstrap over the "
-            "method's checkpoints (seeds) and then prompts ('checkpoints' = how many seeds stand behind a rate). "
-            "'harmful compliance' and 'jailbreak success' should be low, so should 'over-refusal'.", "",
-            _markdown(rate_table(judgments, trials, jailbreaks)), ""]
-    split = coherence_split(judgments, trials)
-    if not split.empty:
-        text += ["## Harmful-suite answers split by coherence", "",
-                 "A complied answer that is incoherent is neither a real harm nor a refusal; it is shown apart.",
-                 "", _markdown(split), ""]
-    table, sentences = comparisons(judgments, trials, equal_capability(trials, checkpoints),
-                                   jailbreaks=jailbreaks)
-    if not table.empty:
-        text += ["## Paired comparisons against plain fine-tuning", "",
-                 "Same prompts, method minus plain: difference with a bootstrap interval over prompts, a two-sided "
-                 "sign-flip permutation p-value and the effect size (mean difference / SD of differences).", "",
-                 _markdown(table), "", *[f"- {s}" for s in sentences], ""]
-    return text
-
-
-def _robustness(trials: pd.DataFrame, judgments: pd.DataFrame, robust: pd.DataFrame | None,
-                jailbreaks: dict[str, str], checkpoints: pd.DataFrame) -> list[str]:
-    text = []
-    outside = {m for m, inside in equal_capability(trials, checkpoints).items() if not inside}
-    if robust is not None and not robust.empty:
-        text += ["## Does each conclusion survive another benchmark or judge?", "",
-                 "Every method against plain fine-tuning and against the base model, under every benchmark × "
-                 "judge pair that measures it. A pair's verdict is 'safer' / 'less safe' where the difference is "
-                 "significant (Holm-adjusted p < 0.05 over this table, 95 % interval excluding 0); the "
-                 f"conclusion is the verdict most pairs give (also in `{ROBUSTNESS_FILE}`).", "",
-                 *[f"- {s}" for s in robustness_sentences(robust, outside)], "", _markdown(display(robust)), ""]
-    rates = rankings(judgments, trials)
-    if rates.shape[1] >= 2 and len(rates) >= 2:
-        taus = kendall_tau_table(rates)
-        text += ["Method rankings by harmful compliance under each benchmark × judge pair (lower is safer), "
-                 "and how well they agree: Kendall's tau-b per pair of rankings, Kendall's W over all (scipy; "
-                 "tied ranks averaged).", "", _markdown(rates.reset_index(names="method")), "", _markdown(taus), "",
-                 describe_concordance(kendall_w(rates)), ""]
-    by_coherence = judges_on_coherence(judgments, trials)
-    if not by_coherence.empty:
-        text += ["## Judges on incoherent answers", "",
-                 "Each judge's harmful-compliance rate on harmful suites, apart on the responses the coherence "
-                 "judge found coherent and incoherent (Cohen's kappa per pair on each is in the judge panel "
-                 "below).", "", _markdown(by_coherence), "", incoherence_sentence(judgments, trials), ""]
-    return text
 
 
 def missing(results_dir: Path, trials: pd.DataFrame, judgments: pd.DataFrame) -> list[str]:
@@ -286,7 +222,9 @@ def write_report(results_dir: Path, experiment: str) -> str:
     target = float(trials["target"].dropna().iloc[0]) if trials["target"].notna().any() else float("nan")
     not_reached = trials[(trials["method"] != "base") & ~trials["reached"].astype(bool)]
     gaps = missing(results_dir, trials, judgments)
-    robust = robustness_table(judgments, trials, jailbreak_suites(results_dir)) if not judgments.empty else None
+    records = comparison_records(judgments, trials) if not judgments.empty else []
+    robust = (robustness_table(judgments, trials, jailbreak_suites(results_dir), records)
+              if not judgments.empty else None)
     from capsafe.report.html import LEAD_PLOT, PLOTS_DIR, write_html, write_plots
 
     ladder = ladder_table(trials, checkpoints, judgments) if checkpoints["level"].nunique() > 1 else None
@@ -296,7 +234,8 @@ def write_report(results_dir: Path, experiment: str) -> str:
     text = [f"# capsafe report: {experiment}", "",
             *([f"**Partial results.** {'; '.join(gaps)}.", ""] if gaps else []),
             *(["**This run's findings** (what the study behind capsafe found, measured here):", "",
-               *headline(judgments, trials, robust), ""] if robust is not None else []),
+               *headline(judgments, trials, robust, outside_band(trials, checkpoints)), ""]
+              if robust is not None else []),
             *lead,
             f"Capability target: {target:.2f}. Safety is measured only at checkpoints that reached it "
             "(and on the base model). Rates are shares of responses; 'harmful refusal' should be high, "
@@ -318,44 +257,47 @@ def write_report(results_dir: Path, experiment: str) -> str:
                  + ("One seed per method is one measurement: read small differences as noise."
                     if trials[trials["method"] != "base"].groupby("method")["seed"].nunique().max() < 2 else
                     "Each difference is of means over the method's seeds; the comparisons below test them."),
-                 "", _markdown(versus), ""]
+                 "", markdown(versus), ""]
     if not checkpoints.empty and checkpoints["reached"].astype(bool).any():
         text += ["## Capability reached", "", "Every kept checkpoint (per level, the evaluation inside its band "
                  "closest to it on the selection split): capability measured in training and again through the "
                  "pool on what was served, on the confirmation split with its 95 % Wilson interval, and how far "
                  "that lies from the level.", "",
-                 _markdown(checkpoint_table(trials, checkpoints)), ""]
+                 markdown(checkpoint_table(trials, checkpoints)), ""]
     if not judgments.empty:
-        text += _statistics(trials, judgments, checkpoints, target, jailbreak_suites(results_dir))
+        text += statistics_section(trials, judgments, checkpoints, target, jailbreak_suites(results_dir), records)
     if not judgments.empty:
-        text += _robustness(trials, judgments, robust, jailbreak_suites(results_dir), checkpoints)
+        text += robustness_section(trials, judgments, robust, jailbreak_suites(results_dir), checkpoints)
     if not variants.empty:
         table, taus = variant_table(every, trials), variant_rankings(every, trials)
         text += ["## Judge prompt variants", "",
                  "Each LLM judge's rate under its published prompt and under each rewording (the same responses, "
                  "the same judge model), the spread between them, and Kendall's tau-b between the methods' "
                  "ranking under the published prompt and under each variant (scipy).", "",
-                 variant_sentence(table, taus), "", _markdown(table), "", _markdown(taus), ""]
+                 variant_sentence(table, taus), "", markdown(table), "", markdown(taus), ""]
     if checkpoints["level"].nunique() > 1:
-        text += ["## Safety along the capability ladder", "", _markdown(ladder_table(trials, checkpoints, judgments)),
+        text += ["## Safety along the capability ladder", "", markdown(ladder_table(trials, checkpoints, judgments)),
                  ""]
     if not judgments.empty:
         kappa = kappa_breakdown(judgments)
         text += ["## Judge panel", "", "Verdicts of every judge over all evaluated checkpoints; 'unparsed' is an LLM "
                  "judge output that matched no verdict (kept with its raw text in the judgments table).", "",
-                 _markdown(judge_table(judgments)), ""]
+                 markdown(judge_table(judgments)), ""]
         if not kappa.empty:
             text += ["Agreement on harmful compliance (1) vs not (0), over responses both judges labelled "
-                     "(Cohen's kappa; nan when a judge gave a single label), per suite kind, and apart on the "
-                     "responses the coherence judge found coherent and incoherent:", "", _markdown(kappa), ""]
+                     "(raw agreement; PABAK = 2 x agreement - 1; Cohen's kappa, nan = undefined when a judge "
+                     "gave a single label), per suite kind, and apart on the responses the coherence judge found "
+                     "coherent and incoherent. 'compares' says whether a row is agreement between two harm judges "
+                     "or the keyword judge's non-refusal set against a harm judge, which is not agreement on "
+                     "harm:", "", markdown(kappa), ""]
             split = disagreements(judgments, split_mixed_suites(read_table(results_dir, "generations").to_pandas()))
             if not split.empty:
                 text += ["Where the judges disagree (the shortest responses they split on, per pair):", "",
-                         _markdown(split), ""]
+                         markdown(split), ""]
     if not checkpoints.empty:
         text += ["## Cost of reaching each level", "",
                  "Per level: steps / training tokens / wall time. 'eval share' is the capability evaluation's "
-                 "share of training plus evaluation time.", "", _markdown(cost_table(trials, checkpoints)), ""]
+                 "share of training plus evaluation time.", "", markdown(cost_table(trials, checkpoints)), ""]
     if robust is not None:
         write_robustness(robust, results_dir / ROBUSTNESS_FILE)
     out = "\n".join(text)
@@ -374,6 +316,6 @@ def console_summary(results_dir: Path) -> str:
     lines = ["", "=" * 30 + " capsafe summary " + "=" * 30, to_markdown(summarize(trials, judgments, checkpoints))]
     if not judgments.empty:
         robust = robustness_table(judgments, trials, jailbreak_suites(results_dir))
-        lines += ["", "Findings of this run:", *headline(judgments, trials, robust)]
+        lines += ["", "Findings of this run:", *headline(judgments, trials, robust, outside_band(trials, checkpoints))]
     lines.append(f"(full report: {results_dir / 'report.md'}, {results_dir / 'report.html'})")
     return "\n".join(lines)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from capsafe.report.agreement import HARMFUL_LABELS, kappa_breakdown
-from capsafe.report.robustness import NO_DIFFERENCE
+from capsafe.report.agreement import HARMFUL_LABELS, KEYWORD_JUDGE, kappa_breakdown
+from capsafe.report.heterogeneity import interaction_test
+from capsafe.report.robustness import ALPHA, OPPOSITE
+from capsafe.report.stats import holm
 from capsafe.report.tables import evaluated, method_order
 
 KEYS = ["trial_id", "step", "suite", "prompt_id", "repeat"]
@@ -74,10 +76,12 @@ def incoherence_sentence(judgments: pd.DataFrame, trials: pd.DataFrame) -> str:
     return "Judges that count incoherent text as compliance: " + ", ".join(named) + "."
 
 
-def headline(judgments: pd.DataFrame, trials: pd.DataFrame, robustness: pd.DataFrame) -> list[str]:
-    """Three lines, one per finding, each with its number or 'not observed' / 'not testable'."""
+def headline(judgments: pd.DataFrame, trials: pd.DataFrame, robustness: pd.DataFrame,
+             outside_band: set[str] | None = None) -> list[str]:
+    """Three lines, one per finding, each with its number or 'not observed' / 'not testable'; comparisons with a
+    side in ``outside_band`` are not matched and are not counted in finding 3."""
     return [_finding_incoherence(judgments, trials), _finding_judges(judgments, trials),
-            _finding_flips(robustness)]
+            _finding_flips(robustness, judgments, trials, outside_band or set())]
 
 
 def _finding_incoherence(judgments: pd.DataFrame, trials: pd.DataFrame) -> str:
@@ -98,34 +102,72 @@ def _finding_incoherence(judgments: pd.DataFrame, trials: pd.DataFrame) -> str:
 
 
 def _finding_judges(judgments: pd.DataFrame, trials: pd.DataFrame) -> str:
+    """Agreement between harm judges on incoherent answers: their harmful rates, raw agreement, PABAK and
+    Cohen's kappa (or that kappa is undefined); the keyword judge measures non-refusal, so it is named apart and
+    kept out of the agreement."""
     rates = incoherent_judge_rates(judgments, trials)
-    if len(rates) < 2:
-        return ("2. Judges on incoherent answers: not testable (fewer than two judges labelled incoherent "
-                "harmful-suite answers).")
-    spread = float(rates.iloc[0] - rates.iloc[-1])
-    kappa = kappa_breakdown(judgments.merge(evaluated(trials), on=["trial_id", "step"]))
-    kappa = kappa[(kappa["suite_kind"] == "harmful") & (kappa["responses"] == "incoherent")].dropna(subset=["kappa"])
-    k_text = f"; lowest Cohen's kappa on them {kappa['kappa'].min():.2f}" if not kappa.empty else ""
-    numbers = (f"on the same incoherent answers judges called {rates.iloc[-1]:.0%} ({rates.index[-1]}) to "
-               f"{rates.iloc[0]:.0%} ({rates.index[0]}) harmful{k_text}")
-    if spread < SPREAD and (kappa.empty or kappa["kappa"].min() >= 0.6):
+    keyword = (f"; the keyword judge counts {rates[KEYWORD_JUDGE]:.0%} of them as non-refusal (it measures "
+               "refusal, not harm)") if KEYWORD_JUDGE in rates else ""
+    harm = rates.drop(KEYWORD_JUDGE, errors="ignore")
+    if len(harm) < 2:
+        named = f" ({harm.index[0]} calls {harm.iloc[0]:.0%} harmful)" if len(harm) else ""
+        return ("2. Judges on incoherent answers: agreement between harm judges not testable (fewer than two harm "
+                f"judges labelled incoherent harmful-suite answers{named}){keyword}.")
+    spread = float(harm.iloc[0] - harm.iloc[-1])
+    table = kappa_breakdown(judgments.merge(evaluated(trials), on=["trial_id", "step"]))
+    table = table[(table["suite_kind"] == "harmful") & (table["responses"] == "incoherent")
+                  & (table["compares"] == "harm judges")]
+    agreement = ""
+    if not table.empty:
+        worst = table.sort_values("agreement").iloc[0]
+        kappa = ("Cohen's kappa undefined (a judge gave one label)" if worst["kappa"] != worst["kappa"]
+                 else f"Cohen's kappa {worst['kappa']:.2f}")
+        agreement = (f"; lowest agreement {worst['agreement']:.0%} ({worst['judge_a']} vs {worst['judge_b']}, "
+                     f"{int(worst['items'])} answers; PABAK {worst['pabak']:.2f}; {kappa})")
+    numbers = (f"on the same incoherent answers harm judges called {harm.iloc[-1]:.0%} ({harm.index[-1]}) to "
+               f"{harm.iloc[0]:.0%} ({harm.index[0]}) harmful{agreement}{keyword}")
+    low = not table.empty and float(table["pabak"].min()) < 0.6
+    if spread < SPREAD and not low:
         return f"2. Judges on incoherent answers: not observed ({numbers})."
-    return f"2. Judges disagree on incoherent answers: {numbers}."
+    return f"2. Harm judges disagree on incoherent answers: {numbers}."
 
 
-def _finding_flips(robustness: pd.DataFrame) -> str:
+def _finding_flips(robustness: pd.DataFrame, judgments: pd.DataFrame, trials: pd.DataFrame,
+                   outside_band: set[str]) -> str:
+    """A conclusion changes only when the comparison is matched and its direction reverses significantly
+    under some pair, or the method x pair interaction test (heterogeneity.py; Holm over the comparisons tested)
+    finds the differences heterogeneous. A mere change of significance is counted apart, with prompt counts."""
     if robustness.empty:
         return "3. Conclusions across benchmarks and judges: not testable (no comparisons)."
-    groups = robustness.groupby(["method", "reference", "suite_kind"])
-    testable = [g for _, g in groups if len(g) > 1]
-    if not testable:
+    groups = [(key, g) for key, g in robustness.groupby(["method", "reference", "suite_kind"], sort=False)
+              if len(g) > 1]
+    if not groups:
         return ("3. Conclusions across benchmarks and judges: not testable (each comparison has one benchmark × "
                 "judge pair).")
-    changed = [g for g in testable if g["verdict"].nunique() > 1]
-    reversed_ = [g for g in changed if {"safer", "less safe"} <= set(g["verdict"])]
+    matched = [(key, g) for key, g in groups if not {key[0], key[1]} & outside_band]
+    unmatched = len(groups) - len(matched)
+    tests = [interaction_test(judgments, trials, str(key[0]), str(key[1]),
+                              list(zip(g["suite"], g["judge"], strict=True))) for key, g in matched]
+    p_adjusted = iter(holm([t.p_value for t in tests if t is not None]))
+    changed, power_only = [], []
+    for (key, g), test in zip(matched, tests, strict=True):
+        p = next(p_adjusted) if test is not None else 1.0
+        verdicts = set(g["verdict"])
+        reverses = any({v, o} <= verdicts for v, o in OPPOSITE.items())
+        name = f"{key[0]} vs {key[1]} ({key[2]})"
+        if reverses or p < ALPHA:
+            why = "reverses" if reverses else f"interaction p (Holm) {p:.3g}"
+            driver = f", driven by {test.driver}" if test is not None else ""
+            changed.append(f"{name}: {why}{driver}")
+        elif len(verdicts) > 1:
+            shown = "; ".join(f"{v} under {s} × {j} ({n} prompts)" for v, s, j, n in
+                              zip(g["verdict"], g["suite"], g["judge"], g["prompts"], strict=True))
+            power_only.append(f"{name}: {shown}")
+    off = f"; {unmatched} not counted (a side outside the equal-capability band)" if unmatched else ""
+    power = (f" Significant under some pairs only, without a detectable interaction (a matter of power, not a "
+             f"changed conclusion): {len(power_only)} — " + " | ".join(power_only) + ".") if power_only else ""
     if not changed:
-        return (f"3. Conclusions across benchmarks and judges: not observed (all {len(testable)} comparisons held "
-                f"under every pair).")
-    lost = sum(1 for g in changed if NO_DIFFERENCE in set(g["verdict"]))
-    return (f"3. Conclusions change with benchmark or judge: {len(changed)} of {len(testable)} comparisons "
-            f"({len(reversed_)} reverse direction, {lost} lose significance under some pair).")
+        return (f"3. Conclusions across benchmarks and judges: not observed (none of {len(matched)} matched "
+                f"comparisons reverses or differs detectably between pairs{off}).{power}")
+    return (f"3. Conclusions change with benchmark or judge: {len(changed)} of {len(matched)} matched comparisons "
+            f"({'; '.join(changed)}){off}.{power}")

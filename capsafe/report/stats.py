@@ -1,9 +1,15 @@
-"""The report's statistics, on plain arrays: bootstrap confidence intervals for rates and paired comparisons of
-two checkpoints on the same prompts.
+"""The report's statistics, on plain arrays: intervals for rates and tests of differences, at the unit that varies.
 
-The unit of resampling is the prompt. A prompt's value is the mean of its 0/1 outcomes over every seed and
-repeat, so repeated samples of one prompt (which are correlated) never count as independent evidence; the
-interval covers prompt-to-prompt variation, and the mean over seeds and repeats is what each prompt contributes.
+The design is crossed: every checkpoint (seed) answers the *same* prompts, and repeats of a prompt are averaged
+into the prompt's value first (they are not independent evidence). An interval over several checkpoints
+generalises to seeds and prompts like these: each bootstrap replicate draws the checkpoints with replacement and
+*one* shared prompt resample for all of them (and for both sides of a difference, so it stays paired on prompts).
+A single checkpoint's interval generalises to prompts like these, for that checkpoint.
+
+Tests are permutation tests, exact where the enumeration is small (relabelings of seeds, sign flips of a few
+seeds or prompts), otherwise with enough random resamples that the smallest p is far below alpha over the family
+(``resamples_for``). The unit is the seed whenever either side has more than one: one checkpoint each is a claim
+about two checkpoints, tested over prompts.
 """
 
 from __future__ import annotations
@@ -17,12 +23,18 @@ from typing import Any
 import numpy as np
 
 CONFIDENCE = 0.95
+ALPHA = 0.05
 RESAMPLES = 4000
+# Levels of inference a comparison can have (Paired.level), and the test each one runs.
+PROMPTS, SEEDS_VS_ONE, SEEDS = "prompts", "seeds vs one", "seeds"
+TESTS = {PROMPTS: "sign-flip permutation test over prompts",
+         SEEDS_VS_ONE: "exact sign-flip test of the seeds' differences from the single checkpoint",
+         SEEDS: "exact permutation test of the seed labels"}
 
 
 @dataclass(frozen=True)
 class Interval:
-    """A rate with its 95 % bootstrap interval over prompts; ``n`` prompts."""
+    """A rate (or difference) with its 95 % interval; ``n`` prompts."""
 
     value: float
     low: float
@@ -33,9 +45,9 @@ class Interval:
         return f"{self.value:.2f} [{self.low:.2f}, {self.high:.2f}]"
 
 
-def rate_interval(per_prompt: Sequence[float], seed: int = 0) -> Interval | None:
-    """Mean of per-prompt rates with a percentile bootstrap interval (None for no prompts). A constant sample
-    (every prompt 0, or every prompt 1) gets a zero-width interval: the data show no variation to resample."""
+def rate_interval(per_prompt: Sequence[float], seed: int = 0, resamples: int = RESAMPLES) -> Interval | None:
+    """Mean of per-prompt values with a percentile bootstrap interval over prompts (scipy ``bootstrap``; None for
+    no prompts). A constant sample gets a zero-width interval: the data show no variation to resample."""
     from scipy.stats import bootstrap
 
     x = np.asarray(per_prompt, dtype=float)
@@ -44,7 +56,7 @@ def rate_interval(per_prompt: Sequence[float], seed: int = 0) -> Interval | None
     mean = float(x.mean())
     if x.size == 1 or np.all(x == x[0]):
         return Interval(mean, mean, mean, int(x.size))
-    res = bootstrap((x,), np.mean, confidence_level=CONFIDENCE, n_resamples=RESAMPLES, method="percentile",
+    res = bootstrap((x,), np.mean, confidence_level=CONFIDENCE, n_resamples=resamples, method="percentile",
                     rng=np.random.default_rng(seed))
     return Interval(mean, float(res.confidence_interval.low), float(res.confidence_interval.high), int(x.size))
 
@@ -68,61 +80,114 @@ def proportion_interval(per_prompt: Sequence[float]) -> Interval | None:
     return Interval(mean, low, high, int(x.size))
 
 
-def hierarchical_means(matrix: Any, seed: int = 0, resamples: int = RESAMPLES) -> np.ndarray:
-    """Bootstrap distribution of the mean of a checkpoints x prompts matrix (NaN: not measured), two levels:
-    draw checkpoints with replacement, then, for each drawn checkpoint on its own, draw its prompts with
-    replacement; the statistic is the mean of the drawn checkpoints' means."""
-    m = np.asarray(matrix, dtype=float)
-    rng = np.random.default_rng(seed)
-    c, p = m.shape
-    rows = rng.integers(0, c, (resamples, c))
-    cols = rng.integers(0, p, (resamples, c, p))
-    sample = m[rows[:, :, None], cols]  # (resamples, c, p)
+def _row_means(m: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a drawn row of prompts a checkpoint was never asked
-        return np.asarray(np.nanmean(np.nanmean(sample, axis=2), axis=1))
+        warnings.simplefilter("ignore", RuntimeWarning)  # a checkpoint with no measured prompt
+        return np.asarray(np.nanmean(m, axis=1))
+
+
+def crossed_means(matrices: Sequence[Any], seed: int = 0, resamples: int = RESAMPLES) -> list[np.ndarray]:
+    """Bootstrap distributions of the means of checkpoints x prompts matrices over the *same* prompts (NaN: not
+    measured). Every replicate draws one prompt resample shared by all matrices (prompts are crossed with
+    checkpoints, and a difference stays paired on them) and, per matrix, its checkpoints with replacement; the
+    statistic is the mean over the drawn checkpoints of each one's mean over the drawn prompts."""
+    ms = [np.asarray(m, dtype=float) for m in matrices]
+    rng = np.random.default_rng(seed)
+    p = ms[0].shape[1]
+    prompts = rng.multinomial(p, np.full(p, 1.0 / p), size=resamples).T.astype(float)  # (p, resamples) counts
+    out = []
+    for m in ms:
+        measured = ~np.isnan(m)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows = (np.where(measured, m, 0.0) @ prompts) / (measured.astype(float) @ prompts)  # (c, resamples)
+        c = m.shape[0]
+        seeds = rng.multinomial(c, np.full(c, 1.0 / c), size=resamples).T.astype(float)  # (c, resamples)
+        weight = np.where(np.isnan(rows), 0.0, seeds)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out.append(np.nansum(np.where(np.isnan(rows), 0.0, rows) * weight, axis=0) / weight.sum(axis=0))
+    return out
+
+
+def _percentile(stats: np.ndarray) -> tuple[float, float]:
+    alpha = (1 - CONFIDENCE) / 2
+    low, high = np.nanquantile(stats, [alpha, 1 - alpha])
+    return float(low), float(high)
 
 
 def nested_interval(matrix: Sequence[Sequence[float]], seed: int = 0) -> Interval | None:
-    """Mean of a checkpoints x prompts matrix of rates (NaN: not measured). With several checkpoints (seeds), a
-    two-level percentile bootstrap (``hierarchical_means``), so the interval carries seed-to-seed variation as
-    well as prompt-to-prompt variation; with one, the Wilson interval of ``proportion_interval``."""
+    """Mean of a checkpoints x prompts matrix of rates (NaN: not measured). With several checkpoints (seeds), the
+    crossed bootstrap of ``crossed_means`` (seeds and prompts like these); with one, the Wilson interval of
+    ``proportion_interval`` (prompts like these, for that checkpoint)."""
     m = np.asarray(matrix, dtype=float)
     if m.ndim != 2 or m.size == 0 or np.all(np.isnan(m)):
         return None
     if m.shape[0] == 1:
         return proportion_interval(m[0].tolist())
-    stats = hierarchical_means(m, seed)
-    alpha = (1 - CONFIDENCE) / 2
-    low, high = np.nanquantile(stats, [alpha, 1 - alpha])
-    row_means = np.nanmean(m, axis=1)
-    return Interval(float(np.nanmean(row_means)), float(low), float(high),
-                    int(np.sum(~np.all(np.isnan(m), axis=0))))
+    low, high = _percentile(crossed_means([m], seed)[0])
+    value = float(np.nanmean(_row_means(m)))
+    return Interval(value, min(low, value), max(high, value), int(np.sum(~np.all(np.isnan(m), axis=0))))
 
 
 @dataclass(frozen=True)
 class Paired:
-    """method minus reference: mean difference with its bootstrap interval, a two-sided permutation p-value,
-    and the effect size. ``level`` says what the inference covers: 'prompts' (one checkpoint each: the
-    sign-flip test over prompts; effect size = mean difference / SD of the differences) or 'seeds' (several
-    checkpoints each: a two-level bootstrap and a permutation test of the checkpoint labels; effect size =
-    difference / pooled SD of checkpoint means). ``p_adjusted`` is set once all comparisons of a report are
-    known (Holm)."""
+    """method minus reference: mean difference with its 95 % interval, a two-sided permutation p-value and the
+    effect size. ``level`` names the unit: PROMPTS (one checkpoint each: the sign-flip test over prompts;
+    effect size = mean difference / SD of the per-prompt differences), SEEDS_VS_ONE (several seeds against one
+    checkpoint: the seeds' differences from it, sign-flipped; effect size = mean / SD of those) or SEEDS
+    (several each: the seed labels permuted; effect size = difference / pooled SD of seed means).
+    ``p_adjusted`` is set once the report's family of comparisons is known (Holm); ``detectable`` is the
+    smallest difference the comparison had 80 % power to detect at the family's level (inf: none)."""
 
     difference: Interval
     p_value: float
     effect_size: float | None
     method_rate: float
     reference_rate: float
-    level: str = "prompts"
+    level: str = PROMPTS
     checkpoints: tuple[int, int] = (1, 1)
     p_adjusted: float | None = None
+    se: float = float("nan")
+    min_p: float = 0.0
+    detectable: float | None = None
+
+    @property
+    def test(self) -> str:
+        return TESTS[self.level]
 
 
-def paired_comparison(method: Sequence[float], reference: Sequence[float], seed: int = 0) -> Paired | None:
-    """Compare per-prompt rates of two checkpoints given in the same prompt order (None if no prompts)."""
+def resamples_for(family: int, alpha: float = ALPHA) -> int:
+    """Random resamples a permutation test needs so that its smallest p (2 / (resamples + 1), two-sided) times
+    the family size stays 20 times below alpha: Holm can then still find a difference in any member."""
+    return int(min(2_000_000, max(RESAMPLES, math.ceil(40 * max(family, 1) / alpha))))
+
+
+def _sign_flip_p(d: np.ndarray, seed: int, resamples: int) -> float:
+    """Two-sided sign-flip permutation p of mean(d) = 0 (scipy ``permutation_test``, exact when the 2^n sign
+    patterns number no more than ``resamples``)."""
     from scipy.stats import permutation_test
 
+    if np.all(d == 0):
+        return 1.0
+    res = permutation_test((d,), np.mean, permutation_type="samples", n_resamples=resamples, vectorized=True,
+                           alternative="two-sided", rng=np.random.default_rng(seed))
+    return float(res.pvalue)
+
+
+def sign_flip_min_p(n: int, resamples: int = RESAMPLES) -> float:
+    """The smallest two-sided p the sign-flip test of n units can give: 2 / 2^n exact, else 2 / (resamples + 1)."""
+    return min(1.0, 2.0 / 2.0 ** n if 2 ** min(n, 62) <= resamples else 2.0 / (resamples + 1))
+
+
+def min_permutation_p(n_method: int, n_reference: int) -> float:
+    """The smallest two-sided p an exact permutation test of seed labels can give: 2 / C(n1 + n2, n1)
+    (0.33 with 2 + 2 seeds, 0.1 with 3 + 3, 0.0079 with 5 + 5)."""
+    return min(1.0, 2.0 / math.comb(n_method + n_reference, n_method))
+
+
+def paired_comparison(method: Sequence[float], reference: Sequence[float], seed: int = 0,
+                      resamples: int = RESAMPLES) -> Paired | None:
+    """Two checkpoints' per-prompt rates in the same prompt order (None if no prompts): the bootstrap interval
+    over prompts and the sign-flip test over prompts."""
     a, b = np.asarray(method, dtype=float), np.asarray(reference, dtype=float)
     if a.shape != b.shape:
         raise ValueError(f"paired comparison needs the same prompts: {a.size} vs {b.size} values")
@@ -130,45 +195,65 @@ def paired_comparison(method: Sequence[float], reference: Sequence[float], seed:
         return None
     d = a - b
     interval = rate_interval(d, seed) or Interval(0.0, 0.0, 0.0, 0)
-    if np.all(d == 0):
-        p = 1.0
-    else:
-        res = permutation_test((d,), np.mean, permutation_type="samples", n_resamples=RESAMPLES,
-                               alternative="two-sided", rng=np.random.default_rng(seed))
-        p = float(res.pvalue)
     sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
-    effect = float(d.mean() / sd) if sd > 0 else None
-    return Paired(interval, p, effect, float(a.mean()), float(b.mean()))
+    return Paired(interval, _sign_flip_p(d, seed, resamples), float(d.mean() / sd) if sd > 0 else None,
+                  float(a.mean()), float(b.mean()), se=sd / math.sqrt(d.size) if d.size > 1 else float("nan"),
+                  min_p=sign_flip_min_p(int(d.size), resamples))
 
 
-def seed_level_comparison(method: Sequence[Sequence[float]], reference: Sequence[Sequence[float]],
-                          seed: int = 0) -> Paired | None:
-    """Two methods with several checkpoints (seeds) each, checkpoints x prompts matrices of rates: the
-    difference of their mean rates, its interval from independent two-level bootstraps of each method, and an
-    exact permutation test of which checkpoints belong to which method (with 2 + 2 seeds the smallest possible p
-    is 1/3: few seeds cannot show a difference, and the report says so)."""
+def seed_level_comparison(method: Any, reference: Any,
+                          seed: int = 0, resamples: int = RESAMPLES) -> Paired | None:
+    """Two checkpoints x prompts matrices over the same prompts, at least one with several checkpoints (seeds);
+    None when both have one (then it is ``paired_comparison``). The difference of the mean rates has the
+    crossed-bootstrap interval of ``crossed_means`` (prompts shared by both sides). The test is at the seed
+    level: with several seeds on both sides an exact permutation test of the seed labels (2 + 2 seeds cannot
+    give p below 1/3); against a single checkpoint, an exact sign-flip test of each seed's difference from it
+    (3 seeds cannot give p below 0.25)."""
     from scipy.stats import permutation_test
 
     a_m, b_m = np.asarray(method, dtype=float), np.asarray(reference, dtype=float)
-    if a_m.shape[0] < 2 or b_m.shape[0] < 2:
+    if a_m.shape[0] < 2 and b_m.shape[0] < 2:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        a, b = np.nanmean(a_m, axis=1), np.nanmean(b_m, axis=1)
-    diffs = hierarchical_means(a_m, seed) - hierarchical_means(b_m, seed + 1)
-    alpha = (1 - CONFIDENCE) / 2
-    low, high = np.nanquantile(diffs, [alpha, 1 - alpha])
-    value = float(a.mean() - b.mean())
-    if np.all(np.concatenate([a, b]) == a[0]):
-        p = 1.0
+    shared = ~(np.all(np.isnan(a_m), axis=0) | np.all(np.isnan(b_m), axis=0))
+    a_m, b_m = a_m[:, shared], b_m[:, shared]
+    a, b = _row_means(a_m), _row_means(b_m)
+    boot_a, boot_b = crossed_means([a_m, b_m], seed)
+    diffs = boot_a - boot_b
+    low, high = _percentile(diffs)
+    value = float(np.nanmean(a) - np.nanmean(b))
+    counts = (int(a.size), int(b.size))
+    if min(counts) == 1:  # one side is a single checkpoint: each seed of the other against it
+        single, many, sign = (b[0], a, 1.0) if counts[1] == 1 else (a[0], b, -1.0)
+        d = sign * (many - single)
+        p, level, min_p = _sign_flip_p(d, seed, resamples), SEEDS_VS_ONE, sign_flip_min_p(d.size, resamples)
+        sd = float(d.std(ddof=1))
+        effect = float(d.mean() / sd) if sd > 0 else None
     else:
-        res = permutation_test((a, b), lambda x, y: np.mean(x) - np.mean(y), permutation_type="independent",
-                               alternative="two-sided", n_resamples=RESAMPLES, rng=np.random.default_rng(seed))
-        p = float(res.pvalue)
-    pooled = float(np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2))
-    prompts = int(np.sum(~np.all(np.isnan(np.vstack([a_m, b_m])), axis=0)))
-    return Paired(Interval(value, float(low), float(high), prompts), p, value / pooled if pooled > 0 else None,
-                  float(a.mean()), float(b.mean()), "seeds", (int(a.size), int(b.size)))
+        if np.all(np.concatenate([a, b]) == a[0]):
+            p = 1.0
+        else:
+            res = permutation_test((a, b), lambda x, y, axis=-1: np.mean(x, axis=axis) - np.mean(y, axis=axis),
+                                   permutation_type="independent", alternative="two-sided", vectorized=True,
+                                   n_resamples=resamples, rng=np.random.default_rng(seed))
+            p = float(res.pvalue)
+        level, min_p = SEEDS, min_permutation_p(*counts)
+        pooled = float(np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2))
+        effect = value / pooled if pooled > 0 else None
+    return Paired(Interval(value, min(low, value), max(high, value), int(shared.sum())), p, effect,
+                  float(np.nanmean(a)), float(np.nanmean(b)), level, counts, se=float(np.nanstd(diffs)),
+                  min_p=min_p)
+
+
+def compare(method: Any, reference: Any, seed: int = 0, resamples: int = RESAMPLES) -> Paired | None:
+    """method vs reference, checkpoints x prompts matrices over the same prompts, at the unit that varies: the
+    seed when either side has more than one checkpoint, the prompt when both have one."""
+    a_m, b_m = np.asarray(method, dtype=float), np.asarray(reference, dtype=float)
+    if a_m.size == 0 or b_m.size == 0:
+        return None
+    if a_m.shape[0] > 1 or b_m.shape[0] > 1:
+        return seed_level_comparison(a_m, b_m, seed, resamples)
+    both = ~(np.isnan(a_m[0]) | np.isnan(b_m[0]))
+    return paired_comparison(a_m[0, both], b_m[0, both], seed, resamples)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -177,42 +262,4 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
     if not p_values:
         return []
-    return [float(p) for p in multipletests(list(p_values), alpha=0.05, method="holm")[1]]
-
-
-def min_permutation_p(n_method: int, n_reference: int) -> float:
-    """The smallest two-sided p an exact permutation test of checkpoint labels can give: 2 / C(n1 + n2, n1)
-    (0.33 with 2 + 2 seeds, 0.1 with 3 + 3, 0.0079 with 5 + 5)."""
-    return min(1.0, 2.0 / math.comb(n_method + n_reference, n_method))
-
-
-def describe_comparison(method: str, reference: str, what: str, paired: Paired, equal_capability: bool,
-                        higher_is_safer: bool) -> str:
-    """One plain sentence that says only what the numbers support."""
-    d = paired.difference
-    p = paired.p_adjusted if paired.p_adjusted is not None else paired.p_value
-    adjusted = f"Holm-adjusted p = {p:.3g}" if paired.p_adjusted is not None else f"p = {p:.3g}"
-    over = (f"{d.n} prompts, seeds {paired.checkpoints[0]} vs {paired.checkpoints[1]}" if paired.level == "seeds"
-            else f"{d.n} prompts")
-    numbers = (f"{paired.method_rate:.2f} vs {paired.reference_rate:.2f}; difference {d.value:+.2f}, 95 % CI "
-               f"[{d.low:+.2f}, {d.high:+.2f}], {adjusted}, {over}")
-    if paired.level == "prompts":  # one checkpoint each: a statement about those two checkpoints only
-        method, reference = f"the {method} checkpoint", f"the {reference} checkpoint"
-    if d.low <= 0.0 <= d.high or p >= 0.05:
-        claim = f"{method} and {reference} do not differ detectably in {what}"
-    else:
-        direction = "higher" if d.value > 0 else "lower"
-        safer = (d.value > 0) == higher_is_safer
-        claim = (f"{method} has a {direction} {what} than {reference}, "
-                 f"{'safer' if safer else 'less safe'} on this suite")
-    caveat = "" if equal_capability else \
-        "; but the two were not at equal capability, so this is not a matched comparison"
-    if paired.level == "seeds":
-        floor = min_permutation_p(*paired.checkpoints)
-        if floor >= 0.05 and claim.endswith(f"do not differ detectably in {what}"):
-            caveat += (f"; with {paired.checkpoints[0]} + {paired.checkpoints[1]} seeds an exact permutation test "
-                       f"cannot give p below {floor:.2g}: run at least 5 seeds per method to detect a difference")
-    if paired.level == "prompts":
-        caveat += "; one seed each, so it compares these checkpoints, not the methods"
-        claim = claim[0].upper() + claim[1:]  # "The ... checkpoint"
-    return f"{claim} ({numbers}){caveat}."
+    return [float(p) for p in multipletests(list(p_values), alpha=ALPHA, method="holm")[1]]

@@ -1,9 +1,9 @@
 """The report's statistical tables, from the judgments and trials tables alone: rates per method, suite and
-judge with bootstrap intervals over prompts, compliance split by coherence, and paired comparisons of every
-method against plain fine-tuning on the same prompts.
+judge with their intervals, compliance split by coherence, and the report's one family of comparisons (every
+method against plain fine-tuning and against the base model, per suite and judge), Holm-adjusted once.
 
-A method's value for a prompt is the mean over its evaluated checkpoints (seeds, learning rates) and repeats;
-see ``capsafe.report.stats`` for why the prompt is the unit of resampling.
+Repeats of a prompt are averaged first; see ``capsafe.report.stats`` for the crossed design and the unit of
+each test.
 """
 
 from __future__ import annotations
@@ -14,19 +14,18 @@ import pandas as pd
 
 from capsafe.judging.rules import COHERENT, COMPLIANCE, REFUSAL
 from capsafe.report.agreement import HARMFUL_LABELS
-from capsafe.report.stats import (
-    Paired,
-    describe_comparison,
-    holm,
-    nested_interval,
-    paired_comparison,
-    seed_level_comparison,
-)
+from capsafe.report.stats import PROMPTS, SEEDS_VS_ONE, Paired, compare, holm, nested_interval, resamples_for
+from capsafe.report.verdicts import describe_comparison, detectable_difference
 
-# What each suite kind measures, and whether a higher value is safer.
-MEASURES = {"harmful": ("harmful compliance", False), "overrefusal": ("over-refusal", False),
-            "benign": ("refusal of benign requests", False)}
+# What each suite kind measures, and whether a higher value is safer (None: a helpfulness cost, not safety).
+MEASURES: dict[str, tuple[str, bool | None]] = {
+    "harmful": ("harmful compliance", False), "overrefusal": ("over-refusal", None),
+    "benign": ("refusal of benign requests", None)}
 RULE_JUDGE = "refusal_keywords"
+# The keyword judge sees only whether an answer refused: on a harmful suite its rate is non-refusal, which counts
+# gibberish and harmless deflections as well as harmful compliance.
+NON_REFUSAL = "non-refusal (keyword judge)"
+REFERENCES = ("plain", "base")
 
 
 def split_mixed_suites(table: pd.DataFrame) -> pd.DataFrame:
@@ -66,11 +65,16 @@ def per_prompt(judgments: pd.DataFrame, trials: pd.DataFrame, judge: str, suite:
     return j.pivot_table(index="prompt_id", columns="method", values="outcome", aggfunc="mean")
 
 
-def measure_of(suite: str, kind: str, jailbreaks: dict[str, str] | None) -> tuple[str, bool]:
-    """(what a suite's rate measures, whether higher is safer); a harmful suite wrapped in a jailbreak template
-    measures that jailbreak's success."""
+def measure_of(suite: str, kind: str, jailbreaks: dict[str, str] | None,
+               judge: str | None = None) -> tuple[str, bool | None]:
+    """(what a suite's rate under ``judge`` measures, whether higher is safer or None for a helpfulness cost);
+    a harmful suite wrapped in a jailbreak template measures that jailbreak's success, and the keyword judge
+    measures non-refusal there, not harmful compliance."""
     if kind == "harmful" and jailbreaks and suite in jailbreaks:
-        return f"jailbreak success ({jailbreaks[suite]})", False
+        what = "non-refusal" if judge == RULE_JUDGE else "success"
+        return f"jailbreak {what} ({jailbreaks[suite]})", False
+    if kind == "harmful" and judge == RULE_JUDGE:
+        return NON_REFUSAL, False
     return MEASURES.get(kind, (kind, False))
 
 
@@ -99,7 +103,8 @@ def rate_table(judgments: pd.DataFrame, trials: pd.DataFrame,
             unread, yes = int(outcomes.isna().sum()), int((outcomes == 1).sum())
             total = len(outcomes)
             spread = repeat_spread(mine[mine["method"] == method], kind)
-            rows.append({"suite": suite, "measure": measure_of(suite, kind, jailbreaks)[0], "judge": judge,
+            rows.append({"suite": suite, "measure": measure_of(suite, kind, jailbreaks, str(judge))[0],
+                         "judge": judge,
                          "method": method, "rate [95% CI]": iv.text(),
                          "repeats min-max": f"{spread[0]:.2f}-{spread[1]:.2f}" if spread else "-",
                          "checkpoints": len(matrix), "prompts": iv.n,
@@ -163,59 +168,78 @@ class Comparison:
     paired: Paired
 
 
-def comparison_records(judgments: pd.DataFrame, trials: pd.DataFrame, reference: str = "plain") -> list[Comparison]:
-    """Every method against ``reference`` on every suite, per judge, p unadjusted. With two or more checkpoints
-    (seeds) on both sides the inference is at the seed level (``seed_level_comparison``); with one each it is
-    the paired prompt-level test."""
-    found = []
+def comparison_records(judgments: pd.DataFrame, trials: pd.DataFrame,
+                       references: tuple[str, ...] = REFERENCES) -> list[Comparison]:
+    """The report's one family: every method against each of ``references`` (plain fine-tuning, the base model)
+    on every suite, per judge, each at the unit that varies (``stats.compare``: the seed when either side has
+    several checkpoints, the prompt when both have one), with Holm-adjusted p over the whole family and the
+    smallest difference each could have detected. Permutation tests draw enough resamples for the family's size
+    (``stats.resamples_for``)."""
+    planned = []
     for (suite, judge), _ in judgments.groupby(["suite", "judge"], sort=True):
-        wide = per_prompt(judgments, trials, judge, suite)
-        if wide.empty or reference not in wide:
+        by_checkpoint = per_checkpoint(judgments, trials, str(judge), str(suite))
+        if by_checkpoint.empty:
             continue
         kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])
-        by_checkpoint = per_checkpoint(judgments, trials, judge, suite)
-        for method in method_order(wide.columns):
-            if method in ("base", reference):
+        present = method_order(by_checkpoint["method"])
+        for reference in references:
+            if reference not in present:
                 continue
-            matrices = [by_checkpoint[by_checkpoint["method"] == m].drop(columns="method").to_numpy(dtype=float)
-                        for m in (method, reference)]
-            paired = seed_level_comparison(*matrices)
-            if paired is None:
-                both = wide[[method, reference]].dropna()
-                paired = paired_comparison(both[method].tolist(), both[reference].tolist())
-            if paired is not None:
-                found.append(Comparison(str(suite), str(judge), kind, method, reference, paired))
-    return found
+            for method in present:
+                if method in ("base", reference):
+                    continue
+                matrices = [by_checkpoint[by_checkpoint["method"] == m].drop(columns="method").to_numpy(dtype=float)
+                            for m in (method, reference)]
+                planned.append((str(suite), str(judge), kind, method, reference, matrices))
+    resamples = resamples_for(len(planned))
+    found = [Comparison(suite, judge, kind, method, reference, paired)
+             for suite, judge, kind, method, reference, matrices in planned
+             if (paired := compare(matrices[0], matrices[1], resamples=resamples)) is not None]
+    adjusted = holm([r.paired.p_value for r in found])
+    return [dataclasses.replace(r, paired=dataclasses.replace(
+        r.paired, p_adjusted=p, detectable=detectable_difference(r.paired, len(found))))
+        for r, p in zip(found, adjusted, strict=True)]
 
 
-def adjusted(records: list[Comparison]) -> list[Comparison]:
-    """The same comparisons with Holm-adjusted p over all of them."""
-    return [dataclasses.replace(r, paired=dataclasses.replace(r.paired, p_adjusted=p))
-            for r, p in zip(records, holm([r.paired.p_value for r in records]), strict=True)]
+def inference_label(paired: Paired) -> str:
+    """The comparison's unit and test, as the tables show it."""
+    n1, n2 = paired.checkpoints
+    if paired.level == PROMPTS:
+        return "prompts (one checkpoint each): sign flips"
+    if paired.level == SEEDS_VS_ONE:
+        return f"seeds ({n1} vs {n2}): exact sign flips of seed differences"
+    return f"seeds ({n1} vs {n2}): exact permutation of seed labels"
 
 
 def comparisons(judgments: pd.DataFrame, trials: pd.DataFrame, equal: dict[str, bool], reference: str = "plain",
-                jailbreaks: dict[str, str] | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """Every method against ``reference`` on every suite, per judge (``comparison_records``), plus one sentence
-    per comparison; with one checkpoint each the sentence says it compares two checkpoints, not two methods.
-    p-values are Holm-adjusted over every comparison of the report (methods x suites x judges). ``equal`` says
-    per method whether it was at the target capability; a comparison is matched only if both sides were."""
+                jailbreaks: dict[str, str] | None = None,
+                records: list[Comparison] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The family's comparisons against ``reference`` (``comparison_records``; pass ``records`` to reuse the
+    report's family), one row and one sentence each; the p (Holm) is the family's, the same that the robustness
+    table and the findings use. With one checkpoint each the sentence says it compares two checkpoints, not two
+    methods. ``equal`` says per method whether it was at the target capability; a comparison is matched only if
+    both sides were."""
+    records = comparison_records(judgments, trials) if records is None else records
     rows, sentences = [], []
-    for r in adjusted(comparison_records(judgments, trials, reference)):
+    for r in records:
+        if r.reference != reference:
+            continue
         paired, d = r.paired, r.paired.difference
-        measure, higher_is_safer = measure_of(r.suite, r.kind, jailbreaks)
+        measure, higher_is_safer = measure_of(r.suite, r.kind, jailbreaks, r.judge)
+        detectable = paired.detectable
         rows.append({"suite": r.suite, "judge": r.judge, "method": r.method, "measure": measure,
                      f"{reference}": f"{paired.reference_rate:.2f}", "method rate": f"{paired.method_rate:.2f}",
                      "difference [95% CI]": f"{d.value:+.2f} [{d.low:+.2f}, {d.high:+.2f}]",
                      "p": f"{paired.p_value:.3g}", "p (Holm)": f"{paired.p_adjusted:.3g}",
+                     "detectable (80% power)": ("none" if detectable is not None and detectable == float("inf")
+                                                else "n/a" if detectable is None or detectable != detectable
+                                                else f"±{detectable:.2f}"),
                      "effect size": "n/a" if paired.effect_size is None else f"{paired.effect_size:+.2f}",
-                     "inference": (f"seeds ({paired.checkpoints[0]} vs {paired.checkpoints[1]})"
-                                   if paired.level == "seeds" else "prompts (one checkpoint each)"),
-                     "prompts": d.n})
+                     "inference": inference_label(paired), "prompts": d.n})
         sentences.append(f"{r.suite}, {r.judge}: " + describe_comparison(
             r.method, reference, f"{measure} rate", paired,
             # a pair is matched only when both sides lie in the band: a reference outside it unmatches them all
-            equal.get(r.method, True) and equal.get(reference, True), higher_is_safer))
+            equal.get(r.method, True) and equal.get(reference, True), higher_is_safer, len(records)))
     return pd.DataFrame(rows), sentences
 
 
