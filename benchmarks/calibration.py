@@ -16,7 +16,6 @@ like these for one checkpoint, seeds and prompts like these for several.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import time
@@ -29,6 +28,9 @@ from scipy.special import expit
 
 from capsafe.report.stats import ALPHA, compare, holm, nested_interval
 from capsafe.report.verdicts import detectable_difference
+
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported by the tests: its neighbour
+import calibration_stopping  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -211,19 +213,6 @@ def holm_family_seeds(reps: int, seed: int = 0, family: int = 10) -> dict[str, A
                 hits, *FPR_AIM)
 
 
-def _stopping_rows(quick: bool) -> list[dict[str, Any]]:
-    """The stopping rule's rows from benchmarks/calibration_stopping.py (issue 23 item 1), when it is there."""
-    path = Path(__file__).with_name("calibration_stopping.py")
-    if not path.is_file():
-        return []
-    spec = importlib.util.spec_from_file_location("calibration_stopping", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["calibration_stopping"] = module
-    spec.loader.exec_module(module)
-    return list(module.stopping_rows(trials=200 if quick else 2000))
-
-
 def run(reps: int, quick: bool = False) -> list[dict[str, Any]]:
     """Every row of the calibration table; ``quick`` keeps a few settings of each kind."""
     rows = []
@@ -267,14 +256,9 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     print(markdown(run(args.reps, args.quick)))
-    stopping = _stopping_rows(args.quick)
-    if stopping:
-        import calibration_stopping  # loaded by _stopping_rows
-
-        print("\nThe stopping rule (benchmarks/calibration_stopping.py):\n")
-        print(calibration_stopping.markdown(stopping))
-    else:
-        print("\nThe stopping rule: benchmarks/calibration_stopping.py is not here yet (issue 23 item 1).")
+    # the stopping rule's in-band share and bias (issue 23 item 1), from its own script beside this one
+    print("\nThe stopping rule (benchmarks/calibration_stopping.py):\n")
+    print(calibration_stopping.markdown(calibration_stopping.stopping_rows(trials=200 if args.quick else 2000)))
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 
