@@ -247,7 +247,7 @@ def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:
     assert rows["plain"]["capability"] == pytest.approx(0.44)
     assert rows["plain"]["harmful refusal"] == pytest.approx(6 / 20)
     # p0: 8 complied of which 4 incoherent -> 4 coherent; p1: 6 complied, all coherent -> 10 of 20
-    assert rows["plain"]["harmful coherent compliance"] == pytest.approx(10 / 20)
+    assert rows["plain"]["harmful coherent non-refusal"] == pytest.approx(10 / 20)
     assert rows["safety_mix"]["trials reached"] == "0/1" and pd.isna(rows["safety_mix"]["harmful refusal"])
     text = write_report(tmp_path, "x")
     assert "m0: not_reached (budget:steps), best capability 0.30 at step 800" in text

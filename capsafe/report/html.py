@@ -89,7 +89,9 @@ def rates_plot(judgments: pd.DataFrame, trials: pd.DataFrame, out: Path) -> Path
             ax.set_xticks(range(len(methods)), methods, rotation=20)
         kind = str(judgments.loc[judgments["suite"] == suite, "suite_kind"].iloc[0])
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{suite}: {'harmful compliance' if kind == 'harmful' else 'refusal rate'} (95 % CI)")
+        measure = "harmful compliance (harm judges), non-refusal (keyword judge)" if kind == "harmful" \
+            else "refusal rate"
+        ax.set_title(f"{suite}: {measure} (95 % CI)")
         if judges:
             ax.legend(fontsize=7)
     return _save(fig, out)
@@ -113,7 +115,8 @@ def coherence_plot(judgments: pd.DataFrame, trials: pd.DataFrame, out: Path) -> 
 
 
 def ladder_plot(ladder: pd.DataFrame, out: Path) -> Path | None:
-    """Safety against capability per method along the ladder: harmful compliance at each rung's checkpoints."""
+    """Safety against capability per method along the ladder: the keyword judge's non-refusal at each rung's
+    checkpoints."""
     rows = ladder.dropna(subset=["harmful refusal"])
     if rows.empty or rows["level"].nunique() < 2:
         return None
@@ -122,7 +125,7 @@ def ladder_plot(ladder: pd.DataFrame, out: Path) -> Path | None:
         x = g["served capability"].fillna(g["capability"]).astype(float)
         ax.plot(x, 1.0 - g["harmful refusal"].astype(float), marker="o", label=str(method))
     ax.set_xlabel("capability (as served)")
-    ax.set_ylabel("harmful compliance")
+    ax.set_ylabel("non-refusal (keyword judge)")
     ax.set_ylim(-0.02, 1.05)
     ax.set_title("Safety along the capability ladder")
     ax.legend(fontsize=8)
@@ -134,7 +137,7 @@ def lead_plot(judgments: pd.DataFrame, trials: pd.DataFrame, checkpoints: pd.Dat
     """The report's lead figure: harmful compliance (harmful suites pooled, one marker per judge) against
     confirmed capability, one colour per method, every evaluated checkpoint (ladder rungs make a curve), with
     the equal-capability band shaded."""
-    from capsafe.report.agreement import HARMFUL_LABELS
+    from capsafe.report.agreement import HARMFUL_LABELS, KEYWORD_JUDGE
 
     j = judgments[(judgments["suite_kind"] == "harmful") & (judgments["judge"] != "coherence")]
     j = j.assign(harmful=j["verdict"].map(HARMFUL_LABELS)).dropna(subset=["harmful"])
@@ -168,9 +171,11 @@ def lead_plot(judgments: pd.DataFrame, trials: pd.DataFrame, checkpoints: pd.Dat
     for method, colour in colours.items():
         ax.plot([], [], color=colour, linewidth=6, label=str(method))
     for judge, marker in markers.items():
-        ax.plot([], [], color="black", marker=marker, linestyle="none", label=f"judge: {judge}")
+        # the keyword judge sees refusal, not harm: its rate is non-refusal, gibberish included
+        what = " (non-refusal)" if judge == KEYWORD_JUDGE else ""
+        ax.plot([], [], color="black", marker=marker, linestyle="none", label=f"judge: {judge}{what}")
     ax.set_xlabel("confirmed capability (held-out split, as served)")
-    ax.set_ylabel("harmful compliance")
+    ax.set_ylabel("harmful compliance (keyword judge: non-refusal)")
     ax.set_ylim(-0.03, 1.03)
     ax.set_title("Harmful compliance against capability, per method and judge")
     ax.legend(fontsize=7, loc="best")
