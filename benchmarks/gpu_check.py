@@ -23,7 +23,7 @@ back the trained weights, and measures:
 
 The headline figures come first (full ZeRO-2 and the bare loop, MFU, consolidation), then the other variants,
 then generation; the JSON (``--out``) is rewritten after every stage, and ``--budget-s`` starts no stage past
-its deadline (``gpu_check.sh`` gives it what is left of 400 s). It prints a table and exits 1 if a check fails,
+its deadline (``gpu_check.sh`` gives it what is left of 380 s). It prints a table and exits 1 if a check fails,
 3 if the budget left stages out. ``--smoke`` runs the same code on CPU (gloo, fp32, a tiny model, 10 steps per
 variant in rounds of 3; no throughput aims) inside ``make test``.
 """
