@@ -11,16 +11,21 @@ Ray Train worker runs) at world size 1 over NCCL with DeepSpeed: bf16, ZeRO-2 an
 LoRA, gradient checkpointing off and on. It checks that ZeRO-3 consolidation (``save_model_checkpoint``) gives
 back the trained weights, and measures:
 
-- tokens/s of each variant, and of a bare PyTorch loop (same model, same batches, bf16, torch AdamW) against
-  the full ZeRO-2 variant (aim >= 0.95);
+- tokens/s of each variant: the median over rounds of 20 steps (their spread too), none of them among the first
+  steps or next to an evaluation or a save (``gpu_check_plan.timing_rounds``; the core's ``Host.on_step``);
+- a bare PyTorch loop on the same batches doing what DeepSpeed's bf16 path does (bf16 weights and compute, fp32
+  master weights and AdamW states, fused AdamW on CUDA), against full ZeRO-2 (aim capsafe / bare >= 0.95);
 - model-FLOPs utilisation of full bf16 ZeRO-2 without checkpointing at ``--seq-len`` (aim >= 40 %):
   (6 N + 12 L H S) FLOPs per token (PaLM, appendix B) x tokens/s over the GPU's dense bf16 peak;
 - the share of trial time spent in the capability evaluation, with its batched greedy generation, at the
   spec's default cadence (every 25 steps, 200 items, 6 new tokens; aim <= 10 %);
-- the transformers engine's generation throughput (``capsafe.common.generation.TransformersEngine``).
+- the transformers engine's generation throughput on the GPU in bf16 (at most ~30 s of it).
 
-It writes one JSON of figures (``--out``) and prints a table; it exits 1 if a check fails. ``--smoke`` runs the
-same code on CPU (gloo, fp32, a tiny model, a few steps; no throughput aims) inside ``make test``.
+The headline figures come first (full ZeRO-2 and the bare loop, MFU, consolidation), then the other variants,
+then generation; the JSON (``--out``) is rewritten after every stage, and ``--budget-s`` starts no stage past
+its deadline (``gpu_check.sh`` gives it what is left of 380 s). It prints a table and exits 1 if a check fails,
+3 if the budget left stages out. ``--smoke`` runs the same code on CPU (gloo, fp32, a tiny model, 10 steps per
+variant in rounds of 3; no throughput aims) inside ``make test``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +48,8 @@ if TYPE_CHECKING:
     from capsafe.train.config import TrialConfig
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+from gpu_check_plan import Plan, plan, round_figures, run_stages, timing_rounds, write_json  # noqa: E402
 
 # Dense bf16 tensor-core peak per GPU (NVIDIA datasheets: H100/H200 SXM 989.4 TFLOPS, A100 312 TFLOPS).
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
@@ -50,6 +58,8 @@ SIZES = {  # hidden, layers, heads, head_dim, intermediate
     "tiny": (64, 2, 2, 32, 128),
 }
 AIMS = {"bare_ratio": 0.95, "mfu": 0.40, "eval_share": 0.10}
+KEY = "zero2-full-nockpt"  # the variant the headline figures (bare ratio, MFU, evaluation share) come from
+CADENCE = 25  # the spec's default steps between capability evaluations, for the evaluation's share
 
 
 def _task(directory: Path, n: int, filler_tokens: int, seed: int) -> tuple[Path, Path]:
@@ -73,8 +83,9 @@ def _task(directory: Path, n: int, filler_tokens: int, seed: int) -> tuple[Path,
     return paths[0], paths[1]
 
 
-def build_fixture(directory: Path, size: str, texts: list[str]) -> Path:
-    """A random-weight Llama of ``size`` with a Llama-3-convention tokenizer, saved like a hub model (bf16)."""
+def build_fixture(directory: Path, size: str, texts: list[str]) -> tuple[Path, int]:
+    """A random-weight Llama of ``size`` with a Llama-3-convention tokenizer, saved like a hub model (bf16);
+    its directory and parameter count."""
     import torch
 
     from capsafe.world.conventions import build_convention_tokenizer, save_model_with_convention
@@ -84,7 +95,7 @@ def build_fixture(directory: Path, size: str, texts: list[str]) -> Path:
     tokenizer = build_convention_tokenizer("llama3", texts)
     model = make_model(tokenizer, hidden, layers, heads, head_dim, intermediate, seed=0, max_positions=4096)
     save_model_with_convention(model.to(torch.bfloat16), tokenizer, "llama3", directory)
-    return directory
+    return directory, sum(p.numel() for p in model.parameters())
 
 
 def trial_config(model: Path, train_file: Path, eval_file: Path, out: Path, train: dict[str, Any],
@@ -106,25 +117,31 @@ def trial_config(model: Path, train_file: Path, eval_file: Path, out: Path, trai
     return cfg
 
 
-def run_variant(cfg: TrialConfig, cadence: int) -> dict[str, Any]:
-    """``capsafe.train.core.run_training`` at world size 1. Tokens/s between its first and last report (start-up
-    excluded); the evaluation's share of trial time at one evaluation every ``cadence`` steps: one evaluation's
-    time over itself plus ``cadence`` steady-state steps."""
+def run_variant(cfg: TrialConfig, p: Plan) -> dict[str, Any]:
+    """``capsafe.train.core.run_training`` at world size 1. Tokens/s: the median over rounds of ``p.round_steps``
+    steps, none next to the start, an evaluation or a save (``timing_rounds``); the evaluation's share of trial
+    time at one evaluation every ``CADENCE`` steps: one evaluation's time over itself and ``CADENCE`` steps."""
     import gc
+
+    import torch
 
     from capsafe.train.core import Host, run_training
 
     reports: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    run_training(cfg, Host(0, 1, lambda metrics, _resume: reports.append(metrics)))
+    steps: list[tuple[int, float, int]] = []
+    threads, started = torch.get_num_threads(), time.perf_counter()
+    try:
+        run_training(cfg, Host(0, 1, lambda metrics, _resume: reports.append(metrics),
+                               on_step=lambda *step: steps.append(step)))
+    finally:  # the trial's one thread per reserved CPU would leave the bare loop and generation on one core
+        torch.set_num_threads(threads)
     gc.collect()  # the trial's engine, before the next one is built
-    first, last = reports[0], reports[-1]
-    train_s = max(last["train_s"] - first["train_s"], 1e-9)
-    per_step, per_eval = train_s / max(last["step"] - first["step"], 1), last["eval_s"] / len(reports)
-    return {"tokens_per_s": (last["tokens"] - first["tokens"]) / train_s,
-            "eval_share": per_eval / (per_eval + cadence * per_step), "eval_s_each": per_eval,
-            "step_s": per_step, "steps": last["step"], "wall_s": time.perf_counter() - started,
-            "loss": last["loss"], "checkpoint": next((r["model_dir"] for r in reports if r["model_dir"]), "")}
+    timed = round_figures(timing_rounds(steps, [r["step"] for r in reports], p.round_steps, p.warmup, p.settle))
+    per_eval = reports[-1]["eval_s"] / len(reports)
+    return {**timed, "eval_share": per_eval / (per_eval + CADENCE * timed["step_s"]), "eval_s_each": per_eval,
+            "evaluations": [r["step"] for r in reports], "steps": reports[-1]["step"],
+            "wall_s": time.perf_counter() - started, "loss": reports[-1]["loss"],
+            "checkpoint": next((r["model_dir"] for r in reports if r["model_dir"]), "")}
 
 
 def consolidation_check(cfg: TrialConfig, steps: int) -> float:
@@ -169,8 +186,10 @@ def consolidation_check(cfg: TrialConfig, steps: int) -> float:
     return worst
 
 
-def bare_loop(cfg: TrialConfig, steps: int, device: str, dtype: Any) -> float:
-    """Tokens/s of a plain PyTorch loop (no DeepSpeed, no capsafe) on the trial's first ``steps`` batches."""
+def bare_loop(cfg: TrialConfig, p: Plan, device: str, dtype: Any) -> dict[str, Any]:
+    """A plain PyTorch loop (no DeepSpeed, no capsafe) on the trial's batches, doing what DeepSpeed's bf16 path
+    does: weights and compute in ``dtype``, fp32 master weights and AdamW states (fused where torch has it),
+    gradient clipping on the fp32 gradients. Tokens/s over ``p.bare_rounds`` rounds after ``p.warmup`` steps."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -179,38 +198,57 @@ def bare_loop(cfg: TrialConfig, steps: int, device: str, dtype: Any) -> float:
     tokenizer = load_tokenizer(cfg.model_path)
     encoder = Encoder(tokenizer, cfg.prompt_format)
     model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    params = [q for q in model.parameters() if q.requires_grad]
+    masters = [q.detach().to(torch.float32).clone() for q in params]
+    fused = device == "cuda"
+    optimizer = torch.optim.AdamW(masters, lr=cfg.lr, weight_decay=cfg.train.weight_decay, fused=fused or None)
     items = [json.loads(line) for line in Path(cfg.task_train).read_text().splitlines()]
-    size = cfg.train.batch_size
+    size, count = cfg.train.batch_size, p.warmup + p.bare_rounds * p.round_steps
     batches = [collate([encoder.example(it["prompt"], it["answer"], cfg.train.max_seq_len)
-                        for it in items[i * size:(i + 1) * size]], tokenizer.pad_token_id) for i in range(steps)]
-    tokens, spent = 0, 0.0
-    for i, batch in enumerate(batches):
+                        for it in items[(i * size) % len(items):][:size]], tokenizer.pad_token_id)
+               for i in range(count)]
+    steps = []
+    for i, batch in enumerate(batches, start=1):
         tick = time.perf_counter()
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        for master, param in zip(masters, params, strict=True):
+            master.grad, param.grad = param.grad.to(torch.float32), None  # type: ignore[union-attr]
+        torch.nn.utils.clip_grad_norm_(masters, cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:  # after warm-up, as the capsafe figure is taken between reports
-            spent += time.perf_counter() - tick
-            tokens += int(batch["attention_mask"].sum())
-    return tokens / spent
+        with torch.no_grad():
+            for master, param in zip(masters, params, strict=True):
+                param.copy_(master)  # the updated fp32 weights back into the model's dtype
+        loss.item()  # waits for the step, as the training core's per-step loss does
+        steps.append((i, time.perf_counter() - tick, int(batch["attention_mask"].sum())))
+    del model, optimizer, masters
+    figures = round_figures(timing_rounds(steps, [], p.round_steps, p.warmup, 0))
+    return {**figures, "weights": str(dtype).removeprefix("torch."), "master_weights": "float32",
+            "optimizer": f"torch.optim.AdamW({'fused' if fused else 'default'}), fp32 states"}
 
 
-def generation_throughput(model: Path, prompts: list[list[int]], new_tokens: int) -> float:
-    """Generated tokens/s of the transformers engine (greedy, one batch)."""
+def generation_throughput(model: Path, prompts: list[list[int]], p: Plan) -> dict[str, Any]:
+    """Generated tokens/s of the transformers engine (greedy) on ``p.engine_device`` in ``p.engine_dtype``, in
+    batches of 64 prompts; no batch starts after ``p.gen_max_s`` seconds."""
+    import torch
+
     from capsafe.common.generation import Sampling
     from capsafe.evaluate.engines import TransformersEngine
 
-    engine = TransformersEngine(str(model))
+    engine = TransformersEngine(str(model), device=p.engine_device, dtype=getattr(torch, p.engine_dtype))
     engine.generate(prompts[:2], Sampling(4))  # warm-up
-    tick = time.perf_counter()
-    out = engine.generate(prompts, Sampling(new_tokens))
-    spent = time.perf_counter() - tick
-    return sum(len(engine.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in out) / spent
+    tokens, spent, done = 0, 0.0, 0
+    while done < len(prompts) and spent < p.gen_max_s:
+        tick = time.perf_counter()
+        out = engine.generate(prompts[done:done + 64], Sampling(p.gen_new_tokens))
+        spent += time.perf_counter() - tick
+        tokens += sum(len(engine.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in out)
+        done += len(out)
+    engine.close()
+    return {"generation_tokens_per_s": tokens / spent, "generation_prompts": done,
+            "generation_device": p.engine_device, "generation_dtype": p.engine_dtype,
+            "generation_torch_threads": torch.get_num_threads()}
 
 
 def _init_distributed(backend: str) -> None:
@@ -243,12 +281,14 @@ def flops_per_token(model: Path, seq_len: int) -> float:
 
 
 def main() -> int:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps, no throughput aims")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--seq-len", type=int, default=1024, help="training sequence length (tokens)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=30, help="steps per variant (an evaluation every 25)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no stage this many seconds after the start (the figures so far are written)")
     args = parser.parse_args()
     import torch
 
@@ -256,85 +296,105 @@ def main() -> int:
     if not gpu and not args.smoke:
         print("no GPU: run with --smoke for the CPU check", file=sys.stderr)
         return 2
-    size, seq_len = ("1b", args.seq_len) if gpu else ("tiny", 64)
-    steps, every = (args.steps, 25) if gpu else (4, 2)
-    batch = args.batch_size if gpu else 4
-    precision = "bf16" if gpu else "fp32"
+    p = plan(gpu, args.seq_len, args.batch_size)
     _init_distributed("nccl" if gpu else "gloo")
-    figures: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "size": size,
-                               "seq_len": seq_len, "batch_size": batch, "steps": steps, "variants": {}}
-    failed: list[str] = []
+    figures: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "plan": asdict(p),
+                               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "variants": {},
+                               "failed": [], "complete": False}
+    failed: list[str] = figures["failed"]
     with tempfile.TemporaryDirectory(prefix="capsafe-gpu-check-") as tmp:
         work = Path(tmp)
-        filler = max(0, seq_len - 16)  # one token per filler word, plus the question and the answer
-        train_file, eval_file = _task(work / "task", steps * batch + batch, filler, seed=0)
+        filler = max(0, p.seq_len - 16)  # one token per filler word, plus the question and the answer
+        train_file, eval_file = _task(work / "task", p.key_steps * p.batch_size + p.batch_size, filler, seed=0)
         texts = [json.loads(line)["prompt"] for line in train_file.read_text().splitlines()[:200]]
         tick = time.perf_counter()
-        model = build_fixture(work / "model", size, texts + [str(i) for i in range(200)])
-        figures["params"] = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM
-                                .from_pretrained(model).parameters())
+        model, figures["params"] = build_fixture(work / "model", p.size, texts + [str(i) for i in range(200)])
         figures["build_s"] = time.perf_counter() - tick
         figures["mean_tokens_per_example"] = _mean_length(model, train_file)
-        base = {"precision": precision, "use_gpu": gpu, "batch_size": batch, "max_steps": steps,
-                "learning_rates": [1e-5]}
-        eval_size = 200 if gpu else 8
-        for stage in (2, 3):
-            for mode in ("full", "lora"):
-                for ckpt in (False, True):
-                    name = f"zero{stage}-{mode}-{'ckpt' if ckpt else 'nockpt'}"
-                    train = {**base, "zero_stage": stage, "mode": mode, "gradient_checkpointing": ckpt}
-                    cfg = trial_config(model, train_file, eval_file, work / "out" / name, train, every, eval_size)
-                    result = run_variant(cfg, 25)
-                    figures["variants"][name] = result
-                    print(f"{name}: {result['tokens_per_s']:.0f} tokens/s, evaluation {result['eval_share']:.1%} "
-                          f"of trial time, {result['wall_s']:.0f} s", flush=True)
-                    if not result["checkpoint"] or not math.isfinite(result["loss"]):
-                        failed.append(f"{name}: no model checkpoint or a non-finite loss")
-                    if gpu:
-                        torch.cuda.empty_cache()
-        for mode in ("full", "lora"):
-            train = {**base, "zero_stage": 3, "mode": mode, "gradient_checkpointing": False}
-            cfg = trial_config(model, train_file, eval_file, work / "out" / f"consolidate-{mode}", train, every,
-                               eval_size)
-            worst = consolidation_check(cfg, 3)
-            figures[f"zero3_{mode}_consolidation_max_abs_diff"] = worst
-            if worst != 0.0:
-                failed.append(f"ZeRO-3 {mode} consolidation differs from the trained weights by {worst:g}")
-        reference = trial_config(model, train_file, eval_file, work / "out" / "bare",
-                                 {**base, "zero_stage": 2, "mode": "full", "gradient_checkpointing": False}, every,
-                                 eval_size)
-        bare = bare_loop(reference, min(steps, 20), "cuda" if gpu else "cpu",
-                         torch.bfloat16 if gpu else torch.float32)
-        capsafe_tps = figures["variants"]["zero2-full-nockpt"]["tokens_per_s"]
-        figures["bare_tokens_per_s"] = bare
-        figures["bare_ratio"] = capsafe_tps / bare
-        peak = next((v for k, v in PEAK_BF16.items() if k in figures["device"]), None)
         figures["flops_per_token"] = flops_per_token(model, round(figures["mean_tokens_per_example"]))
-        figures["mfu"] = capsafe_tps * figures["flops_per_token"] / peak if gpu and peak else None
-        figures["eval_share"] = figures["variants"]["zero2-full-nockpt"]["eval_share"]
-        from transformers import AutoTokenizer
+        peak = next((v for k, v in PEAK_BF16.items() if k in figures["device"]), None)
 
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        prompts = [tokenizer(f"what is {i} + {i} ?")["input_ids"] for i in range(256 if gpu else 8)]
-        figures["generation_tokens_per_s"] = generation_throughput(model, prompts, 64 if gpu else 8)
+        def config(name: str, stage: int, mode: str, ckpt: bool, steps: int) -> TrialConfig:
+            train = {"precision": p.precision, "use_gpu": gpu, "batch_size": p.batch_size, "max_steps": steps,
+                     "learning_rates": [1e-5], "zero_stage": stage, "mode": mode, "gradient_checkpointing": ckpt}
+            return trial_config(model, train_file, eval_file, work / "out" / name, train, p.eval_every, p.eval_size)
+
+        def variant(stage: int, mode: str, ckpt: bool) -> tuple[str, Callable[[], None]]:
+            name = f"zero{stage}-{mode}-{'ckpt' if ckpt else 'nockpt'}"
+
+            def run() -> None:
+                key = name == KEY
+                result = run_variant(config(name, stage, mode, ckpt, p.key_steps if key else p.steps), p)
+                figures["variants"][name] = result
+                print(f"{name}: {result['tokens_per_s']:.0f} tokens/s (median of {result['rounds']} rounds of "
+                      f"{result['round_steps']} steps, spread {result['spread']:.1%}), evaluation "
+                      f"{result['eval_share']:.1%} of trial time, {result['wall_s']:.0f} s", flush=True)
+                if not result["checkpoint"] or not math.isfinite(result["loss"]):
+                    failed.append(f"{name}: no model checkpoint or a non-finite loss")
+                if key:
+                    figures["eval_share"] = result["eval_share"]
+                    tps = result["tokens_per_s"] * figures["flops_per_token"]
+                    figures["mfu"] = tps / peak if gpu and peak else None
+                if gpu:
+                    torch.cuda.empty_cache()
+            return name, run
+
+        def bare() -> None:
+            result = bare_loop(config("bare", 2, "full", False, p.key_steps), p, "cuda" if gpu else "cpu",
+                               torch.bfloat16 if gpu else torch.float32)
+            figures["bare"] = {**result, "capsafe": "DeepSpeed bf16: bf16 weights and compute, fp32 master weights "
+                               "and AdamW states (torch.optim.AdamW over ZeRO's flat fp32 partition)"}
+            figures["bare_tokens_per_s"] = result["tokens_per_s"]
+            if KEY in figures["variants"]:
+                figures["bare_ratio"] = figures["variants"][KEY]["tokens_per_s"] / result["tokens_per_s"]
+
+        def consolidation(mode: str) -> tuple[str, Callable[[], None]]:
+            def run() -> None:
+                worst = consolidation_check(config(f"consolidate-{mode}", 3, mode, False, p.steps), 3)
+                figures[f"zero3_{mode}_consolidation_max_abs_diff"] = worst
+                if worst != 0.0:
+                    failed.append(f"ZeRO-3 {mode} consolidation differs from the trained weights by {worst:g}")
+            return f"consolidation-{mode}", run
+
+        def generation() -> None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model)
+            prompts = [tokenizer(f"what is {i} + {i} ?")["input_ids"] for i in range(p.gen_prompts)]
+            figures.update(generation_throughput(model, prompts, p))
+
+        # the headline figures first, so that a run the budget cuts short still has them
+        stages = [variant(2, "full", False), ("bare", bare), consolidation("full"), consolidation("lora"),
+                  *(variant(s, m, c) for s in (2, 3) for m in ("full", "lora") for c in (False, True)
+                    if (s, m, c) != (2, "full", False)), ("generation", generation)]
+        deadline = started + args.budget_s if args.budget_s is not None else None
+        skipped = run_stages(stages, figures, args.out, deadline)
     if gpu:
         for key, aim in AIMS.items():
+            if key not in figures:
+                continue
             value = figures[key]
             ok = value is not None and (value <= aim if key == "eval_share" else value >= aim)
             figures[f"{key}_meets_aim"] = ok
             if not ok:
                 failed.append(f"{key} {value} misses its aim {aim}")
-    figures["failed"] = failed
-    args.out.write_text(json.dumps(figures, indent=1))
+    figures["complete"], figures["wall_s"] = not skipped, time.perf_counter() - started
+    write_json(args.out, figures)
+    _print_table(figures)
+    if skipped:
+        print(f"not run (past --budget-s {args.budget_s:g}): {', '.join(skipped)}")
+    print("\n" + ("all checks passed" if not failed else "FAILED:\n- " + "\n- ".join(failed)))
+    return 1 if failed else 3 if skipped else 0
+
+
+def _print_table(figures: dict[str, Any]) -> None:
     print(f"\n| figure | value |\n|---|---|\n| device | {figures['device']} |\n| parameters | {figures['params']:,} |")
-    for key in ("bare_ratio", "mfu", "eval_share", "bare_tokens_per_s", "generation_tokens_per_s",
-                "zero3_full_consolidation_max_abs_diff", "zero3_lora_consolidation_max_abs_diff"):
-        value = figures[key]
+    for key in ("bare_ratio", "mfu", "eval_share", "bare_tokens_per_s", "zero3_full_consolidation_max_abs_diff",
+                "zero3_lora_consolidation_max_abs_diff", "generation_tokens_per_s"):
+        value = figures.get(key)
         print(f"| {key} | {'-' if value is None else f'{value:.3g}'} |")
     for name, result in figures["variants"].items():
-        print(f"| {name} tokens/s | {result['tokens_per_s']:.0f} |")
-    print("\n" + ("all checks passed" if not failed else "FAILED:\n- " + "\n- ".join(failed)))
-    return 1 if failed else 0
+        print(f"| {name} tokens/s | {result['tokens_per_s']:.0f} (spread {result['spread']:.1%}) |")
 
 
 if __name__ == "__main__":

@@ -12,17 +12,18 @@ from capsafe.common.generation import Request, Sampling, model_stop_ids, transfo
 
 
 class TransformersEngine:
-    """transformers ``generate`` in float32 on CPU (or the given device); LoRA adapters through PEFT."""
+    """transformers ``generate`` in float32 on CPU, or the given device and torch dtype (a GPU: bfloat16); LoRA
+    adapters through PEFT."""
 
     name = "transformers"
 
-    def __init__(self, model_dir: str, device: str = "cpu", **_: Any) -> None:
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: Any = None, **_: Any) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.stop = model_stop_ids(model_dir, self.tokenizer)
-        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
         self.model = model.to(device).eval()
         self.peft: Any = None
         self.adapters: dict[str, str] = {}
@@ -67,9 +68,9 @@ class TransformersEngine:
                     scores.append(math.nan)
                     continue
                 ids = list(prompt) + list(cont)
-                logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+                logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1].float()
                 logp = torch.log_softmax(logits, dim=-1)
-                target = torch.tensor(ids[1:])
+                target = torch.tensor(ids[1:], device=logp.device)
                 token_lp = logp.gather(1, target[:, None])[:, 0][len(prompt) - 1:]
                 scores.append(float(-token_lp.mean()))
         return scores

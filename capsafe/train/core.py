@@ -47,6 +47,9 @@ class Host:
     world: int
     report: Callable[[dict[str, Any], Path | None], None]  # metrics, and this rank's resume files (or None)
     restore_dir: Path | None = None
+    # (step, seconds, tokens) after every optimizer step: the GPU check times steady-state steps with it, since
+    # the reports' cumulative figures cannot leave out the steps right after an evaluation or a save
+    on_step: Callable[[int, float, int], None] | None = None
 
 
 def _capability(engine: Any, encoder: Encoder, cfg: TrialConfig, items: list[dict], host: Host) -> float:
@@ -155,7 +158,8 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
         tick = time.perf_counter()
         state.step += 1
         examples = [encode(p, r) for _, p, r in stream.next(state.step)]
-        state.tokens += sum(len(ids) for ids, _ in examples)  # every rank sees the same global batch
+        step_tokens = sum(len(ids) for ids, _ in examples)
+        state.tokens += step_tokens  # every rank sees the same global batch
         local = examples[host.rank::host.world]
         micro = len(local) // accum
         rho, phase = method.proximal_rho(state.step, train.max_steps), method.phase(state.step)
@@ -182,7 +186,10 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
         if host.world > 1:
             dist.all_reduce(shared)
         loss, objective, state.elapsed_s = float(shared[0]) / host.world, float(shared[1]), float(shared[2])
-        state.train_s += time.perf_counter() - tick
+        step_s = time.perf_counter() - tick
+        state.train_s += step_s
+        if host.on_step:
+            host.on_step(state.step, step_s, step_tokens)
         losses.append(loss)  # reported: the task cross-entropy, comparable across methods
         base = {"step": state.step, "tokens": state.tokens, "elapsed_s": state.elapsed_s, "restarts": state.restarts}
         if not (math.isfinite(loss) and math.isfinite(objective)):
