@@ -327,7 +327,12 @@ class EvalSpec(_Strict):
     replicas: int = Field(2, ge=1, description="Ray Serve replicas in the generation pool.")
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved per replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved per replica (0 on CPU machines).")
-    max_models_per_replica: int = Field(2, ge=1, description="Engines a replica keeps loaded (LRU).")
+    max_models_per_replica: int = Field(2, ge=1, description="Models a replica keeps loaded (LRU), each in an "
+                                        "engine of its own (LoRA adapters share their base model's).")
+    swap_weights: bool = Field(True, description="Swap a full checkpoint's weights into a resident engine of "
+                               "the same shape instead of starting a new engine (vLLM); the first swap of each "
+                               "shape is checked against a fresh engine, and a failed check means fresh "
+                               "engines for that shape. false: a new engine per checkpoint.")
     suites: list[SuiteSpec] = Field(default_factory=_default_suites, min_length=1,
                                     description="Safety suites to evaluate.")
     autoscaling: AutoscalingSpec | None = Field(None, description="Serve autoscaling bounds; null keeps a fixed "

@@ -52,6 +52,28 @@ def random_adapter(micro_world, tmp_path_factory: pytest.TempPathFactory) -> str
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def tuned_full_checkpoint(micro_world, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A full checkpoint of the micro world's model as a fine-tune leaves one: every weight moved (seeded noise),
+    the same config and tokenizer, tied embeddings saved once. Its greedy answers differ from the base model's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(micro_world.model_dir)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * param.std().clamp(min=1e-3) * 0.5)
+    out = tmp_path_factory.mktemp("tuned") / "model"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(micro_world.model_dir).save_pretrained(out)
+    for name in ("generation_config.json",):
+        source = Path(micro_world.model_dir) / name
+        if source.is_file():
+            (out / name).write_bytes(source.read_bytes())
+    return str(out)
+
+
 @pytest.fixture
 def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Offline ``datasets`` with every cache under tmp_path, even if it was imported earlier in the session."""

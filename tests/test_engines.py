@@ -53,6 +53,38 @@ if __name__ == "__main__":
 """
 
 
+SWAP_SCRIPT = """
+import asyncio, json, sys
+from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
+from capsafe.evaluate.vllm_engine import AsyncVLLMEngine
+
+async def greedy(engine, prompts):
+    params = SamplingParams(temperature=0.0, max_tokens=16, output_kind=RequestOutputKind.FINAL_ONLY)
+    outs = await asyncio.gather(*(engine._run(p, params) for p in prompts))
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+async def main(a, b, prompts):
+    kwargs = dict(max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=8)  # as the pool runs it
+    engine = AsyncVLLMEngine(a, **kwargs)
+    out = {"a": await greedy(engine, prompts)}
+    await engine.swap(b)
+    out["b_swapped"], out["b_probe"] = await greedy(engine, prompts), await engine.probe(8)
+    await engine.swap(a)
+    out["a_back"] = await greedy(engine, prompts)
+    await engine.swap(b, repack_tied=False)  # the swap before the fix: the tied lm_head keeps a's packed copy
+    out["b_stale_head"] = await greedy(engine, prompts)
+    engine.close()
+    fresh = AsyncVLLMEngine(b, **kwargs)
+    out["b_fresh"], out["b_fresh_probe"] = await greedy(fresh, prompts), await fresh.probe(8)
+    fresh.close()
+    return out
+
+if __name__ == "__main__":
+    print("RESULT" + json.dumps(asyncio.run(main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])))))
+"""
+
+
 def _encoder(world) -> Encoder:
     return Encoder(load_tokenizer(world.model_dir), world.prompt_format())
 
@@ -116,3 +148,25 @@ def test_vllm_engine_matches_transformers_and_repeats(micro_world, random_adapte
     # the offline engine gives the same
     assert out["offline"] == [out["adapter"], first]
     assert out["offline_nll"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_weight_swap_gives_a_fresh_engines_greedy_ids_a_to_b_to_a(micro_world, tuned_full_checkpoint: str,
+                                                                    tmp_path: Path) -> None:
+    """One asynchronous engine (as a pool replica runs it, LoRA enabled) swapped A -> B -> A gives, token id for
+    token id, what a freshly started engine gives for each checkpoint (float32 on CPU: exact). Without the
+    tied lm_head's re-pack it does not (the defect issue 24 found: the swapped engine kept A's packed output
+    projection), so this test fails on the naive swap."""
+    prompts = _prompts(micro_world)
+    script = tmp_path / "swap.py"
+    script.write_text(SWAP_SCRIPT)
+    args = [sys.executable, str(script), str(micro_world.model_dir), tuned_full_checkpoint, json.dumps(prompts)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert sum(a != b for a, b in zip(out["a"], out["b_fresh"], strict=True)) >= len(prompts) // 2  # B differs
+    assert out["b_swapped"] == out["b_fresh"]
+    assert out["b_probe"] == out["b_fresh_probe"]  # what the pool's swap check compares
+    assert out["a_back"] == out["a"]
+    assert out["b_stale_head"] != out["b_fresh"]  # the naive swap is wrong, and this comparison sees it

@@ -205,3 +205,45 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, m
     published = judg[judg["judge"] == "guard"]
     assert (published["verdict"] != "unparsed").mean() > 0.9, published["raw"].value_counts().head()
     assert judg[judg["judge"] == "coherence"]["score"].notna().mean() > 0.9  # base-model perplexity
+
+
+def test_pool_swaps_checkpoints_into_its_resident_engine(micro_world, tuned_full_checkpoint: str,
+                                                         tmp_path: Path) -> None:
+    """One replica that keeps one model: the base model, then a full checkpoint of its shape, then the base model
+    again. The replica starts one engine for good and one to check its first swap against; both swaps load
+    weights into the resident engine; the base model's answers after A -> B -> A equal its first ones, and the
+    swapped-in checkpoint answers as transformers does with that checkpoint's weights."""
+    from capsafe.evaluate.engines import TransformersEngine
+    from capsafe.evaluate.pool_client import PoolClient
+    from capsafe.evaluate.serve_pool import build_pool, deployment_options, start_pool, stop_pool
+    from capsafe.evaluate.stage import swap_check_lines
+    from capsafe.runtime.ray_shell import ray_session
+
+    base = str(micro_world.model_dir)
+    suites = _suites(micro_world, 8)
+    encode = Encoder(load_tokenizer(base), micro_world.prompt_format()).prompt
+    logs: list[str] = []
+    checks = tmp_path / "engine_checks"
+    with ray_session(None, 2):
+        app = build_pool("vllm", {"max_model_len": 256}, deployment_options(1, 1.0, 0.0), max_models=1,
+                         checks_dir=str(checks))
+        handle = start_pool(app, "t-swap")
+        pool = PoolClient(handle, retries=0, log=logs.append)
+        for models in ({("base", 0): Target(base), ("tuned", 1): Target(tuned_full_checkpoint)},
+                       {("base-again", 0): Target(base)}):
+            evaluate_models(models, suites, encode, Sampling(16), 1, pool, [rule_judge("refusal_keywords")], "vllm",
+                            tmp_path, logs.append, models_in_flight=1)
+        stats = handle.engine_stats.remote().result()
+        pool.close()
+        stop_pool("t-swap")
+    assert stats == {"starts": 2, "swaps": 2, "resident": 1}, stats
+    (line,) = swap_check_lines(checks)
+    assert "-> " + tuned_full_checkpoint in line and "used for this shape" in line, line
+    gens = read_table(tmp_path, "generations").to_pandas().set_index(["trial_id", "suite", "prompt_id"])["response"]
+    assert gens.xs("base-again").equals(gens.xs("base"))
+    tuned = gens.xs("tuned")
+    assert (tuned != gens.xs("base")).mean() > 0.5
+    reference = TransformersEngine(tuned_full_checkpoint)
+    for suite in suites:
+        expected = reference.generate([encode(it["prompt"]) for it in suite.items], Sampling(16))
+        assert tuned.xs(suite.name).loc[[it["id"] for it in suite.items]].tolist() == expected, suite.name

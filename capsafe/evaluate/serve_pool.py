@@ -5,10 +5,12 @@ engine as they arrive and its scheduler batches everything running (continuous b
 engine is synchronous: its requests are merged into batches under a lock (``_LoadedEngine``).
 
 Each engine model (a base model or a fully fine-tuned checkpoint) is a multiplexed model id: Serve routes a
-request to a replica that already has that model's engine loaded, loads it once otherwise, and evicts the
-least recently used engine beyond ``max_models_per_replica``. LoRA checkpoints are adapters on their base
-model's engine, so many trials share one engine. Engines start once per replica and model, never per
-request. The pool is reached through a handle; no HTTP proxy is started.
+request to a replica that already has that model loaded, loads it once otherwise, and evicts the least recently
+used model beyond ``max_models_per_replica``. Engines outlive the models they serve: an evicted engine stays
+resident, and the next checkpoint of the same shape is swapped into it (``capsafe.evaluate.resident``: weights
+loaded in place, the first swap of each shape checked against a fresh engine) instead of starting an engine.
+LoRA checkpoints are adapters on their base model's engine, so many trials share one engine. The pool is
+reached through a handle; no HTTP proxy is started.
 """
 
 from __future__ import annotations
@@ -21,26 +23,29 @@ from ray import serve
 from capsafe.common.generation import Request, Sampling, Target
 from capsafe.evaluate.engines import make_engine
 from capsafe.evaluate.http_api import HttpContext
+from capsafe.evaluate.resident import EngineShelf, Verdicts
 
 
 class _LoadedEngine:
-    """An engine in a replica. A synchronous engine (not thread-safe) gets a lock and a queue: generate calls
-    that arrive while it is busy are answered together by its next batch. An asynchronous engine (``async
-    def generate``) is called directly: it batches by itself.
+    """A model as Serve's multiplexing holds it: a lease on a resident engine of the replica's shelf. A
+    synchronous engine (not thread-safe) gets a lock and a queue: generate calls that arrive while it is busy
+    are answered together by its next batch. An asynchronous engine (``async def generate``) is called
+    directly: it batches by itself.
 
-    Serve calls ``__del__`` when it evicts the model, which can happen while requests that already hold
-    this engine wait for the lock or generate; the engine is then closed by the last of them."""
+    Serve calls ``__del__`` when it evicts the model, which can happen while requests that already hold this
+    engine wait for the lock or generate; the shelf keeps the engine until the last of them is done, then
+    may swap another checkpoint into it."""
 
-    def __init__(self, engine: Any) -> None:
-        self.engine: Any = engine
+    def __init__(self, shelf: EngineShelf, resident: Any) -> None:
+        self.shelf, self.resident = shelf, resident
+        self.engine: Any = resident.engine
         self.lock = asyncio.Lock()
         self.queue: list[tuple[Request, asyncio.Future[list[str]]]] = []
-        self.users = 0
-        self.evicted = False
-        self.native = asyncio.iscoroutinefunction(getattr(engine, "generate", None))
+        self.retired = False
+        self.native = asyncio.iscoroutinefunction(getattr(self.engine, "generate", None))
 
     async def generate(self, request: Request) -> list[str]:
-        self.users += 1
+        self.shelf.enter(self.resident)
         try:
             if self.native:
                 result: list[str] = await self.engine.generate(*request)
@@ -60,32 +65,24 @@ class _LoadedEngine:
                             fut.set_result(result)
             return await answer
         finally:
-            self._release()
+            self.shelf.leave(self.resident)
 
     async def call(self, method: str, *args: Any) -> Any:
-        self.users += 1
+        self.shelf.enter(self.resident)
         try:
             if self.native:
                 return await getattr(self.engine, method)(*args)
             async with self.lock:
                 return await asyncio.to_thread(getattr(self.engine, method), *args)
         finally:
-            self._release()
-
-    def _release(self) -> None:
-        self.users -= 1
-        if self.evicted and not self.users:
-            self._close()
-
-    def _close(self) -> None:
-        engine, self.engine = self.engine, None
-        if engine is not None:
-            engine.close()
+            self.shelf.leave(self.resident)
 
     def __del__(self) -> None:
-        self.evicted = True
-        if not self.users:
-            self._close()
+        # once: Serve calls it on eviction and the garbage collector again later, when the engine may already
+        # serve another checkpoint under another lease
+        if not self.retired:
+            self.retired = True
+            self.shelf.retire(self.resident)
 
 
 def deployment_options(replicas: int, cpus: float, gpus: float,
@@ -100,20 +97,37 @@ def deployment_options(replicas: int, cpus: float, gpus: float,
 
 
 def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[str, Any], max_models: int,
-               max_ongoing_requests: int = 64, http: HttpContext | None = None) -> Any:
+               max_ongoing_requests: int = 64, http: HttpContext | None = None, swap_weights: bool = True,
+               checks_dir: str | None = None) -> Any:
     """A bound Serve application for ``serve.run``; with ``http`` it also answers the OpenAI-compatible API
-    of ``capsafe.evaluate.http_api`` (``start_pool`` with an HTTP address exposes it)."""
+    of ``capsafe.evaluate.http_api`` (``start_pool`` with an HTTP address exposes it). ``swap_weights`` lets
+    replicas swap checkpoints into resident engines; ``checks_dir`` is where they share their swap checks
+    (a folder of the run)."""
 
     @serve.deployment(name="capsafe-generation-pool", max_ongoing_requests=max_ongoing_requests,
                       logging_config={"log_level": "WARNING"})
     class GenerationPool:
         def __init__(self) -> None:
+            import logging
+
             self.kind, self.kwargs = engine_kind, engine_kwargs
+            logger = logging.getLogger("ray.serve")
+            # warnings reach the driver's log (the deployment logs at WARNING); a swap's outcome is worth a line
+            self.shelf = EngineShelf(self._start, logger.warning, max_models, Verdicts(checks_dir), swap_weights)
+
+        async def _start(self, model_dir: str) -> Any:
+            return await asyncio.to_thread(make_engine, self.kind, model_dir, asynchronous=True, **self.kwargs)
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def get_engine(self, model_dir: str) -> _LoadedEngine:
-            engine = await asyncio.to_thread(make_engine, self.kind, model_dir, asynchronous=True, **self.kwargs)
-            return _LoadedEngine(engine)
+            return _LoadedEngine(self.shelf, await self.shelf.acquire(model_dir))
+
+        async def engine_stats(self) -> dict[str, Any]:
+            """Engines started and checkpoints swapped in by this replica (for tests and benchmarks)."""
+            return {"starts": self.shelf.starts, "swaps": self.shelf.swaps, "resident": len(self.shelf.residents)}
+
+        def __del__(self) -> None:
+            self.shelf.close()
 
         async def generate(self, prompts: list[list[int]], sampling: dict[str, Any], adapter: str | None) -> list[str]:
             loaded = await self.get_engine(serve.get_multiplexed_model_id())

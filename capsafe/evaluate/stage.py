@@ -227,9 +227,10 @@ def serving(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[S
     autoscaling = e.autoscaling.model_dump() if e.autoscaling else None
     http = None if e.http is None else HttpContext(str(results_dir), paths["model.path"], e.lora_adapters,
                                                    e.prompt_format(spec.model).to_dict(), e.max_new_tokens)
+    checks = results_dir / SWAP_CHECKS
     app = build_pool(e.engine, engine_kwargs(spec, adapters, context_len),
                      deployment_options(e.replicas, e.cpus_per_replica, e.gpus_per_replica, autoscaling),
-                     e.max_models_per_replica, e.max_ongoing_requests, http)
+                     e.max_models_per_replica, e.max_ongoing_requests, http, e.swap_weights, str(checks))
     pool_name = f"capsafe-{spec.experiment}"
     size = (f"{e.autoscaling.min_replicas}-{e.autoscaling.max_replicas} (autoscaling)" if e.autoscaling
             else str(e.replicas))
@@ -244,6 +245,25 @@ def serving(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[S
     finally:
         pool.close()
     stop_pool(pool_name)
+    for line in swap_check_lines(checks):
+        log(line)
+
+
+SWAP_CHECKS = "engine_checks"  # the pool's weight-swap checks, one JSON file per engine shape
+
+
+def swap_check_lines(folder: Path) -> list[str]:
+    """What the pool's replicas found when they checked a weight swap against a fresh engine, a line each."""
+    import json
+
+    lines = []
+    for path in sorted(folder.glob("*.json")):
+        c = json.loads(path.read_text())
+        outcome = "used for this shape" if c["swap_ok"] else "REJECTED: fresh engines served this shape"
+        lines.append(f"evaluate: weight swap into a resident engine ({c['swapped_from']} -> {c['checked']}, "
+                     f"{c['swap_s']} s): a fresh engine's greedy ids on {c['equal']}/{c['probes']} probe prompts; "
+                     f"{outcome}")
+    return lines
 
 
 def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[Suite],

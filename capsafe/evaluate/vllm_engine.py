@@ -32,6 +32,7 @@ class VLLMEngine:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             kwargs["distributed_executor_backend"] = "uni"
         self.llm: Any = LLM(**kwargs)
+        self.model_dir = model_dir
         self.stop = model_stop_ids(model_dir, self.llm.get_tokenizer())
         self.adapters: dict[str, int] = {}
         self.lora = enable_lora
@@ -86,6 +87,24 @@ class VLLMEngine:
         self.seen = [list(o.prompt_token_ids) for o in outs]
         return continuation_nll(prompts, scored, outs)
 
+    def swap(self, model_dir: str, repack_tied: bool = True) -> None:
+        """Load another checkpoint of this engine's shape into it (``capsafe.evaluate.resident``)."""
+        self.llm.collective_rpc("capsafe_swap_weights", args=(model_dir, repack_tied))
+        self.llm.reset_prefix_cache()
+        self.adapters.clear()  # reload_weights dropped them from the worker
+        self.model_dir, self.stop = model_dir, model_stop_ids(model_dir, self.llm.get_tokenizer())
+
+    def probe(self, max_tokens: int) -> list[list[int]]:
+        """Greedy token ids for the swap check's probe prompts."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from capsafe.evaluate.resident import probe_prompts
+
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in probe_prompts(self.llm.get_tokenizer())]
+        outs = self.llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
     def close(self) -> None:
         if self.llm is None:
             return
@@ -123,7 +142,9 @@ class AsyncVLLMEngine:
         kwargs = engine_args(model_dir, max_model_len, seed, enable_lora, max_loras, max_lora_rank)
         # constructed off the event loop (it waits for the engine process); its loop tasks start on first use
         self.llm: Any = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
-        self.stop = model_stop_ids(model_dir, AutoTokenizer.from_pretrained(model_dir))
+        self.model_dir = model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.stop = model_stop_ids(model_dir, self.tokenizer)
         self.adapters: dict[str, int] = {}
         self.lora = enable_lora
         self.requests = itertools.count()
@@ -182,6 +203,28 @@ class AsyncVLLMEngine:
                                       for i in scored))
         return continuation_nll(prompts, scored, outs)
 
+    async def swap(self, model_dir: str, repack_tied: bool = True) -> None:
+        """Load another checkpoint of this engine's shape into it, with nothing running (the resident-engine
+        shelf swaps idle engines only): weights in place, then the prefix cache and the LoRA adapters dropped
+        (vLLM issue 42125: an adapter reloaded under an old name can serve stale prefix-cache entries)."""
+        if self.running:
+            raise RuntimeError("an engine is swapped only when idle")
+        await self.llm.collective_rpc("capsafe_swap_weights", args=(model_dir, repack_tied))
+        await self.llm.reset_prefix_cache()
+        self.adapters.clear()  # reload_weights dropped them from the worker
+        self.model_dir, self.stop = model_dir, model_stop_ids(model_dir, self.tokenizer)
+
+    async def probe(self, max_tokens: int) -> list[list[int]]:
+        """Greedy token ids for the swap check's probe prompts, sent together as the pool sends requests."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from capsafe.evaluate.resident import probe_prompts
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, output_kind=RequestOutputKind.FINAL_ONLY)
+        outs = await asyncio.gather(*(self._run(p, params) for p in probe_prompts(self.tokenizer)))
+        return [list(o.outputs[0].token_ids) for o in outs]
+
     def close(self) -> None:
         llm, self.llm = self.llm, None
         if llm is not None:
@@ -216,7 +259,9 @@ def engine_args(model_dir: str, max_model_len: int | None, seed: int, enable_lor
         # Several replicas share a small machine: let the OS place threads instead of pinning all to core 0.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     kwargs: dict[str, Any] = {"model": model_dir, "seed": seed,
-                              "max_model_len": clamp_model_len(model_dir, max_model_len)}
+                              "max_model_len": clamp_model_len(model_dir, max_model_len),
+                              # capsafe's calls inside the worker (weight swaps), reached by name
+                              "worker_extension_cls": "capsafe.evaluate.vllm_worker.SwapExtension"}
     if enable_lora:
         # vLLM on CPU gives base rows of a batch the last LoRA slot's output once every slot is taken
         # (PLATFORM.md); the caller sizes max_loras above the number of adapters it will ever load.
@@ -237,14 +282,35 @@ def sampling_params(sampling: Sampling, stop: list[int], final_only: bool = Fals
                           output_kind=kind)
 
 
+_LORA_IDS: dict[str, int] = {}  # adapter name -> vLLM's integer id, unique in this process
+
+
 def lora_request(adapters: dict[str, int], adapter: str | None) -> Any:
-    """vLLM's LoRARequest for an adapter directory; ``adapters`` numbers them in order of first use."""
+    """vLLM's LoRARequest for an adapter directory, named by the directory and its weights' contents
+    (``adapter_name``), so a checkpoint rewritten in place is a new adapter to vLLM, never the old one's cached
+    weights or prefix-cache entries (vLLM issue 42125); ``adapters`` maps the directories this engine used."""
     if adapter is None:
         return None
     from vllm.lora.request import LoRARequest
 
-    lora_id = adapters.setdefault(adapter, len(adapters) + 1)
-    return LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
+    name = adapter_name(adapter)
+    lora_id = _LORA_IDS.setdefault(name, len(_LORA_IDS) + 1)
+    adapters[adapter] = lora_id
+    return LoRARequest(name, lora_id, adapter)
+
+
+def adapter_name(adapter: str) -> str:
+    """A name unique to an adapter checkpoint: its directory's name and a digest of its path and of its files'
+    sizes and modification times (cheap for any adapter size; a rewrite changes them)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(adapter)
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for path in sorted(p for p in root.iterdir() if p.is_file()):
+        st = path.stat()
+        digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{root.parent.name}-{root.name}-{digest.hexdigest()[:12]}"
 
 
 def clamp_model_len(model_dir: str, wanted: int | None) -> int:
