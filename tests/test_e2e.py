@@ -123,6 +123,10 @@ def test_run_micro_flow_with_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     started = checkpoints.loc["plain-s0-lr0.003", "evaluation_started_at"]
     assert trials.loc["plain-s0-lr0.003", "finished_at"] < started < trials.loc["safety_mix-s0-lr0.003", "finished_at"]
     assert "evaluated while training goes on" in proc.stdout
+    # the pool's replica kept its engine and swapped the full checkpoints into it, checked once against a fresh
+    # engine (issue 24): one line per checked shape, and no rejected swap
+    swaps = [line for line in proc.stdout.splitlines() if "weight swap into a resident engine" in line]
+    assert swaps and all("used for this shape" in line for line in swaps), proc.stdout[-3000:]
     # before anything trains, the run states the smallest Holm-adjusted p its plan can reach (issue 23)
     assert "smallest Holm-adjusted p reachable" in proc.stdout.split("] train ", 1)[0], proc.stdout[:3000]
     # workers' output stays in Ray's log folder: no per-report line from every rank, no vLLM start-up warnings

@@ -52,6 +52,7 @@ class Replica:
         self.log: list[str] = []
 
         async def make(model_dir: str) -> FakeEngine:
+            await asyncio.sleep(0.05)  # an engine start takes a while: other replicas go on meanwhile
             self.started.append(FakeEngine(model_dir, **engine))
             return self.started[-1]
 
@@ -169,3 +170,30 @@ def test_verdicts_are_shared_through_the_run_folder(tmp_path: Path, folder: bool
     first = Verdicts(str(tmp_path) if folder else None)
     first.put("shape", True, {"checked": "b"})
     assert Verdicts(str(tmp_path) if folder else None).get("shape") is (True if folder else None)
+
+
+def test_one_replica_checks_a_shape_while_another_waits_for_its_verdict(tmp_path: Path) -> None:
+    a, b, c = (_model(tmp_path, n) for n in "abc")
+    checks = tmp_path / "checks"
+    first, second = Replica(checks), Replica(checks)
+
+    async def scenario() -> None:
+        for replica, model in ((first, a), (second, a)):
+            replica.shelf.retire(await replica.shelf.acquire(model))
+        await asyncio.gather(first.shelf.acquire(b), second.shelf.acquire(c))
+
+    asyncio.run(scenario())
+    # one of them started a fresh engine to check the swap; the other swapped on its verdict without one
+    assert sorted(len(r.started) for r in (first, second)) == [1, 2]
+    assert first.shelf.swaps == second.shelf.swaps == 1
+
+
+def test_a_replica_checks_itself_when_the_other_never_answers(tmp_path: Path) -> None:
+    a, b = _model(tmp_path, "a"), _model(tmp_path, "b")
+    checks = tmp_path / "checks"
+    Verdicts(str(checks)).claim(engine_shape(a) or "")  # a replica that claimed the check and died
+    replica = Replica(checks)
+    replica.shelf.wait_s = 0.3
+    replica.shelf.retire(replica.serve(a))
+    replica.serve(b)
+    assert len(replica.started) == 2 and "weight swap checked" in replica.log[-1]

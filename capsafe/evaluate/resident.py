@@ -77,6 +77,25 @@ class Verdicts:
                 self.known[shape] = bool(json.loads((self.folder / f"{shape}.json").read_text())["swap_ok"])
         return self.known.get(shape)
 
+    def claim(self, shape: str) -> bool:
+        """Whether this replica is the one to check ``shape`` (the first to ask, through an exclusively
+        created file); without a folder, always."""
+        if self.folder is None:
+            return True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.folder / f"{shape}.checking", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+    async def wait(self, shape: str, timeout_s: float) -> bool | None:
+        """The verdict another replica is working out, once written; None after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while (verdict := self.get(shape)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return verdict
+
     def put(self, shape: str, ok: bool, detail: dict[str, Any]) -> None:
         self.known[shape] = ok
         if self.folder is None:
@@ -106,8 +125,9 @@ class EngineShelf:
     """
 
     def __init__(self, make: Callable[[str], Awaitable[Any]], log: Callable[[str], None], capacity: int,
-                 verdicts: Verdicts, swap: bool = True) -> None:
+                 verdicts: Verdicts, swap: bool = True, wait_s: float = 300.0) -> None:
         self.make, self.log, self.capacity, self.verdicts, self.swap_enabled = make, log, capacity, verdicts, swap
+        self.wait_s = wait_s  # for another replica's check of a shape; then this one checks it itself
         self.residents: list[_Resident] = []
         self.lock = threading.Lock()  # retire() may run on Serve's unload thread
         self.swaps = 0
@@ -124,6 +144,9 @@ class EngineShelf:
             await asyncio.sleep(0.05)  # an evicted engine of this shape still answers its last requests
         if spare is not None and shape is not None:
             verdict = self.verdicts.get(shape)
+            if verdict is None and not self.verdicts.claim(shape):
+                # another replica is checking this shape: its verdict comes sooner than a check of our own
+                verdict = await self.verdicts.wait(shape, self.wait_s)
             if verdict is not False:
                 resident = await self._swap(spare, model_dir, check=verdict is None)
                 if resident is not None:
