@@ -167,6 +167,13 @@ class TrainSpec(_Strict):
                                         "0.017 below the target; every 12, 0.007).")
     near_margin: float = Field(0.15, ge=0.0, le=1.0, description="How close (in capability) to the lower edge of "
                                "the next level's band the evaluations switch to eval_every_near.")
+    async_eval: bool = Field(False, description="Measure capability asynchronously: at an evaluation point every "
+                             "rank writes a snapshot of the model and training goes on while a process of its own "
+                             "measures it; the stopping rule is applied to each snapshot's result, in step order, "
+                             "when it arrives (so the kept checkpoint is always a measured one; the steps "
+                             "trained meanwhile past the deciding one are discarded). Not for methods that "
+                             "evaluate through a view (safe_lora). On a machine where the trainer has every core "
+                             "the evaluator takes CPU from training.")
     keep_candidates: int = Field(1, ge=1, description="In-band candidate checkpoints each capability level "
                                  "keeps on disk until it is decided (the closest to the level; the others are "
                                  "deleted). The choice is the same for any value - the closest is always kept; "
@@ -329,6 +336,11 @@ class EvalSpec(_Strict):
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved per replica (0 on CPU machines).")
     max_models_per_replica: int = Field(2, ge=1, description="Models a replica keeps loaded (LRU), each in an "
                                         "engine of its own (LoRA adapters share their base model's).")
+    spare_engines: int = Field(1, ge=0, description="Engines a replica keeps beyond max_models_per_replica after "
+                               "the pool evicted their model: a model asked for again (a judge, when routing put "
+                               "two checkpoints on one replica) is served by its engine at once, and a checkpoint "
+                               "of the same shape is swapped into it. On a GPU each engine holds its share of the "
+                               "GPU's memory: 0 where another engine does not fit.")
     swap_weights: bool = Field(True, description="Swap a full checkpoint's weights into a resident engine of "
                                "the same shape instead of starting a new engine (vLLM); the first swap of each "
                                "shape is checked against a fresh engine, and a failed check means fresh "

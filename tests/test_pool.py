@@ -236,7 +236,7 @@ def test_pool_swaps_checkpoints_into_its_resident_engine(micro_world, tuned_full
         stats = handle.engine_stats.remote().result()
         pool.close()
         stop_pool("t-swap")
-    assert stats == {"starts": 2, "swaps": 2, "resident": 1}, stats
+    assert stats == {"starts": 2, "swaps": 2, "reuses": 0, "resident": 1}, stats
     (line,) = swap_check_lines(checks)
     assert "-> " + tuned_full_checkpoint in line and "used for this shape" in line, line
     gens = read_table(tmp_path, "generations").to_pandas().set_index(["trial_id", "suite", "prompt_id"])["response"]

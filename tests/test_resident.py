@@ -197,3 +197,13 @@ def test_a_replica_checks_itself_when_the_other_never_answers(tmp_path: Path) ->
     replica.shelf.retire(replica.serve(a))
     replica.serve(b)
     assert len(replica.started) == 2 and "weight swap checked" in replica.log[-1]
+
+
+def test_an_evicted_engine_asked_for_again_is_reused_as_it_is(tmp_path: Path) -> None:
+    judge, a = _model(tmp_path, "judge", width=32), _model(tmp_path, "a")
+    replica = Replica(None, capacity=3)
+    first = replica.serve(judge)
+    replica.shelf.retire(first)  # Serve's LRU evicted the judge for a checkpoint
+    replica.serve(a)
+    again = replica.serve(judge)
+    assert again is first and len(replica.started) == 2 and replica.shelf.reuses == 1

@@ -77,6 +77,8 @@ def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
     ("methods=[{name: safe_lora, unaligned_model: ./nope}]|train.mode=lora|train.zero_stage=2",
      ["methods.0.unaligned_model", "does not exist"]),
     ("methods=[{name: safe_lora}]|train.mode=lora", ["safe_lora", "train.zero_stage=2"]),
+    ("methods=[{name: safe_lora}]|train.mode=lora|train.zero_stage=2|train.async_eval=true",
+     ["safe_lora evaluates through a view", "train.async_eval=false"]),
 ])
 def test_bad_input_names_the_field_and_the_fix(override: str, words: list[str]) -> None:
     with pytest.raises(SpecError) as err:

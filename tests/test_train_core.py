@@ -327,3 +327,30 @@ def test_kl_objective_keeps_the_model_closer_to_the_base(one_rank: Any, micro_wo
             kl[method] = {k: float(kl_to_reference(tuned(**b).logits, base(**b).logits, b["labels"]))
                           for k, b in batches.items()}
     assert kl["kl, beta: 50"]["task"] < 0.2 * kl["plain"]["task"], kl
+
+
+def test_async_eval_decides_on_the_same_measured_checkpoints(one_rank: Any, micro_world: Any, tmp_path: Path) -> None:
+    """train.async_eval: training goes on while rank 0's evaluator process measures each snapshot, and the
+    stopping rule is applied to the results in step order. With a fixed cadence the evaluations, their
+    capabilities, the kept checkpoints and the stop are those of the in-loop evaluation; the trial trains past
+    the deciding step while its result is on the way, and only the kept checkpoints stay on disk."""
+    fixed = ["task.ladder=[0.02]", "train.max_steps=400", "train.eval_every_near=20"]
+    sync = Recorder(tmp_path / "sync")
+    run_training(_cfg(micro_world, tmp_path / "sync", fixed), sync.host)
+    cfg = _cfg(micro_world, tmp_path / "async", [*fixed, "train.async_eval=true"])
+    rec = Recorder(tmp_path / "async")
+    trained: list[int] = []
+    rec.host.on_step = lambda step, s, tokens: trained.append(step)
+    run_training(cfg, rec.host)
+
+    def decisions(reports: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        def kept(r: dict[str, Any]) -> dict[str, tuple[int, float]]:
+            return {i: (k["step"], k["capability"]) for i, k in json.loads(r["kept"] or "{}").items()}
+
+        return [(r["step"], r["capability"], kept(r), r["stop"], r["levels"], r["candidate"]) for r in reports]
+
+    assert decisions(rec.reports) == decisions(sync.reports)
+    assert rec.reports[-1]["stop"] == "reached" and trained[-1] > rec.reports[-1]["step"]
+    kept = [r for x in rec.reports for r in json.loads(x["kept"] or "{}").values()]
+    assert {p.name for p in Path(cfg.checkpoint_dir).iterdir()} == {f"step-{r['step']}" for r in kept}
+    assert all(_eval_checkpoint(cfg, Path(r["model_dir"]) / "model") == pytest.approx(r["capability"]) for r in kept)

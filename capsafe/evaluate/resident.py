@@ -119,9 +119,9 @@ class _Resident:
 
 class EngineShelf:
     """A replica's engines. ``acquire(model_dir)`` returns an engine serving that checkpoint: an evicted idle
-    engine of the same shape with the new weights swapped in, or a new engine; ``retire`` hands an engine back
-    when the pool evicts its checkpoint (it stays resident while requests still use it). At most
-    ``capacity`` engines live at once: evicted engines nobody can reuse are closed to make room.
+    engine still holding it, one of the same shape with the new weights swapped in, or a new engine; ``retire``
+    hands an engine back when the pool evicts its checkpoint (it stays resident while requests still use it).
+    At most ``capacity`` engines live at once: evicted engines nobody can reuse are closed to make room.
     """
 
     def __init__(self, make: Callable[[str], Awaitable[Any]], log: Callable[[str], None], capacity: int,
@@ -132,9 +132,14 @@ class EngineShelf:
         self.lock = threading.Lock()  # retire() may run on Serve's unload thread
         self.swaps = 0
         self.starts = 0
+        self.reuses = 0
         self.closed = False
 
     async def acquire(self, model_dir: str) -> _Resident:
+        same = self._take_same(model_dir)
+        if same is not None:  # evicted, then asked for again (a judge, say): its engine is still there
+            self.reuses += 1
+            return same
         shape = engine_shape(model_dir) if self.swap_enabled else None
         while True:
             spare = self._spare(shape)
@@ -153,6 +158,14 @@ class EngineShelf:
                     return resident
         await self._make_room()
         return self._hold(await self._start(model_dir), model_dir, shape)
+
+    def _take_same(self, model_dir: str) -> _Resident | None:
+        """An evicted idle engine that still holds ``model_dir``, taken back as it is."""
+        with self.lock:
+            same = next((r for r in self.residents if r.evicted and not r.users and r.model_dir == model_dir), None)
+            if same is not None:
+                same.evicted = False
+            return same
 
     def _spare(self, shape: str | None) -> _Resident | None:
         with self.lock:

@@ -98,11 +98,11 @@ def deployment_options(replicas: int, cpus: float, gpus: float,
 
 def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[str, Any], max_models: int,
                max_ongoing_requests: int = 64, http: HttpContext | None = None, swap_weights: bool = True,
-               checks_dir: str | None = None) -> Any:
+               checks_dir: str | None = None, spare_engines: int = 0) -> Any:
     """A bound Serve application for ``serve.run``; with ``http`` it also answers the OpenAI-compatible API
     of ``capsafe.evaluate.http_api`` (``start_pool`` with an HTTP address exposes it). ``swap_weights`` lets
     replicas swap checkpoints into resident engines; ``checks_dir`` is where they share their swap checks
-    (a folder of the run)."""
+    (a folder of the run); ``spare_engines`` engines beyond ``max_models`` stay resident after eviction."""
 
     @serve.deployment(name="capsafe-generation-pool", max_ongoing_requests=max_ongoing_requests,
                       logging_config={"log_level": "WARNING"})
@@ -113,7 +113,8 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
             self.kind, self.kwargs = engine_kind, engine_kwargs
             logger = logging.getLogger("ray.serve")
             # warnings reach the driver's log (the deployment logs at WARNING); a swap's outcome is worth a line
-            self.shelf = EngineShelf(self._start, logger.warning, max_models, Verdicts(checks_dir), swap_weights)
+            self.shelf = EngineShelf(self._start, logger.warning, max_models + spare_engines, Verdicts(checks_dir),
+                                     swap_weights)
 
         async def _start(self, model_dir: str) -> Any:
             return await asyncio.to_thread(make_engine, self.kind, model_dir, asynchronous=True, **self.kwargs)
@@ -124,7 +125,8 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
 
         async def engine_stats(self) -> dict[str, Any]:
             """Engines started and checkpoints swapped in by this replica (for tests and benchmarks)."""
-            return {"starts": self.shelf.starts, "swaps": self.shelf.swaps, "resident": len(self.shelf.residents)}
+            return {"starts": self.shelf.starts, "swaps": self.shelf.swaps, "reuses": self.shelf.reuses,
+                    "resident": len(self.shelf.residents)}
 
         def __del__(self) -> None:
             self.shelf.close()

@@ -230,7 +230,8 @@ def serving(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[S
     checks = results_dir / SWAP_CHECKS
     app = build_pool(e.engine, engine_kwargs(spec, adapters, context_len),
                      deployment_options(e.replicas, e.cpus_per_replica, e.gpus_per_replica, autoscaling),
-                     e.max_models_per_replica, e.max_ongoing_requests, http, e.swap_weights, str(checks))
+                     e.max_models_per_replica, e.max_ongoing_requests, http, e.swap_weights, str(checks),
+                     e.spare_engines)
     pool_name = f"capsafe-{spec.experiment}"
     size = (f"{e.autoscaling.min_replicas}-{e.autoscaling.max_replicas} (autoscaling)" if e.autoscaling
             else str(e.replicas))

@@ -29,6 +29,16 @@ class MethodSpec(BaseModel):
 
     def check(self, train: Any) -> str | None:
         """Why this method cannot run with these ``train`` settings (a message that says how to fix it)."""
+        return self.async_eval_problem(train)
+
+    def async_eval_problem(self, train: Any) -> str | None:
+        """``train.async_eval`` measures snapshots as saved; a method that evaluates through a view or changes its
+        checkpoints after saving would be measured on other weights than the in-loop evaluation sees."""
+        cls = type(self)
+        if getattr(train, "async_eval", False) and (cls.evaluation_view is not MethodSpec.evaluation_view
+                                                    or cls.postprocess is not MethodSpec.postprocess):
+            return (f"{self.name} evaluates through a view of the model, which train.async_eval cannot measure; "
+                    "set train.async_eval=false")
         return None
 
     def prepare(self, paths: dict[str, str], data_dir: Path) -> dict[str, str]:

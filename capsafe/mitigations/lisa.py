@@ -36,7 +36,7 @@ class LisaMethod(MethodSpec):
         if train.zero_stage != 2 and self.rho > 0:
             return ("lisa's proximal term needs whole parameters on every rank: set train.zero_stage=2 (ZeRO-3 "
                     "shards them), or rho=0")
-        return None
+        return self.async_eval_problem(train)
 
     def alignment_sources(self, paths: dict[str, str]) -> list[dict[str, Any]]:
         return [{"name": "alignment", "path": paths["data_file"], "weight": 1.0}]

@@ -108,7 +108,7 @@ class SafeLoRAMethod(MethodSpec):
         if train.zero_stage != 2:
             return ("safe_lora projects the whole LoRA weights before every capability evaluation: set "
                     "train.zero_stage=2 (ZeRO-3 shards them)")
-        return None
+        return self.async_eval_problem(train)
 
     def evaluation_view(self, module: Any, aligned_model: str, paths: dict[str, str]) -> Any:
         """The trial's capability is measured on the projected adapter - the model Safe-LoRA reports - so it

@@ -119,7 +119,6 @@ def _postprocess(method: MethodSpec, cfg: TrialConfig) -> Callable[[Path], dict[
 def run_training(cfg: TrialConfig, host: Host) -> None:
     """Train one trial on this rank until it reaches its target, spends a budget, or diverges."""
     import torch
-    import torch.distributed as dist
 
     torch.manual_seed(cfg.seed)
     # One intra-op thread per reserved CPU: oversubscribed OpenMP threads spin and were ~10x slower here.
@@ -130,13 +129,11 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
     reference = build_reference(engine, cfg, host.world) if method.needs_reference else None
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     view = method.evaluation_view(engine.module, cfg.model_path, cfg.method_paths)
-    anchor: tuple[str, list[Any]] | None = None  # (phase, weights at its start) for a proximal term
     state = load_resume_state(engine, host.restore_dir) if host.restore_dir else TrainState()
     encoder = Encoder(tokenizer, cfg.prompt_format)
     eval_items = read_jsonl(cfg.task_eval, ("prompt", "answer"))[: cfg.eval_size]
     budget = Budget(train.max_steps, train.max_tokens, train.max_wall_s)
-    levels, accum = list(cfg.levels), train.gradient_accumulation_steps
-    tolerance = cfg.tolerance
+    levels, tolerance = list(cfg.levels), cfg.tolerance
     encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
     def encode(prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -154,6 +151,78 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
         stream.next(step)
     session_start = time.perf_counter() - state.elapsed_s
     losses: list[float] = []
+    evaluator = _evaluator(cfg, encoder, eval_items) if train.async_eval and host.rank == 0 else None
+    for record in state.pending if evaluator else []:  # snapshots a restart found unmeasured
+        evaluator.submit(record["step"], str(Path(record["model_dir"]) / "model"))  # type: ignore[union-attr]
+
+    def decide(record: dict[str, Any], spent: str | None, saved: bool) -> str | None:
+        """The stopping rule on one measured evaluation ``record``: save or drop its model, report, and return
+        why the trial stops (None: go on). ``saved``: its model is on disk already (an async snapshot)."""
+        nonlocal unheld
+        state.evals += 1
+        state.last_capability = record["capability"]
+        ladder = advance(state.rungs, record, tolerance, train.keep_candidates, spent)
+        if ladder.save and not saved:  # the record is in ladder.rungs: its postprocess note lands there too
+            record["postprocess"] = save_model_checkpoint(engine, tokenizer, cfg, Path(record["model_dir"]),
+                                                          host.rank, _postprocess(method, cfg))
+        elif saved and not ladder.save:
+            unheld.append(record["step"])  # a snapshot the ladder does not hold
+        state.rungs, reason = ladder.rungs, ladder.stop
+        unheld += ladder.dropped
+        kept = {str(i): state.rungs[i]["kept"] for i in ladder.decided}
+        metrics = {"step": record["step"], "tokens": record["tokens"], "elapsed_s": record["elapsed_s"],
+                   "restarts": state.restarts, "capability": record["capability"],
+                   "loss": sum(losses) / len(losses) if losses else float("nan"), "stop": reason or "",
+                   # indices into cfg.levels, not formatted numbers: 0.8333333 must not come back as 0.833333
+                   "candidate": ",".join(map(str, ladder.candidate_for)),
+                   "levels": ",".join(map(str, ladder.decided)), "kept": json.dumps(kept) if kept else "",
+                   "model_dir": record["model_dir"] if ladder.save else "", "postprocess": record["postprocess"],
+                   "train_s": state.train_s, "eval_s": state.eval_s}
+        losses.clear()
+        every = train.checkpoint_every_evals
+        if reason or not every or state.evals % every:
+            host.report(metrics, None)
+        else:
+            with tempfile.TemporaryDirectory(prefix="capsafe-resume-") as tmp:
+                save_resume_state(engine, state, Path(tmp), host.rank)
+                host.report(metrics, Path(tmp))
+        if reason or not every or state.evals % every == 0:  # no resume checkpoint holds them any more
+            if host.rank == 0:
+                for step in unheld:
+                    shutil.rmtree(Path(cfg.checkpoint_dir) / f"step-{step}", ignore_errors=True)
+            unheld = []
+        if reason and host.rank == 0:  # snapshots taken after the deciding one are never measured
+            for late in state.pending:
+                shutil.rmtree(Path(late["model_dir"]), ignore_errors=True)
+        return reason
+
+    try:
+        _train(cfg, host, state, engine, tokenizer, stream, encode, method, view, trainable, reference, encoder,
+               eval_items, budget, evaluator, decide, session_start, losses)
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+
+
+def _evaluator(cfg: TrialConfig, encoder: Encoder, items: list[dict]) -> Any:
+    from capsafe.train.async_eval import SnapshotEvaluator
+
+    return SnapshotEvaluator(items, [encoder.prompt(it["prompt"]) for it in items], {
+        "threads": cfg.torch_threads, "lora": cfg.train.mode == "lora", "base_model": cfg.model_path,
+        "max_new_tokens": cfg.eval_max_new_tokens, "batch_size": cfg.eval_batch_size, "metric": cfg.metric})
+
+
+def _train(cfg: TrialConfig, host: Host, state: TrainState, engine: Any, tokenizer: Any, stream: _Batches,
+           encode: Callable[[str, str], tuple[list[int], list[int]]], method: MethodSpec, view: Any,
+           trainable: list[Any], reference: Any, encoder: Encoder, eval_items: list[dict], budget: Budget,
+           evaluator: Any, decide: Callable[[dict[str, Any], str | None, bool], str | None],
+           session_start: float, losses: list[float]) -> None:
+    """The steps of ``run_training``, until a stop."""
+    import torch
+    import torch.distributed as dist
+
+    train, tolerance, accum = cfg.train, cfg.tolerance, cfg.train.gradient_accumulation_steps
+    anchor: tuple[str, list[Any]] | None = None  # (phase, weights at its start) for a proximal term
     while True:
         tick = time.perf_counter()
         state.step += 1
@@ -181,8 +250,10 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
             objective += total.item() / accum
         # One small collective per step keeps every decision identical on all ranks: the mean losses (a NaN on
         # any rank diverges them all) and rank 0's clock for the wall-time budget.
-        shared = torch.tensor([loss, objective, time.perf_counter() - session_start if host.rank == 0 else 0.0],
-                              dtype=torch.float64)
+        # With train.async_eval it also carries rank 0's next finished snapshot result (step, capability).
+        result = evaluator.poll() if evaluator is not None else None
+        shared = torch.tensor([loss, objective, time.perf_counter() - session_start if host.rank == 0 else 0.0,
+                               *(result or (0, 0.0))], dtype=torch.float64)
         if host.world > 1:
             dist.all_reduce(shared)
         loss, objective, state.elapsed_s = float(shared[0]) / host.world, float(shared[1]), float(shared[2])
@@ -197,6 +268,8 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
                          "levels": "", "kept": "", "model_dir": "", "train_s": state.train_s,
                          "eval_s": state.eval_s}, None)
             return
+        if shared[3] > 0 and decide(_measured(state, shared[3], shared[4]), None, True):
+            return
         spent = budget.spent(state.step, state.tokens, state.elapsed_s)
         upcoming = next((r["level"] for r in state.rungs if r["kept"] is None), None)
         interval = eval_interval(state.last_capability, upcoming, tolerance, train.eval_every,
@@ -205,40 +278,41 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
         if state.step - state.last_eval_step < interval and not spent:
             continue
         tick = time.perf_counter()
+        out = Path(cfg.checkpoint_dir) / f"step-{state.step}"
+        state.last_eval_step = state.step
+        if train.async_eval:
+            # a snapshot, measured by rank 0's evaluator process while training goes on
+            save_model_checkpoint(engine, tokenizer, cfg, out, host.rank)
+            state.pending.append({"step": state.step, "capability": None, "tokens": state.tokens,
+                                  "elapsed_s": time.perf_counter() - session_start, "model_dir": str(out),
+                                  "postprocess": ""})
+            if evaluator is not None:
+                evaluator.submit(state.step, str(out / "model"))
+            state.eval_s += time.perf_counter() - tick
+            while spent and state.pending:  # the budget is spent: wait for every result, in step order
+                tick = time.perf_counter()
+                result = evaluator.poll(block=True) if evaluator is not None else None
+                shared = torch.tensor(result or (0, 0.0), dtype=torch.float64)
+                if host.world > 1:
+                    dist.all_reduce(shared)
+                state.eval_s += time.perf_counter() - tick
+                record = _measured(state, shared[0], shared[1])
+                if decide(record, spent if not state.pending else None, True):
+                    return
+            continue
         with view() if view else nullcontext():
             capability = _capability(engine, encoder, cfg, eval_items, host)
         state.eval_s += time.perf_counter() - tick
-        state.evals += 1
-        state.last_eval_step, state.last_capability = state.step, capability
-        out = Path(cfg.checkpoint_dir) / f"step-{state.step}"
-        base["elapsed_s"] = time.perf_counter() - session_start  # rank 0's report is the one that counts
         record = {"step": state.step, "capability": capability, "tokens": state.tokens,
-                  "elapsed_s": base["elapsed_s"], "model_dir": str(out), "postprocess": ""}
-        ladder = advance(state.rungs, record, tolerance, train.keep_candidates, spent)
-        if ladder.save:  # the record is in ladder.rungs: its postprocess note lands there too
-            record["postprocess"] = save_model_checkpoint(engine, tokenizer, cfg, out, host.rank,
-                                                          _postprocess(method, cfg))
-        state.rungs, reason = ladder.rungs, ladder.stop
-        unheld += ladder.dropped
-        kept = {str(i): state.rungs[i]["kept"] for i in ladder.decided}
-        metrics = {**base, "capability": capability, "loss": sum(losses) / len(losses), "stop": reason or "",
-                   # indices into cfg.levels, not formatted numbers: 0.8333333 must not come back as 0.833333
-                   "candidate": ",".join(map(str, ladder.candidate_for)),
-                   "levels": ",".join(map(str, ladder.decided)), "kept": json.dumps(kept) if kept else "",
-                   "model_dir": str(out) if ladder.save else "", "postprocess": record["postprocess"],
-                   "train_s": state.train_s, "eval_s": state.eval_s}
-        losses = []
-        every = train.checkpoint_every_evals
-        if reason or not every or state.evals % every:
-            host.report(metrics, None)
-        else:
-            with tempfile.TemporaryDirectory(prefix="capsafe-resume-") as tmp:
-                save_resume_state(engine, state, Path(tmp), host.rank)
-                host.report(metrics, Path(tmp))
-        if reason or not every or state.evals % every == 0:  # no resume checkpoint holds them any more
-            if host.rank == 0:
-                for step in unheld:
-                    shutil.rmtree(Path(cfg.checkpoint_dir) / f"step-{step}", ignore_errors=True)
-            unheld = []
-        if reason:
+                  # rank 0's report is the one that counts
+                  "elapsed_s": time.perf_counter() - session_start, "model_dir": str(out), "postprocess": ""}
+        if decide(record, spent, False):
             return
+
+
+def _measured(state: TrainState, step: Any, capability: Any) -> dict[str, Any]:
+    """The oldest unmeasured snapshot's record with its result (every rank holds the same list)."""
+    record = state.pending.pop(0)
+    if record["step"] != int(step):
+        raise RuntimeError(f"snapshot results out of order: got step {int(step)}, expected {record['step']}")
+    return {**record, "capability": float(capability)}

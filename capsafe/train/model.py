@@ -38,6 +38,8 @@ class TrainState:
     restarts: int = 0
     last_eval_step: int = 0
     last_capability: float | None = None  # of the last evaluation: sets how soon the next one comes
+    # train.async_eval: snapshots taken but not measured yet, oldest first (records without their capability)
+    pending: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_engine(cfg: TrialConfig, world: int) -> tuple[Any, Any, Any]:
