@@ -297,8 +297,10 @@ def write_report(results_dir: Path, experiment: str) -> str:
                          markdown(split), ""]
     if not checkpoints.empty:
         text += ["## Cost of reaching each level", "",
-                 "Per level: steps / training tokens / wall time. 'eval share' is the capability evaluation's "
-                 "share of training plus evaluation time.", "", markdown(cost_table(trials, checkpoints)), ""]
+                 "Per level: steps / training tokens / wall time. 'eval share' is the time training waited for "
+                 "its capability evaluations, as a share of training plus that time (with train.async_eval only "
+                 "the snapshot writes and the final wait: the evaluations themselves ran beside training).", "",
+                 markdown(cost_table(trials, checkpoints)), ""]
     if robust is not None:
         write_robustness(robust, results_dir / ROBUSTNESS_FILE)
     out = "\n".join(text)
