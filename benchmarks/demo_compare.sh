@@ -4,8 +4,8 @@
 # worktree (PYTHONPATH points the driver and the local Ray cluster's workers at it), into its own output folder.
 #   bash benchmarks/demo_compare.sh LOGDIR ROUNDS "before:02a0dc6:" "resident:HEAD:" \
 #        "resident-1x2:HEAD:eval.replicas=1 eval.cpus_per_replica=2"
-# Prints one line per run and, per variant, the wall times, the evaluation's engine starts and swaps seen in the
-# log, and whether the final table equals the first variant's.
+# FIRST_ROUND=2 continues the numbering of an earlier call (other variants in other rounds). Prints one line per
+# run: its wall time and its log (the log's last lines are the run's table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -17,7 +17,7 @@ for variant in "$@"; do
   wt="$logs/wt-$label"
   [ -d "$wt" ] || git worktree add --detach "$wt" "$(git rev-parse "$commit")" >/dev/null
 done
-for round in $(seq 1 "$rounds"); do
+for round in $(seq "${FIRST_ROUND:-1}" "$rounds"); do
   for variant in "$@"; do
     IFS=: read -r label _ overrides <<<"$variant"
     wt="$logs/wt-$label"; out="$logs/out-$label-$round"
