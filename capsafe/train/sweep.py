@@ -1,7 +1,8 @@
 """Ray Tune over trials (methods x seeds x learning rates); each trial fits a Ray Train TorchTrainer.
 
 Ray 2.60's Train V2 does not accept a trainer as a Tune trainable, so a function trainable builds and
-fits the TorchTrainer and ``TuneReportCallback`` forwards every report to Tune. Each TorchTrainer is named
+fits the TorchTrainer and ``tune_bridge`` forwards every report to Tune (Ray's own ``TuneReportCallback`` can
+deadlock at a trial's end; the module says when). Each TorchTrainer is named
 after its trial under one storage folder: Ray Train restarts failed workers from the trial's last resume
 checkpoint, and a later run with the same name (``capsafe run --resume``) continues from it too.
 """
@@ -20,13 +21,13 @@ from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune import CLIReporter
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from capsafe.common.capability import stop_reason
 from capsafe.runtime.capacity import TRIAL_DRIVER_CPUS
 from capsafe.train.config import TrialConfig
 from capsafe.train.loop import train_loop_per_worker
 from capsafe.train.trials import summarize_trial
+from capsafe.train.tune_bridge import fit_reporting_to_tune
 
 REPORT_KEYS = ("step", "capability", "loss", "tokens", "elapsed_s", "train_s", "eval_s", "restarts", "stop",
                "candidate", "levels", "kept", "model_dir", "postprocess")
@@ -119,18 +120,21 @@ def trial_config(config: dict[str, Any]) -> TrialConfig:
 
 def _run_trial(config: dict[str, Any]) -> None:
     cfg, res = trial_config(config), config["resources"]
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"trial": cfg},
-        scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"],
-                                     resources_per_worker={"CPU": res["cpus_per_worker"]}),
-        run_config=RunConfig(name=cfg.trial_id, storage_path=res["storage"],
-                             failure_config=FailureConfig(max_failures=res["max_failures"]),
-                             # model checkpoints live outside Ray's manager; only the latest resume state counts
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             callbacks=[TuneReportCallback()]),  # type: ignore[list-item]
-    )
-    trainer.fit()
+
+    def make_trainer(callbacks: list[Any]) -> TorchTrainer:
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"trial": cfg},
+            scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"],
+                                         resources_per_worker={"CPU": res["cpus_per_worker"]}),
+            run_config=RunConfig(name=cfg.trial_id, storage_path=res["storage"],
+                                 failure_config=FailureConfig(max_failures=res["max_failures"]),
+                                 # model checkpoints live outside Ray's manager; only the latest resume state counts
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1),
+                                 callbacks=callbacks),
+        )
+
+    fit_reporting_to_tune(make_trainer)
 
 
 def trial_table(every_s: int) -> CLIReporter:
