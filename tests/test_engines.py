@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -20,12 +19,20 @@ from capsafe.evaluate.engines import TransformersEngine
 
 VLLM_SCRIPT = """
 import asyncio, json, sys
+from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
 from capsafe.common.generation import Sampling
 from capsafe.evaluate.vllm_engine import AsyncVLLMEngine, VLLMEngine
 
-async def pool_engine(model, adapter, prompts, refusal):
-    # as a pool replica runs it: vLLM's AsyncLLM, every call's prompts streamed in concurrently
-    engine = AsyncVLLMEngine(model, max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=8)
+async def greedy_ids(engine, prompts):
+    params = SamplingParams(temperature=0.0, max_tokens=16, output_kind=RequestOutputKind.FINAL_ONLY)
+    outs = await asyncio.gather(*(engine._run(p, params) for p in prompts))
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+async def pool_engine(model, adapter, tuned, prompts, refusal):
+    # as a pool replica runs it: vLLM's AsyncLLM (LoRA enabled), every call's prompts streamed in concurrently
+    kwargs = dict(max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=8)
+    engine = AsyncVLLMEngine(model, **kwargs)
     greedy, sampled = Sampling(24), Sampling(24, temperature=1.0, seed=7)
     out = {
         "greedy": [await engine.generate(prompts, greedy), await engine.generate(prompts, greedy)],
@@ -38,50 +45,30 @@ async def pool_engine(model, adapter, prompts, refusal):
             engine.generate(prompts, greedy, adapter), engine.generate(prompts, greedy),
             engine.generate(prompts, sampled), engine.nll(prompts, [refusal] * len(prompts)))),
     }
+    # the same engine swapped A (the base model) -> B (a full checkpoint) -> A, then B without the re-pack
+    out["a"] = await greedy_ids(engine, prompts)
+    await engine.swap(tuned)
+    out["b_swapped"], out["b_probe"] = await greedy_ids(engine, prompts), await engine.probe(8)
+    await engine.swap(model)
+    out["a_back"] = await greedy_ids(engine, prompts)
+    await engine.swap(tuned, repack_tied=False)  # the swap before the fix: the tied lm_head keeps a's packed copy
+    out["b_stale_head"] = await greedy_ids(engine, prompts)
     engine.close()
+    fresh = AsyncVLLMEngine(tuned, **kwargs)
+    out["b_fresh"], out["b_fresh_probe"] = await greedy_ids(fresh, prompts), await fresh.probe(8)
+    fresh.close()
     return out
 
 if __name__ == "__main__":
-    model, adapter, prompts, refusal = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
-    out = asyncio.run(pool_engine(model, adapter, prompts, refusal))
+    model, adapter, tuned = sys.argv[1], sys.argv[2], sys.argv[3]
+    prompts, refusal = json.loads(sys.argv[4]), json.loads(sys.argv[5])
+    out = asyncio.run(pool_engine(model, adapter, tuned, prompts, refusal))
     # the offline engine (benchmarks' direct baseline), in this process
     offline = VLLMEngine(model, max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=8, in_process=True)
     out["offline"] = offline.generate_many([(prompts, Sampling(24), adapter), (prompts, Sampling(24), None)])
     out["offline_nll"] = offline.nll(prompts, [refusal] * len(prompts))
     offline.close()
     print("RESULT" + json.dumps(out))
-"""
-
-
-SWAP_SCRIPT = """
-import asyncio, json, sys
-from vllm import SamplingParams
-from vllm.sampling_params import RequestOutputKind
-from capsafe.evaluate.vllm_engine import AsyncVLLMEngine
-
-async def greedy(engine, prompts):
-    params = SamplingParams(temperature=0.0, max_tokens=16, output_kind=RequestOutputKind.FINAL_ONLY)
-    outs = await asyncio.gather(*(engine._run(p, params) for p in prompts))
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-async def main(a, b, prompts):
-    kwargs = dict(max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=8)  # as the pool runs it
-    engine = AsyncVLLMEngine(a, **kwargs)
-    out = {"a": await greedy(engine, prompts)}
-    await engine.swap(b)
-    out["b_swapped"], out["b_probe"] = await greedy(engine, prompts), await engine.probe(8)
-    await engine.swap(a)
-    out["a_back"] = await greedy(engine, prompts)
-    await engine.swap(b, repack_tied=False)  # the swap before the fix: the tied lm_head keeps a's packed copy
-    out["b_stale_head"] = await greedy(engine, prompts)
-    engine.close()
-    fresh = AsyncVLLMEngine(b, **kwargs)
-    out["b_fresh"], out["b_fresh_probe"] = await greedy(fresh, prompts), await fresh.probe(8)
-    fresh.close()
-    return out
-
-if __name__ == "__main__":
-    print("RESULT" + json.dumps(asyncio.run(main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])))))
 """
 
 
@@ -120,18 +107,25 @@ def test_transformers_engine_greedy_sampling_adapters_and_nll(micro_world, rando
     assert math.isnan(engine.nll(prompts[:1], [encoder.continuation("")])[0])
 
 
-@pytest.mark.slow
-def test_vllm_engine_matches_transformers_and_repeats(micro_world, random_adapter: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def vllm_run(micro_world, random_adapter: str, tuned_full_checkpoint: str, tmp_path_factory) -> dict:
+    """One subprocess, one asynchronous engine for both tests below (an engine start is most of their cost)."""
     prompts = _prompts(micro_world)
-    script = tmp_path / "run_vllm.py"
+    script = tmp_path_factory.mktemp("vllm") / "run_vllm.py"
     script.write_text(VLLM_SCRIPT)
     refusal = _encoder(micro_world).continuation(REFUSAL)
-    args = [sys.executable, str(script), str(micro_world.model_dir), random_adapter, json.dumps(prompts),
-            json.dumps(refusal)]
+    args = [sys.executable, str(script), str(micro_world.model_dir), random_adapter, tuned_full_checkpoint,
+            json.dumps(prompts), json.dumps(refusal)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+@pytest.mark.slow
+def test_vllm_engine_matches_transformers_and_repeats(micro_world, random_adapter: str, vllm_run: dict) -> None:
+    prompts, out = _prompts(micro_world), vllm_run
+    refusal = _encoder(micro_world).continuation(REFUSAL)
     reference = TransformersEngine(str(micro_world.model_dir))
     first, second = out["greedy"]
     assert first == second  # greedy float32 on CPU is repeatable
@@ -151,20 +145,12 @@ def test_vllm_engine_matches_transformers_and_repeats(micro_world, random_adapte
 
 
 @pytest.mark.slow
-def test_a_weight_swap_gives_a_fresh_engines_greedy_ids_a_to_b_to_a(micro_world, tuned_full_checkpoint: str,
-                                                                    tmp_path: Path) -> None:
+def test_a_weight_swap_gives_a_fresh_engines_greedy_ids_a_to_b_to_a(micro_world, vllm_run: dict) -> None:
     """One asynchronous engine (as a pool replica runs it, LoRA enabled) swapped A -> B -> A gives, token id for
     token id, what a freshly started engine gives for each checkpoint (float32 on CPU: exact). Without the
     tied lm_head's re-pack it does not (the defect issue 24 found: the swapped engine kept A's packed output
     projection), so this test fails on the naive swap."""
-    prompts = _prompts(micro_world)
-    script = tmp_path / "swap.py"
-    script.write_text(SWAP_SCRIPT)
-    args = [sys.executable, str(script), str(micro_world.model_dir), tuned_full_checkpoint, json.dumps(prompts)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    prompts, out = _prompts(micro_world), vllm_run
     assert sum(a != b for a, b in zip(out["a"], out["b_fresh"], strict=True)) >= len(prompts) // 2  # B differs
     assert out["b_swapped"] == out["b_fresh"]
     assert out["b_probe"] == out["b_fresh_probe"]  # what the pool's swap check compares
