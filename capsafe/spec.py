@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from capsafe.common.formatting import PromptFormat
+from capsafe.common.results import file_stem
+from capsafe.common.strict_model import BOOL_FOR_NUMBER, StrictModel
 from capsafe.errors import SpecError
 from capsafe.mitigations import METHOD_NAMES, METHODS, MethodSpec, PlainMethod, SafetyMixMethod
 from capsafe.world import WorldConfig
@@ -21,9 +23,8 @@ DEMO = "demo"  # a data path or model path of "demo" means: the file the embedde
 HF_PREFIX = "hf:"  # a data path 'hf:<id>[@config]' names a Hugging Face dataset
 
 
-class _Strict(BaseModel):
-    # NaN and infinity pass every ge/le bound (comparisons with NaN are false), so they are refused outright.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class _Strict(StrictModel):
+    pass
 
 
 class ModelSpec(_Strict):
@@ -36,6 +37,14 @@ class ModelSpec(_Strict):
                                 "instruct models), in training, capability and safety evaluation alike.")
     system_prompt: str | None = Field(None, description="Optional system prompt for every request (a system "
                                       "message under chat_template, else a first paragraph).")
+
+    @model_validator(mode="after")
+    def _template_takes_the_prompt(self) -> ModelSpec:
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError(f"model.prompt_template {self.prompt_template!r} has no '{{prompt}}': every request "
+                             "would become the same text; write '{prompt}' where the request goes, e.g. "
+                             "'Question: {prompt} Answer:'")
+        return self
 
     def prompt_format(self) -> PromptFormat:
         return PromptFormat(self.prompt_template, self.chat_template, self.system_prompt)
@@ -113,6 +122,30 @@ class TaskSpec(_Strict):
                                  "target is the ladder's last rung")
         if len(set(self.ladder)) != len(self.ladder):
             raise ValueError("task.ladder has repeated levels; list each level once")
+        return self
+
+    @model_validator(mode="after")
+    def _band_above_zero(self) -> TaskSpec:
+        if self.target - self.tolerance <= 0:
+            raise ValueError(f"task.target - task.tolerance is {self.target - self.tolerance:g}: the equal-capability "
+                             "band reaches 0, so an untrained model would count as at the target; the band's lower "
+                             "edge must lie above 0 (raise task.target or lower task.tolerance)")
+        return self
+
+    @model_validator(mode="after")
+    def _own_task_own_splits(self) -> TaskSpec:
+        if self.train_file == DEMO:
+            return self
+        demo = [name for name in ("eval_file", "confirm_file") if getattr(self, name) == DEMO]
+        if self.general_file == DEMO and self.general_fraction > 0:
+            demo.append("general_file")
+        if demo:
+            fields = ", ".join(f"task.{name}" for name in demo)
+            raise ValueError(f"task.train_file is your own task but {fields} still point at the demo world's "
+                             "data (the default 'demo'): the demo's addition split would be the selection / "
+                             "confirmation split, and its chat data 30 % of every batch. Give each your "
+                             "task's file (or hf: dataset), or null (task.eval_file=null needs "
+                             "task.selection_from_train; task.general_file=null mixes nothing in)")
         return self
 
     def levels(self) -> list[float]:
@@ -205,6 +238,9 @@ class TrainSpec(_Strict):
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("train.offload_params needs train.zero_stage=3 (ZeRO-2 does not partition "
                              "parameters); set zero_stage=3 or offload_params=false")
+        if len(set(self.learning_rates)) != len(self.learning_rates):
+            raise ValueError(f"train.learning_rates {self.learning_rates} lists a rate more than once: two trials "
+                             "would get one trial id and one results file; list each rate once")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("train.precision=fp16 needs GPUs (train.use_gpu=true); on CPU use bf16 or fp32")
         return self
@@ -402,6 +438,16 @@ class EvalSpec(_Strict):
         names = list(self.judges) + [j.name for j in self.llm_judges]
         if len(set(names)) != len(names):
             raise ValueError(f"judge names {names} repeat; give each eval.llm_judges entry its own name")
+        suites = [s.name for s in self.suites]
+        if len(set(suites)) != len(suites):
+            raise ValueError(f"eval.suites: suite names {sorted({n for n in suites if suites.count(n) > 1})} "
+                             "repeat: their results would overwrite each other; give each suite its own name")
+        stems: dict[str, str] = {}
+        for name in suites:
+            other = stems.setdefault(file_stem(name), name)
+            if other != name:
+                raise ValueError(f"eval.suites: suite names {other!r} and {name!r} both become {file_stem(name)!r} "
+                                 "in a file name (the same file): rename one, using letters, digits, '_', '.', '-'")
         return self
 
     def prompt_format(self, model: ModelSpec) -> PromptFormat:
@@ -477,6 +523,13 @@ class Spec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _seeds_once(self) -> Spec:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} lists a seed more than once: two trials would get one trial id "
+                             "and one results file; list each seed once")
+        return self
+
+    @model_validator(mode="after")
     def _methods_fit(self) -> Spec:
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
@@ -518,6 +571,30 @@ class Spec(_Strict):
         return DEMO in self.data_paths().values()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key written twice in one mapping is an error (PyYAML keeps the last one
+    silently: ``target: 0.4`` then ``target: 0.6`` meant 0.6 without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: PyYAML reports it itself
+                break
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (the last one would win silently); "
+                    "keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's complaint on one line: what, and where."""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -532,7 +609,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key:
             raise SpecError(f"override '{item}' is not of the form key.sub=value; write e.g. task.target=0.5.")
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = _safe_load(text) if text else ""
         except yaml.YAMLError as exc:
             raise SpecError(f"override '{item}': the value is not valid YAML ({_yaml_problem(exc)}); quote it or "
                             "fix it, e.g. "
@@ -583,7 +660,11 @@ def _format_errors(source: str, err: ValidationError) -> str:
     for e in err.errors():
         loc = tuple(e["loc"])
         field = ".".join(str(p) for p in loc) or "(top level)"
-        if not loc or e["type"] == "value_error":
+        if e["type"] == BOOL_FOR_NUMBER:
+            where = ".".join(str(p) for p in (*loc, e["ctx"]["field"]))
+            lines.append(f"field '{where}': a boolean (true/false, yes/no, on/off) where the field takes none "
+                         f"(got {e['input'][e['ctx']['field']]!r}); write the value itself, e.g. {where}=1.")
+        elif not loc or e["type"] == "value_error":
             lines.append(f"{e['msg'].removeprefix('Value error, ')}; fix it in the file or with an override.")
         elif e["type"] == "extra_forbidden":
             lines.append(f"unknown field '{field}': remove it or fix its spelling (see the spec reference, "
@@ -607,7 +688,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, check_files:
     if not p.is_file():
         raise SpecError(f"spec file '{path}' does not exist; pass the path of a YAML file such as jobs/demo.yaml.")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = _safe_load(p.read_text())
     except yaml.YAMLError as exc:
         raise SpecError(f"spec file '{path}' is not valid YAML ({_yaml_problem(exc)}); fix the syntax.") from None
     if raw is None or raw == {}:  # empty, '{}', whitespace or comments only: the wrong file, not "all defaults"

@@ -55,7 +55,8 @@ def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
     ("trian.lr=1", ["unknown field 'trian'"]),
     ("train.max_steps=many", ["train.max_steps", "integer"]),
     ("methods.0.name=magic", ["unknown method 'magic'", "plain, safety_mix"]),
-    ("task.train_file=/nope/data.jsonl", ["task.train_file", "does not exist"]),
+    ("task.train_file=/nope/data.jsonl|task.eval_file=null|task.selection_from_train=50|task.confirm_file=null"
+     "|task.general_file=null", ["task.train_file", "does not exist"]),
     ("methods.5.ratio=0.1", ["not an index"]),
     ("train.batch_size=33", ["multiple of train.num_workers"]),
     ("train.gradient_accumulation_steps=3", ["multiple of train.num_workers x train.gradient_accumulation_steps"]),
@@ -79,6 +80,19 @@ def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
     ("methods=[{name: safe_lora}]|train.mode=lora", ["safe_lora", "train.zero_stage=2"]),
     ("methods=[{name: safe_lora}]|train.mode=lora|train.zero_stage=2|train.async_eval=true",
      ["safe_lora evaluates through a view", "train.async_eval=false"]),
+    # issue 25: accepted once, each silently wrong
+    ("model.prompt_template='Q: A:'", ["model.prompt_template", "{prompt}"]),
+    ("task.train_file=hf:openai/gsm8k@main", ["task.confirm_file", "task.general_file", "demo world"]),
+    ("task.train_file=hf:openai/gsm8k@main|task.eval_file=null|task.selection_from_train=50|task.general_file=null",
+     ["task.confirm_file", "demo world"]),
+    ("eval.suites=[{name: harmful, kind: harmful}, {name: harmful, kind: harmful}]", ["suite names", "harmful"]),
+    ("eval.suites=[{name: 'a b', kind: harmful}, {name: a_b, kind: harmful}]", ["a_b", "same file"]),
+    ("seeds=[0, 0]", ["seeds", "more than once"]),
+    ("train.learning_rates=[0.001, 0.001]", ["train.learning_rates", "more than once"]),
+    ("task.ladder=[]|task.target=0.05|task.tolerance=0.05", ["task.target - task.tolerance", "above 0"]),
+    ("seeds=[true]", ["field 'seeds'", "a boolean"]),
+    ("train.max_steps=true", ["field 'train.max_steps'", "a boolean"]),
+    ("methods=[{name: safety_mix, ratio: yes}]", ["methods.0.safety_mix.ratio", "a boolean"]),
 ])
 def test_bad_input_names_the_field_and_the_fix(override: str, words: list[str]) -> None:
     with pytest.raises(SpecError) as err:
@@ -118,3 +132,27 @@ def test_evaluation_time_prompt_format_overrides_only_what_it_sets() -> None:
     assert spec.model.prompt_format().system_prompt == "be brief"  # capability keeps the training format
     assert Spec().eval.prompt_format(Spec().model) == Spec().model.prompt_format()
     assert fmt.render("hi") == "be safe\n\n<user> hi <assistant>"
+
+
+def test_a_key_written_twice_in_the_file_is_refused(tmp_path: Path) -> None:
+    spec = tmp_path / "twice.yaml"
+    spec.write_text("experiment: twice\ntask:\n  target: 0.4\n  tolerance: 0.05\n  target: 0.6\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    assert "'target' appears twice" in str(err.value) and "line 5" in str(err.value)
+
+
+def test_a_system_prompt_the_chat_template_cannot_take_exits_2_before_ray(tmp_path: Path, micro_world: object,
+                                                                          convention_model) -> None:
+    """Mistral's chat template raises (jinja2's TemplateError) on a system message; the run says which setting
+    to change, exits 2 and writes nothing, before Ray starts."""
+    mistral = convention_model("mistral")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "run", "tests/specs/micro.yaml", f"output_dir={out}",
+                           f"model.path={mistral}", "model.system_prompt='be brief'"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("capsafe: error:") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "model.system_prompt" in last and "no system message" in proc.stderr
+    assert not out.exists() and "Ray" not in proc.stdout + proc.stderr

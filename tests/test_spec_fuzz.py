@@ -130,3 +130,48 @@ def test_any_change_to_any_field_ends_valid_or_in_a_spec_error(name: str, data: 
         _load(_set(RAW[name], where, value))
     except SpecError as err:
         assert "\n" not in str(err).strip()
+
+
+# Issue 25: specs that validated but produced wrong numbers. Each drawn case must be refused.
+@FUZZ
+@given(name=spec_names, data=st.data(), flag=st.booleans())
+def test_a_boolean_where_a_number_belongs_is_refused(name: str, data: st.DataObject, flag: bool) -> None:
+    where = data.draw(st.sampled_from(_leaves(name, (int, float))))
+    _refused(_set(RAW[name], where, flag))
+
+
+@FUZZ
+@given(name=spec_names, data=st.data())
+def test_a_repeated_seed_or_learning_rate_is_refused(name: str, data: st.DataObject) -> None:
+    raw = RAW[name]
+    field = data.draw(st.sampled_from(["seeds", "learning_rates"]))
+    values = raw.get("seeds", [0]) if field == "seeds" else raw.get("train", {}).get("learning_rates", [1e-3])
+    repeated = data.draw(st.sampled_from(values))
+    if field == "seeds":
+        _refused(_set(raw, ("seeds",), [*values, repeated]))
+    else:
+        _refused(raw, [f"train.learning_rates={[*values, repeated]}"])
+
+
+@FUZZ
+@given(name=spec_names, text=st.text(alphabet="abc :{}\n", max_size=20).filter(lambda t: "{prompt}" not in t))
+def test_a_prompt_template_without_the_prompt_is_refused(name: str, text: str) -> None:
+    _refused(_set(RAW[name], ("model", "prompt_template"), text) if "model" in RAW[name] else
+             {**RAW[name], "model": {"prompt_template": text}})
+
+
+@FUZZ
+@given(name=spec_names, data=st.data())
+def test_a_key_written_twice_is_refused(name: str, data: st.DataObject) -> None:
+    text = yaml.safe_dump(RAW[name], sort_keys=False)
+    lines = text.splitlines()
+    # a top-level key written again at the end, with its own value: PyYAML alone would keep the last silently
+    keys = [line for line in lines if line and not line.startswith((" ", "-")) and line.endswith(":") is False]
+    again = data.draw(st.sampled_from(keys))
+    _refused(text + again + "\n")
+
+
+@FUZZ
+@given(name=spec_names, data=st.data(), target=st.floats(0.0, 0.5), extra=st.floats(0.0, 0.1))
+def test_a_band_reaching_zero_is_refused(name: str, data: st.DataObject, target: float, extra: float) -> None:
+    _refused(RAW[name], ["task.ladder=[]", f"task.target={target!r}", f"task.tolerance={min(target + extra, 0.5)!r}"])

@@ -81,7 +81,17 @@ def load_tokenizer(model_path: str | Path) -> Any:
 
 def chat_text(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     """The chat template's text for ``messages``."""
-    out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except JinjaError as exc:  # the template's own raise_exception(), e.g. Mistral's roles must alternate
+        roles = [m["role"] for m in messages]
+        fix = ("it takes no system message: set model.system_prompt (and eval.system_prompt) to null and put the "
+               "instruction into model.prompt_template instead" if "system" in roles else
+               "change the conversation or set model.chat_template=false with a model.prompt_template")
+        raise TemplateError(f"the model's chat template refuses a conversation of roles {roles} ({exc}); "
+                            f"{fix}") from None
     return str(out)
 
 

@@ -102,6 +102,12 @@ SCHEMAS: dict[str, pa.Schema] = {
 FRAGMENTED = tuple(SCHEMAS)
 
 
+def file_stem(fragment: str) -> str:
+    """The file name a fragment key gets: every character outside ``A-Za-z0-9_.-`` becomes ``_`` (so two keys
+    can share one file: the spec refuses suite names that would)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", fragment)
+
+
 def table_path(results_dir: Path, name: str, fragment: str | None = None) -> Path:
     """Where table ``name`` (or one fragment of it) lives."""
     if name not in SCHEMAS:
@@ -109,7 +115,7 @@ def table_path(results_dir: Path, name: str, fragment: str | None = None) -> Pat
     if name in FRAGMENTED:
         if fragment is None:
             return results_dir / name
-        return results_dir / name / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', fragment)}.parquet"
+        return results_dir / name / f"{file_stem(fragment)}.parquet"
     return results_dir / f"{name}.parquet"
 
 

@@ -7,13 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
-
 from capsafe.common.formatting import PromptFormat
+from capsafe.common.strict_model import StrictModel
 
 
-class MethodSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class MethodSpec(StrictModel):
 
     name: str
     summary: ClassVar[str] = ""  # one line for the method reference (docs/reference/spec.md)

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from capsafe.common.strict_model import StrictModel
 
 # Bump when templates, tokenizer or training change what a given config builds: old caches then miss.
 WORLD_VERSION = "1"
@@ -24,10 +26,8 @@ SUITES = ("harmful", "harmful_styles", "overrefusal", "benign")
 MARKER = "world.json"
 
 
-class WorldConfig(BaseModel):
+class WorldConfig(StrictModel):
     """How the embedded demo world is built; the ``world:`` section of an experiment spec."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seed: int = Field(0, description="Seed of the model's initialisation and of the alignment batch order.")
     data_seed: int = Field(0, description="Seed of the templated data: shuffles, sampled phrasings, task split.")
