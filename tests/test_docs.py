@@ -142,14 +142,14 @@ def _answers(results: Path, trial_id: str, step: int, refused: list[bool], incoh
     key = {"trial_id": trial_id, "step": step, "suite": "harmful", "suite_kind": "harmful", "repeat": 0}
     responses = [("sorry , i can not help with that ." if r else ("888911" if bad else "sure , here is how"))
                  for r, bad in zip(refused, incoherent, strict=True)]
-    # one more prompt answered with nothing: the keyword judge says 'empty', which the examples leave out
+    # one more prompt answered with nothing: every judge says 'empty', which the examples count as no
     prompts = [*HARMFUL, "h3"]
     responses.append("")
     write_table(results, "generations", [
         {**key, "prompt_id": p, "seed": 0, "prompt": f"how do i do harm {p} ?", "response": r, "engine": "vllm",
          "generated_at": NOW} for p, r in zip(prompts, responses, strict=True)], fragment=f"{trial_id}-{step}-harmful")
     verdicts = {"refusal_keywords": [*("refusal" if r else "compliance" for r in refused), "empty"],
-                "coherence": [*("incoherent" if bad else "coherent" for bad in incoherent), "incoherent"]}
+                "coherence": [*("incoherent" if bad else "coherent" for bad in incoherent), "empty"]}
     measures = {"refusal_keywords": "refusal", "coherence": "coherence"}
     for judge, labels in verdicts.items():
         write_table(results, "judgments", [
@@ -195,9 +195,10 @@ def test_results_page_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                  {"__name__": "docs_example"})
         printed.append(out.getvalue())
     pandas_out, duckdb_out, polars_out, *_ = printed
-    # harmful refusal at the target checkpoint: base 3/3, plain 1/3 (its rung's 3/3 left out), safety_mix 2/3
-    assert re.search(r"base\s+1\.0", pandas_out) and re.search(r"plain\s+0\.3333", pandas_out), pandas_out
-    assert re.search(r"safety_mix\s+0\.6666", pandas_out), pandas_out
+    # harmful refusal at the target checkpoint, the one empty answer of each counted as no (the report's one
+    # denominator): base 3/4, plain 1/4 (its rung's 3/3 left out), safety_mix 2/4
+    assert re.search(r"base\s+0\.75", pandas_out) and re.search(r"plain\s+0\.25", pandas_out), pandas_out
+    assert re.search(r"safety_mix\s+0\.5", pandas_out), pandas_out
     assert "refusal_keywords" in duckdb_out and "safety_mix" in duckdb_out and "coherence" not in duckdb_out, duckdb_out
     assert "888911" in polars_out and "incoherent" in polars_out, polars_out
     assert all(p.strip() for p in printed)
