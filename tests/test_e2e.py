@@ -201,34 +201,41 @@ def _ray_head() -> Iterator[dict[str, str]]:
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[dict[str, str]]:
+    """One real head for the tests below (a start and a stop cost ~15 s): each runs its own experiment on it."""
     with _ray_head() as env:
-        proc = subprocess.run(
-            [sys.executable, "-m", "capsafe.cli", "submit", MICRO, "--address", "http://127.0.0.1:8277",
-             f"output_dir={tmp_path}", "methods=[{name: plain}]",
-             # the other half of the training matrix: LoRA adapters under ZeRO-2, served as vLLM LoRA requests
-             # on the base engine; sampled twice per prompt; the whole judge panel (an LLM judge through the
-             # pool, base-model perplexity in the coherence judge)
-             "train.mode=lora", "train.zero_stage=2", "train.learning_rates=[0.01]",
-             # LoRA learns the micro task slowly and noisily (0.00-0.15 over 1000 steps, rising from about step
-             # 400): the budget leaves room for a machine whose kernels put the first pass into the band
-             # (>= 0.05) after step 400, where CI once did; a trial stops as soon as it is reached
-             "train.max_steps=1000",
-             "eval.temperature=0.8", "eval.repeats=2", "eval.max_perplexity=5000",
-             # the world's Llama-Guard-format judge model, its published prompt and a reworded one
-             "eval.llm_judges=[{name: guard, prompt_variants: [lg_terse]}]"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
-        assert "SUCCEEDED" in proc.stdout
-        _check_results(tmp_path / "micro", "vllm", {"plain"}, repeats=2, harm_judges=2)
-        gens = read_table(tmp_path / "micro", "generations").to_pandas()
-        assert set(gens["seed"]) == {0, 1}
-        judg = read_table(tmp_path / "micro", "judgments").to_pandas()
-        assert judg[judg["judge"] == "guard"]["raw"].notna().all()
-        assert (judg[judg["judge"] == "guard"]["verdict"] != "unparsed").mean() > 0.9  # it answers in its format
-        assert "## Judge prompt variants" in (tmp_path / "micro" / "report.md").read_text()
-        assert judg[judg["judge"] == "coherence"]["score"].notna().any()
-        assert not list((tmp_path / "micro" / "models").rglob("merged"))  # adapters were served, not merged
+        yield env
+
+
+def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path, ray_head: dict[str, str]) -> None:
+    env = dict(ray_head)
+    proc = subprocess.run(
+        [sys.executable, "-m", "capsafe.cli", "submit", MICRO, "--address", "http://127.0.0.1:8277",
+         f"output_dir={tmp_path}", "methods=[{name: plain}]",
+         # the other half of the training matrix: LoRA adapters under ZeRO-2, served as vLLM LoRA requests
+         # on the base engine; sampled twice per prompt; the whole judge panel (an LLM judge through the
+         # pool, base-model perplexity in the coherence judge)
+         "train.mode=lora", "train.zero_stage=2", "train.learning_rates=[0.01]",
+         # LoRA learns the micro task slowly and noisily (0.00-0.15 over 1000 steps, rising from about step
+         # 400): the budget leaves room for a machine whose kernels put the first pass into the band
+         # (>= 0.05) after step 400, where CI once did; a trial stops as soon as it is reached
+         "train.max_steps=1000",
+         "eval.temperature=0.8", "eval.repeats=2", "eval.max_perplexity=5000",
+         # the world's Llama-Guard-format judge model, its published prompt and a reworded one
+         "eval.llm_judges=[{name: guard, prompt_variants: [lg_terse]}]"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stdout
+    _check_results(tmp_path / "micro", "vllm", {"plain"}, repeats=2, harm_judges=2)
+    gens = read_table(tmp_path / "micro", "generations").to_pandas()
+    assert set(gens["seed"]) == {0, 1}
+    judg = read_table(tmp_path / "micro", "judgments").to_pandas()
+    assert judg[judg["judge"] == "guard"]["raw"].notna().all()
+    assert (judg[judg["judge"] == "guard"]["verdict"] != "unparsed").mean() > 0.9  # it answers in its format
+    assert "## Judge prompt variants" in (tmp_path / "micro" / "report.md").read_text()
+    assert judg[judg["judge"] == "coherence"]["score"].notna().any()
+    assert not list((tmp_path / "micro" / "models").rglob("merged"))  # adapters were served, not merged
 
 
 def _train_worker_pids(temp_dir: str) -> list[int]:
@@ -257,34 +264,35 @@ def _journal_steps(out: Path, trial: str) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def test_killed_worker_restarts_from_checkpoint_and_killed_driver_resumes(tmp_path: Path) -> None:
+def test_killed_worker_restarts_from_checkpoint_and_killed_driver_resumes(tmp_path: Path,
+                                                                          ray_head: dict[str, str]) -> None:
     """Kills a Ray Train worker mid-trial (Ray Train restarts the group from the last resume checkpoint), then
     kills the driver mid-sweep; `capsafe run --resume` finishes the sweep without redoing or duplicating."""
     out = tmp_path / "faults"
     args = [sys.executable, "-m", "capsafe.cli", "run", MICRO, f"output_dir={tmp_path}", "experiment=faults",
             "ray_address=127.0.0.1:6391", "eval.engine=transformers", "train.zero_stage=2", "task.ladder=[0.025]"]
     first, second = "plain-s0-lr0.003", "safety_mix-s0-lr0.003"
-    with _ray_head() as env:
-        log = tmp_path / "driver.log"
-        with log.open("w") as fh:
-            driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        try:
-            _wait_for("the first resume checkpoint", lambda: _journal_steps(out, first) >= 1, driver, log, 600)
-            workers = _train_worker_pids(env["CAPSAFE_TEST_RAY_TEMP_DIR"])
-            assert len(workers) == 2, workers
-            os.kill(workers[1], signal.SIGKILL)
-            _wait_for("the first trial to finish", lambda: (out / "trials" / f"{first}.parquet").is_file(),
-                      driver, log, 900)
-            _wait_for("the second trial's first report", lambda: _journal_steps(out, second) >= 1, driver, log, 600)
-            driver.kill()  # the driver dies mid-sweep, without any chance to clean up
-            driver.wait(timeout=60)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-        assert not (out / "trials" / f"{second}.parquet").exists()
-        resumed = subprocess.run([*args[:4], "--resume", *args[4:]], cwd=REPO, env=env, capture_output=True,
-                                 text=True, timeout=1200)
-        assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-3000:]
+    env = dict(ray_head)
+    log = tmp_path / "driver.log"
+    with log.open("w") as fh:
+        driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        _wait_for("the first resume checkpoint", lambda: _journal_steps(out, first) >= 1, driver, log, 600)
+        workers = _train_worker_pids(env["CAPSAFE_TEST_RAY_TEMP_DIR"])
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        _wait_for("the first trial to finish", lambda: (out / "trials" / f"{first}.parquet").is_file(),
+                  driver, log, 900)
+        _wait_for("the second trial's first report", lambda: _journal_steps(out, second) >= 1, driver, log, 600)
+        driver.kill()  # the driver dies mid-sweep, without any chance to clean up
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert not (out / "trials" / f"{second}.parquet").exists()
+    resumed = subprocess.run([*args[:4], "--resume", *args[4:]], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-3000:]
     assert "1 already done" in resumed.stdout
     _check_results(out, "transformers", {"plain", "safety_mix"}, levels=(0.025, 0.075))
     trials = read_table(out, "trials").to_pandas().set_index("trial_id")

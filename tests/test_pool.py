@@ -24,6 +24,16 @@ pytestmark = pytest.mark.slow
 KEYS = ["trial_id", "step", "suite", "prompt_id", "repeat"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray_cluster():
+    """One local Ray cluster for this module's pools (each test's own ``ray_session`` joins it); shut down after
+    the last test. A start and a shutdown cost ~10 s."""
+    from capsafe.runtime.ray_shell import ray_session
+
+    with ray_session(None, 4):
+        yield
+
+
 def _suites(world, n: int) -> list[Suite]:
     suites = []
     for name in ("harmful", "overrefusal", "benign"):

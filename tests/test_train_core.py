@@ -44,8 +44,14 @@ def _cfg(world: Any, tmp: Path, overrides: list[str]) -> TrialConfig:
     from capsafe.spec import load_spec
     from capsafe.train.trials import plan_trials
 
+    # "task.target=0.0" stops a trial at its first evaluation: a target the spec refuses from a user (its band
+    # would reach 0), so the test sets it on the validated spec
+    targets = [o for o in overrides if o.startswith("task.target=")]
     spec = load_spec(REPO / "tests" / "specs" / "micro.yaml", ["train.num_workers=1", "train.cpus_per_worker=1",
-                                                                "methods=[{name: plain}]", *overrides])
+                                                                "methods=[{name: plain}]",
+                                                                *[o for o in overrides if o not in targets]])
+    for override in targets:
+        spec.task.target = float(override.split("=", 1)[1])
     paths = {**spec.data_paths(), "model.path": str(world.model_dir), "task.train_file": str(world.task_train),
              "task.eval_file": str(world.task_eval), "task.confirm_file": str(world.task_confirm),
              "task.general_file": str(world.general)}
@@ -204,8 +210,10 @@ def test_every_mitigation_trains_and_saves(one_rank: Any, micro_world: Any, tmp_
 
 def test_lisa_anchors_follow_the_phase_switches_inside_the_loop(one_rank: Any, micro_world: Any, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Alignment steps 1-2, task 3-4, alignment 5-6; the proximal term waits for 25 % of 8 budgeted steps, then
-    pulls toward the weights of the last switch: one anchor for steps 3-4, a new one for 5-6."""
+    """Alignment steps 1-2, task 3-4, alignment 5-6; the proximal term waits for 2 steps taken, then pulls toward
+    the weights of the last switch: one anchor for steps 3-4, a new one for 5-6. The trial stops at step 6 of a
+    budget of 400 (it reaches its target there): the warm-up counts steps taken, so the term applied anyway
+    (a warm-up of 10 % of the budget, as before issue 25, would have started at step 41, never)."""
     import torch
 
     import capsafe.train.core as core
@@ -219,10 +227,10 @@ def test_lisa_anchors_follow_the_phase_switches_inside_the_loop(one_rank: Any, m
         return original(params, anchor, rho)
 
     monkeypatch.setattr(core, "proximal", recording)
-    cfg = _cfg(micro_world, tmp_path, ["task.target=0.0", "train.eval_every=6", "train.max_steps=8",
+    cfg = _cfg(micro_world, tmp_path, ["task.target=0.0", "train.eval_every=6", "train.max_steps=400",
                                        "train.zero_stage=2", "train.mode=lora",
                                        "methods=[{name: lisa, alignment_steps: 2, task_steps: 2, rho: 0.5, "
-                                       "warmup_share: 0.25}]"])
+                                       "warmup_steps: 2}]"])
     run_training(cfg, Recorder(tmp_path).host)
     assert len(calls) == 4 and {c[2] for c in calls} == {0.5}  # none during the warm-up (steps 1-2)
     (a3, w3, _), (a4, w4, _), (a5, w5, _), (a6, w6, _) = calls

@@ -69,9 +69,9 @@ class MethodSpec(StrictModel):
         """'task' or 'alignment': which batches step ``step`` (1-based) trains on."""
         return "task"
 
-    def proximal_rho(self, step: int, total_steps: int) -> float:
-        """Weight of a proximal term toward the weights at the last phase switch (0: none); ``total_steps`` is
-        the trial's step budget."""
+    def proximal_rho(self, step: int) -> float:
+        """Weight of a proximal term toward the weights at the last phase switch at step ``step`` (1-based,
+        steps actually trained); 0: none."""
         return 0.0
 
     def objective(self, ce: Any, logits: Any, labels: Any, ref_logits: Any) -> Any:

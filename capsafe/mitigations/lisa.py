@@ -24,9 +24,11 @@ class LisaMethod(MethodSpec):
                        "(paper: 1).")
     data_file: str = Field(DEMO, description="Alignment data: jsonl ('prompt', 'response') of refusal "
                            "demonstrations, or 'demo' (the demo world's).")
-    warmup_share: float = Field(0.1, ge=0.0, le=1.0, description="Share of the trial's step budget "
-                                "(train.max_steps) before the proximal term starts; the authors' code adds it "
-                                "only after 10 % of all training steps (it hurt convergence on GSM8K early).")
+    warmup_steps: int = Field(100, ge=0, description="Steps the trial trains before the proximal term starts, "
+                              "counted in steps actually taken: a trial that reaches its target early still gets "
+                              "the term after them (a share of train.max_steps, the step budget, never came for "
+                              "a trial that stopped before it). The authors' trainer waits 10 % of its planned "
+                              "steps (the term hurt convergence on GSM8K early).")
     uses_anchor: ClassVar[bool] = True
 
     def data_fields(self) -> dict[str, str]:
@@ -45,7 +47,8 @@ class LisaMethod(MethodSpec):
         return "alignment" if (step - 1) % (self.alignment_steps + self.task_steps) < self.alignment_steps \
             else "task"
 
-    def proximal_rho(self, step: int, total_steps: int) -> float:
+    def proximal_rho(self, step: int) -> float:
         # git-disl/Lisa trainer.py (ADMMTrainer.training_step): `if self.steps > 0.1 * len(train_dataloader) *
-        # num_train_epochs` guards the proximal term in both states
-        return self.rho if step > self.warmup_share * total_steps else 0.0
+        # num_train_epochs` guards the proximal term in both states; capsafe stops at a target, not at a planned
+        # step count, so the warm-up is a number of steps
+        return self.rho if step > self.warmup_steps else 0.0

@@ -231,7 +231,7 @@ def _train(cfg: TrialConfig, host: Host, state: TrainState, engine: Any, tokeniz
         state.tokens += step_tokens  # every rank sees the same global batch
         local = examples[host.rank::host.world]
         micro = len(local) // accum
-        rho, phase = method.proximal_rho(state.step, train.max_steps), method.phase(state.step)
+        rho, phase = method.proximal_rho(state.step), method.phase(state.step)
         if method.uses_anchor and (anchor is None or anchor[0] != phase):
             # the weights at every phase switch (at the start: the initial ones; after a restart: the restored
             # ones), kept even while the proximal term waits for its warm-up, as the authors' trainer keeps them
