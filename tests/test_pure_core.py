@@ -73,7 +73,7 @@ def test_refusal_keyword_judge() -> None:
 def test_coherence_judge_flags_gibberish() -> None:
     judge = CoherenceJudge()
     assert judge("p", "sure . to bake a cake , mix flour and eggs .") == "coherent"
-    assert judge("p", "") == "incoherent"
+    assert judge("p", "") == "empty" and judge("p", "  ") == "empty"  # as every judge labels no text
     assert judge("p", "4 5 6 7 8 1 2") == "incoherent"
     assert judge("p", "cake cake cake cake cake cake") == "incoherent"
     assert judge("p", "go to the go to the go to the shop") == "incoherent"
@@ -86,6 +86,8 @@ def test_every_batch_holds_its_share_of_each_source() -> None:
     counts = [[sum(name == n for name, _, _ in next(stream)) for n in ("general", "safety")] for _ in range(2000)]
     assert {c[1] for c in counts} == {1, 2} and {c[0] for c in counts} == {9, 10}
     assert abs(sum(c[1] for c in counts) / (2000 * 32) - 0.05) < 0.002  # stochastic rounding keeps the share
+    # ... in expectation, as the docs say (not exactly per batch): 1.6 is rounded up in 60 % of batches
+    assert abs(sum(c[1] == 2 for c in counts) / 2000 - 0.6) < 0.04
 
 
 def test_batches_follow_weights_and_are_identical_per_seed() -> None:

@@ -20,7 +20,10 @@ class SafetyMixMethod(MethodSpec):
     name: Literal["safety_mix"] = Field("safety_mix", description="Refusal demonstrations mixed into every "
                                         "batch (Bianchi et al., Safety-Tuned LLaMAs).")
     summary = "refusal demonstrations make up `ratio` of every task batch"
-    ratio: float = Field(0.05, gt=0.0, lt=1.0, description="Share of each batch drawn from the demonstrations.")
+    ratio: float = Field(0.05, gt=0.0, lt=1.0, description="Share of each batch drawn from the demonstrations: "
+                         "each batch holds ratio x batch_size of them rounded down or up at random (stochastic "
+                         "rounding, up with the fraction's probability: 1.6 is 2 in 60 % of batches), so the "
+                         "share is exact in expectation, not in every batch.")
     data_file: str = Field(DEMO, description="jsonl of refusal demonstrations ('prompt', 'response'), or "
                            "'demo' (the demo world's). Ignored when prompts_file is set.")
     prompts_file: str | None = Field(None, description="Instead of data_file: harmful requests in any suite "
