@@ -17,7 +17,7 @@ from typing import Any
 from capsafe.common.data import Suite
 from capsafe.common.results import read_table, write_table
 from capsafe.errors import SpecError
-from capsafe.evaluate.http_api import check_port_free
+from capsafe.evaluate.http_api import api_key_from_env, check_port_free
 from capsafe.evaluate.stage import adapter_slots, run_evaluation, serving
 from capsafe.preflight import check_eval_context, resolve_train_len
 from capsafe.report.build import write_report
@@ -76,6 +76,7 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     context_len = check_eval_context(spec, paths, records["task.eval_file"], suites, log)  # so do long prompts
     if spec.eval.http is not None:
         check_port_free(spec.eval.http.host, spec.eval.http.port)  # and a port in use
+        api_key_from_env(spec.eval.http.api_key_env)  # and an API key the environment does not hold
     beside = spec.eval.schedule == "streaming"  # the pool holds its resources beside training, or after it
     # Connect before anything is written, so that a spec the cluster can never hold is refused with nothing
     # half-done; the stages join this session (ray_session is re-entrant) and it ends with them.

@@ -357,11 +357,37 @@ class AutoscalingSpec(_Strict):
         return self
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class HttpSpec(_Strict):
     host: str = Field("127.0.0.1", description="Address the pool's OpenAI-compatible API listens on; the "
-                      "default is this machine only (0.0.0.0 opens it to the network: it has no authentication).")
+                      "default is this machine only. Any other address (0.0.0.0 opens it to the network) needs "
+                      "api_key_env.")
     port: int = Field(8000, ge=1, le=65535, description="Its port; a port in use stops the run before anything "
                       "runs.")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name of the "
+                                    "environment variable that holds the API key (never the key itself: a spec "
+                                    "is copied into the results); every request must then send 'Authorization: "
+                                    "Bearer <key>' or is answered 401. Required when host is not a loopback "
+                                    "address; an unset or empty variable stops the run before anything runs.")
+
+    @model_validator(mode="after")
+    def _key_off_loopback(self) -> HttpSpec:
+        if not is_loopback(self.host) and self.api_key_env is None:
+            raise ValueError(f"eval.http.host {self.host} is reachable from other machines but no API key is set: "
+                             "set eval.http.api_key_env to the name of an environment variable holding a key "
+                             "(e.g. CAPSAFE_API_KEY), or listen on 127.0.0.1")
+        return self
 
 
 class EvalSpec(_Strict):

@@ -104,6 +104,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+API_KEY = "test-key"
+
+
 def _http_run(results: Path, world, adapter: str):
     """A run's results folder holding one kept LoRA checkpoint (the random adapter) at step 10."""
     from capsafe.common.checkpoints import CHECKPOINT_META
@@ -118,7 +121,7 @@ def _http_run(results: Path, world, adapter: str):
         "trial_id": "lora-s0-lr0.1", "level": 0.1, "reached": True, "step": 10, "capability": 0.1, "tokens": 1,
         "elapsed_s": 1.0, "checkpoint": str(ckpt), "served_capability": None, "confirmed_capability": None,
         "postprocess": None, "confirmed_items": None, "evaluation_started_at": None}], fragment="lora-s0-lr0.1")
-    return HttpContext(str(results), str(world.model_dir), True, world.prompt_format().to_dict(), 16)
+    return HttpContext(str(results), str(world.model_dir), True, world.prompt_format().to_dict(), 16, API_KEY)
 
 
 def _check_http(port: int, pool, world, adapter: str) -> None:
@@ -126,8 +129,12 @@ def _check_http(port: int, pool, world, adapter: str) -> None:
     chat request as the pool answers the suites' encoding of it (greedy), for the base model and the adapter."""
     import openai
 
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=5)
+    from capsafe.common.formatting import encode_chat
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=5)
     assert {m.id for m in client.models.list()} == {"base", "lora-s0-lr0.1@10"}
+    with pytest.raises(openai.AuthenticationError):  # a wrong key is a 401
+        openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
     tokenizer = load_tokenizer(str(world.model_dir))
     request = _suites(world, 1)[0].items[0]["prompt"]
     ids = Encoder(tokenizer, world.prompt_format()).prompt(request)
@@ -137,6 +144,15 @@ def _check_http(port: int, pool, world, adapter: str) -> None:
                                                max_tokens=16, temperature=0)
         expected = pool.generate(target, [ids], Sampling(16)).result()[0]
         assert reply.choices[0].message.content == expected and reply.usage.prompt_tokens == len(ids), name
+    # a conversation of several turns, through the model's chat template; ids unique per request
+    turns = [{"role": "user", "content": request}, {"role": "assistant", "content": "no ."},
+             {"role": "user", "content": "why not ?"}]
+    replies = [client.chat.completions.create(model="base", messages=turns, max_tokens=16, temperature=0)
+               for _ in range(2)]
+    ids = encode_chat(tokenizer, turns)
+    assert replies[0].choices[0].message.content == pool.generate(Target(str(world.model_dir)), [ids],
+                                                                  Sampling(16)).result()[0]
+    assert replies[0].usage.prompt_tokens == len(ids) and replies[0].id != replies[1].id
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-trial", messages=[{"role": "user", "content": request}])
 

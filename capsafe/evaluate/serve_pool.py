@@ -151,7 +151,8 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
 
             if http is None:
                 return JSONResponse({"error": {"message": "eval.http is off"}}, status_code=404)
-            status, body = await handle(request.method, request.url.path, await request.body(), http, run)
+            status, body = await handle(request.method, request.url.path, await request.body(), http, run,
+                                        request.headers.get("authorization"))
             return JSONResponse(body, status_code=status)
 
     return GenerationPool.options(**options).bind()  # type: ignore[attr-defined]

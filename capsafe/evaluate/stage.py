@@ -19,7 +19,7 @@ from capsafe.common.generation import Sampling, Target
 from capsafe.common.metrics import score
 from capsafe.common.results import read_table, write_table
 from capsafe.evaluate.fan_out import Encode, evaluate_models
-from capsafe.evaluate.http_api import HttpContext
+from capsafe.evaluate.http_api import HttpContext, api_key_from_env
 from capsafe.evaluate.panel import CoherenceWithPerplexity, Judge, LLMJudge, Pool, rule_judge, then
 from capsafe.evaluate.targets import checkpoint_targets
 from capsafe.judging.formats import FORMATS, parse_strongreject, variant_name
@@ -226,7 +226,8 @@ def serving(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[S
     e = spec.eval
     autoscaling = e.autoscaling.model_dump() if e.autoscaling else None
     http = None if e.http is None else HttpContext(str(results_dir), paths["model.path"], e.lora_adapters,
-                                                   e.prompt_format(spec.model).to_dict(), e.max_new_tokens)
+                                                   e.prompt_format(spec.model).to_dict(), e.max_new_tokens,
+                                                   api_key_from_env(e.http.api_key_env))
     checks = results_dir / SWAP_CHECKS
     app = build_pool(e.engine, engine_kwargs(spec, adapters, context_len),
                      deployment_options(e.replicas, e.cpus_per_replica, e.gpus_per_replica, autoscaling),
