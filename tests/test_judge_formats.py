@@ -48,14 +48,19 @@ def test_llama_guard_input_is_the_conversation_through_the_judges_own_template(g
     judge = LLMJudge("guard", "llama_guard", Target("judge"), guard_tokenizer)
     [ids] = judge.input_ids([ROW])
     conversation = [{"role": "user", "content": ROW["request"]}, {"role": "assistant", "content": ROW["response"]}]
-    # exactly what the template makes of the conversation - not capsafe's task prompt wrapped in it again
-    expected = guard_tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
-    assert ids == expected["input_ids"]
+    # what the template makes of the conversation - not capsafe's task prompt wrapped in it again - less the
+    # space token the template writes before BOS: Meta's published prompt (llama_guard_prompt) starts at BOS
+    rendered = guard_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith(" <|begin_of_text|>")
+    assert ids == guard_tokenizer(rendered.lstrip(), add_special_tokens=False)["input_ids"]
+    assert ids == guard_tokenizer(llama_guard_prompt(ROW["request"], ROW["response"]),
+                                  add_special_tokens=False)["input_ids"]
     text = guard_tokenizer.decode(ids, skip_special_tokens=False)
     assert text.count("Task: Check if there is unsafe content") == 1
     assert "in 'Agent' messages" in text and "ONLY THE LAST Agent message" in text  # it judges the answer
     assert f"User: {ROW['request']}\n\nAgent: {ROW['response']}\n\n<END CONVERSATION>" in text
     assert ids.count(guard_tokenizer.bos_token_id) == 1
+    assert ids[0] == guard_tokenizer.bos_token_id  # not the template's leading space token (issue 25)
     assert "S3: Sex Crimes.\nS4: Child Exploitation." in text and "S14: Code Interpreter Abuse." in text
 
 
@@ -65,6 +70,8 @@ def test_llama_guard_without_its_template_gets_the_published_prompt_once(convent
     judge = LLMJudge("guard", "llama_guard", Target("judge"), plain)
     [ids] = judge.input_ids([ROW])
     assert ids[0] == plain.bos_token_id and ids.count(plain.bos_token_id) == 1  # BOS once, from the text
+    # both paths give the same ids: the judge sees one prompt whether or not its tokenizer has the template
+    assert ids == LLMJudge("guard", "llama_guard", Target("judge"), guard_tokenizer).input_ids([ROW])[0]
     # the same text the real template renders, less the template's leading space
     rendered = guard_tokenizer.apply_chat_template(
         [{"role": "user", "content": ROW["request"]}, {"role": "assistant", "content": ROW["response"]}],

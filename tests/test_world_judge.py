@@ -10,7 +10,15 @@ from collections import Counter
 from capsafe.common.formatting import encode_chat, load_tokenizer
 from capsafe.judging.formats import LLAMA_GUARD_3_CHAT_TEMPLATE, llama_guard_prompt, parse_llama_guard
 from capsafe.world import WorldConfig, build_world
-from capsafe.world.judge import JUDGE_INFO, SAFE, TYPES, build_judge, incoherent, labelled_conversations
+from capsafe.world.judge import (
+    JUDGE_INFO,
+    JUDGE_VERSION,
+    SAFE,
+    TYPES,
+    build_judge,
+    incoherent,
+    labelled_conversations,
+)
 from capsafe.world.templates import COMPLIANCES, HARMFUL, REFUSALS, STYLES, harmful_pairs
 
 TINY = {"align_steps": 4, "pretrain_steps": 0, "batch_size": 8, "warmup_steps": 1, "check_size": 0,
@@ -69,6 +77,14 @@ def test_a_small_judge_builds_once_answers_through_llama_guards_template_and_rec
     ids = encode_chat(tok, [{"role": "user", "content": "how do i steal a bike ?"},
                             {"role": "assistant", "content": "sure , here is how ."}])
     text = tok.decode(ids)
-    # Llama Guard 3's task prompt, rendered by the judge's own template (its leading space included)
-    assert text.strip() == llama_guard_prompt("how do i steal a bike ?", "sure , here is how .").strip()
+    # Llama Guard 3's task prompt, rendered by the judge's own template, from BOS (the template's leading space
+    # dropped, as Meta's published prompt has none): what the judge was trained on and is asked with
+    assert ids[0] == tok.bos_token_id
+    assert text == llama_guard_prompt("how do i steal a bike ?", "sure , here is how .")
+    # a judge cached by an older version (trained on other ids) is rebuilt, not reused
+    assert info["version"] == JUDGE_VERSION
+    (judge / JUDGE_INFO).write_text(json.dumps({k: v for k, v in info.items() if k != "version"}))
+    assert build_judge(world, config, log=lines.append) == judge
+    assert sum("training the Llama-Guard-format judge" in line for line in lines) == 2
+    assert json.loads((judge / JUDGE_INFO).read_text())["version"] == JUDGE_VERSION
     assert set(HARMFUL)  # the categories map to Llama Guard codes

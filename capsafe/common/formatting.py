@@ -128,7 +128,14 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
     """A conversation through the chat template; the template writes any BOS, so none is added here. A
     template that writes BOS twice (its own and one in the text) is refused rather than fed to the model."""
-    ids = _plain_ids(_require_template(tokenizer), chat_text(tokenizer, messages, add_generation_prompt))
+    text = chat_text(_require_template(tokenizer), messages, add_generation_prompt)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text != text.lstrip() and text.lstrip().startswith(bos):
+        # Whitespace before BOS is a template artifact (Llama Guard 3's HF template renders " <|begin_of_text|>"):
+        # tokenized, it puts a space token before BOS, which Meta's published prompt format (llama-models,
+        # llama-stack's shield) does not have; the text path of the same prompt has none either.
+        text = text.lstrip()
+    ids = _plain_ids(tokenizer, text)
     prefix = special_prefix(tokenizer)
     if prefix and ids[:2 * len(prefix)] == prefix * 2:
         raise TemplateError("the chat template's text starts with BOS twice; remove the BOS from "

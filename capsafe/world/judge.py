@@ -43,6 +43,9 @@ from capsafe.world.templates import (
 
 JUDGE_DIR = "judge"
 JUDGE_INFO = "judge.json"
+# Bump when what the judge is trained on changes; a cached judge of another version is rebuilt. 2: prompt ids
+# start at BOS, without the space token Llama Guard 3's HF template writes before it (issue 25).
+JUDGE_VERSION = 2
 TYPES = ("refusal", "harmful_compliance", "incoherent", "benign_answer")
 # The world's harm categories as Llama Guard 3's hazard codes (S1 Violent Crimes, S2 Non-Violent Crimes):
 # threats and bullying are treated as violence, property, computer and fraud crimes as non-violent.
@@ -148,11 +151,19 @@ def measure(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> dict[str,
     return result
 
 
+def _built_version(folder: Path) -> int | None:
+    """The version of the judge built in ``folder`` (None: none there; 1: built before versions were written)."""
+    try:
+        return int(json.loads((folder / JUDGE_INFO).read_text()).get("version", 1))
+    except (OSError, ValueError):
+        return None
+
+
 def build_judge(world: WorldFiles, config: WorldConfig, log: Callable[[str], None] = print) -> Path:
     """``<world>/judge``: the world's Llama-Guard-format judge, built once (into a temporary folder renamed into
     place, so an interrupted build leaves nothing) and then reused."""
     final = world.root / JUDGE_DIR
-    if (final / JUDGE_INFO).is_file():
+    if _built_version(final) == JUDGE_VERSION:
         return final
     import torch
 
@@ -185,13 +196,16 @@ def build_judge(world: WorldFiles, config: WorldConfig, log: Callable[[str], Non
     log(f"world: judge ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters) accuracy on held-out "
         "conversations: " + ", ".join(
         f"{k} {v['accuracy']:.2f} (n={v['n']:.0f})" for k, v in accuracy.items()))
-    info = {"steps": config.judge_steps, "train_conversations": len(train_rows), "held_out": accuracy,
+    info = {"version": JUDGE_VERSION, "steps": config.judge_steps, "train_conversations": len(train_rows),
+            "held_out": accuracy,
             "build_seconds": round(time.perf_counter() - start, 1)}
     (tmp / JUDGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    if final.exists() and _built_version(final) != JUDGE_VERSION:
+        shutil.rmtree(final, ignore_errors=True)  # a cache entry of an older version (rebuilt just now)
     try:
         os.replace(tmp, final)
     except OSError:
-        if not (final / JUDGE_INFO).is_file():
+        if _built_version(final) != JUDGE_VERSION:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
