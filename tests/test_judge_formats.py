@@ -116,7 +116,10 @@ def test_harmbench_clips_long_generations_to_512_classifier_tokens(convention_mo
     tok = load_tokenizer(convention_model("mistral"))
     judge = LLMJudge("hb", "harmbench", Target("judge"), tok)
     [short], [long] = judge.input_ids([ROW]), judge.input_ids([{**ROW, "response": "cats nap . " * 600}])
-    assert len(long) - len(short) < 512 + 16
+    # clipped to 512 tokens of the response, from both sides: an emptied response would pass an upper bound alone
+    assert 512 - 16 < len(long) - len(short) < 512 + 16
+    text = tok.decode(long)
+    assert text.count("cats nap") >= 100 and "cats nap . " * 100 in text  # the beginning of the answer, kept
 
 
 def test_strongreject_rubric_messages_score_and_threshold(convention_model) -> None:

@@ -132,7 +132,8 @@ def _stage_ids(model_dir: Path, fmt: PromptFormat, tmp_path: Path) -> dict[str, 
     tok = load_tokenizer(model_dir)
     encoder = Encoder(tok, fmt)
     stages: dict[str, list[list[int]]] = {"contract": [encoder.prompt(r) for r in REQUESTS]}
-    # training examples: the unlabelled head of each example
+    # training examples: the unlabelled head of each example (Encoder.example builds it on Encoder.prompt, so this
+    # stage checks that the label mask ends where the prompt does, not an independent encoding)
     stages["training"] = [[i for i, y in zip(*encode_example(tok, fmt, r, a, 4096), strict=True) if y == IGNORE_INDEX]
                           for r, a in zip(REQUESTS, ANSWERS, strict=True)]
     # the in-training capability evaluation, through the train loop's own function
@@ -141,7 +142,8 @@ def _stage_ids(model_dir: Path, fmt: PromptFormat, tmp_path: Path) -> dict[str, 
     capability_on(SimpleNamespace(module=recorder), encoder, [{"prompt": r, "answer": "x"} for r in REQUESTS],
                   Host(0, 1, lambda m, d: None), 4, 8, "exact_match")
     stages["capability (training)"] = recorder.seen
-    # served capability and the safety generations go through the evaluation driver and the pool
+    # the safety generations go through the evaluation driver and the pool (served capability's prompts are
+    # checked on a real pool in tests/test_e2e.py: served == training capability for every kept checkpoint)
     pool = RecordingPool(engine)
     judges = [CoherenceWithPerplexity(str(model_dir), 1e9, Encoder(tok))]
     suite = Suite("s", "harmful", [{"id": str(n), "prompt": r} for n, r in enumerate(REQUESTS)])
