@@ -103,10 +103,10 @@ class RecordingPool:
     labels it 'empty'), which would leave the perplexity stage with nothing to check."""
 
     def __init__(self, engine: TransformersEngine) -> None:
-        self.engine, self.generated, self.scored = engine, [], []
+        self.engine, self.generated, self.scored = engine, {}, []
 
     def generate(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> Future:
-        self.generated += prompts
+        self.generated.setdefault(target.adapter, []).extend(prompts)
         return done(["fine , thanks ."] * len(prompts))
 
     def nll(self, model: str, prompts: list[list[int]], continuations: list[list[int]]) -> Future:
@@ -147,20 +147,27 @@ def _stage_ids(model_dir: Path, fmt: PromptFormat, tmp_path: Path) -> dict[str, 
     pool = RecordingPool(engine)
     judges = [CoherenceWithPerplexity(str(model_dir), 1e9, Encoder(tok))]
     suite = Suite("s", "harmful", [{"id": str(n), "prompt": r} for n, r in enumerate(REQUESTS)])
-    evaluate_models({("base", 0): Target(str(model_dir))}, [suite], encoder.prompt, Sampling(4), 1, pool, judges,
-                    "transformers", tmp_path, lambda m: None)
-    stages["evaluation (pool)"] = pool.generated
-    stages["perplexity (pool)"] = pool.scored
+    # a full checkpoint and a LoRA checkpoint (an adapter on the base engine) are sent the same ids
+    evaluate_models({("base", 0): Target(str(model_dir)), ("lora", 1): Target(str(model_dir), "adapter")}, [suite],
+                    encoder.prompt, Sampling(4), 1, pool, judges, "transformers", tmp_path, lambda m: None,
+                    models_in_flight=1)
+    stages["evaluation (pool)"] = pool.generated[None]
+    stages["evaluation (pool, LoRA adapter)"] = pool.generated["adapter"]
+    stages["perplexity (pool)"] = pool.scored[:len(REQUESTS)]
+    stages["perplexity (pool, LoRA adapter)"] = pool.scored[len(REQUESTS):]
     engine.generate(stages["contract"], Sampling(4))
     stages["transformers engine"] = engine.seen
     return stages
 
 
+@pytest.mark.parametrize("fmt", [CHAT, PromptFormat("<user> {prompt} <assistant>")], ids=["chat", "text"])
 @pytest.mark.parametrize("name", CONVENTIONS)
-def test_every_stage_feeds_the_same_ids(name: str, convention_model, tmp_path: Path) -> None:
+def test_every_stage_feeds_the_same_ids(name: str, fmt: PromptFormat, convention_model, tmp_path: Path) -> None:
+    """Through the chat template and through a text template (no chat template), for a full checkpoint and a
+    LoRA one; the judge's own input is checked in tests/test_judge_formats.py (BOS once, from BOS)."""
     model_dir = convention_model(name)
     tok = load_tokenizer(model_dir)
-    stages = _stage_ids(model_dir, CHAT, tmp_path)
+    stages = _stage_ids(model_dir, fmt, tmp_path)
     want = stages["contract"]
     for stage, ids in stages.items():
         assert ids == want, stage
