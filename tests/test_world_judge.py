@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 from capsafe.common.formatting import encode_chat, load_tokenizer
 from capsafe.judging.formats import LLAMA_GUARD_3_CHAT_TEMPLATE, llama_guard_prompt, parse_llama_guard
@@ -18,6 +19,7 @@ from capsafe.world.judge import (
     build_judge,
     incoherent,
     labelled_conversations,
+    measure,
 )
 from capsafe.world.templates import COMPLIANCES, HARMFUL, REFUSALS, STYLES, harmful_pairs
 
@@ -88,3 +90,18 @@ def test_a_small_judge_builds_once_answers_through_llama_guards_template_and_rec
     assert sum("training the Llama-Guard-format judge" in line for line in lines) == 2
     assert json.loads((judge / JUDGE_INFO).read_text())["version"] == JUDGE_VERSION
     assert set(HARMFUL)  # the categories map to Llama Guard codes
+
+
+def test_the_recorded_accuracy_is_the_served_judges(micro_judge: Path) -> None:
+    """judge.json holds what the judge scores as it is served (the saved model, its own stop ids): measured
+    before the save, generation ran past <|eot_id|> and it once read 0 % on refusals the judge got all right."""
+    from transformers import AutoModelForCausalLM
+
+    from capsafe.spec import load_spec
+
+    info = json.loads((micro_judge / JUDGE_INFO).read_text())
+    seed = load_spec(Path(__file__).parent / "specs" / "micro.yaml").world.data_seed + 1
+    served = measure(AutoModelForCausalLM.from_pretrained(micro_judge), load_tokenizer(micro_judge),
+                     labelled_conversations(held_out=True, seed=seed))
+    assert served == info["held_out"]
+    assert served["refusal"]["unparsed"] < 0.5  # it answers in its format

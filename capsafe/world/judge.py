@@ -44,8 +44,9 @@ from capsafe.world.templates import (
 JUDGE_DIR = "judge"
 JUDGE_INFO = "judge.json"
 # Bump when what the judge is trained on changes; a cached judge of another version is rebuilt. 2: prompt ids
-# start at BOS, without the space token Llama Guard 3's HF template writes before it (issue 25).
-JUDGE_VERSION = 2
+# start at BOS, without the space token Llama Guard 3's HF template writes before it (issue 25). 3: its held-out
+# accuracy measured with the served stop ids.
+JUDGE_VERSION = 3
 TYPES = ("refusal", "harmful_compliance", "incoherent", "benign_answer")
 # The world's harm categories as Llama Guard 3's hazard codes (S1 Violent Crimes, S2 Non-Violent Crimes):
 # threats and bullying are treated as violence, property, computer and fraud crimes as non-violent.
@@ -187,9 +188,12 @@ def build_judge(world: WorldFiles, config: WorldConfig, log: Callable[[str], Non
         train(model, examples, steps=config.judge_steps, lr=config.lr, batch_size=config.judge_batch_size,
               warmup_steps=min(config.warmup_steps, config.judge_steps // 3), seed=config.seed + 7,
               pad_id=tokenizer.pad_token_id, log=log, log_every=config.log_every)
-        accuracy = measure(model, tokenizer, test_rows)
         tmp.mkdir(parents=True)
         save_model_with_convention(model, tokenizer, "llama3", tmp)
+        # measured as it is served, with the stop ids the saved generation config carries: measured before the
+        # save, generation ran past <|eot_id|> and every 'safe' came out unparsed (judge.json said 0 % right on
+        # refusals of a judge that got them all right)
+        accuracy = measure(model, tokenizer, test_rows)
     finally:
         torch.random.set_rng_state(rng_state)
         torch.set_num_threads(threads)
