@@ -160,8 +160,12 @@ def _stage_ids(model_dir: Path, fmt: PromptFormat, tmp_path: Path) -> dict[str, 
     return stages
 
 
-@pytest.mark.parametrize("fmt", [CHAT, PromptFormat("<user> {prompt} <assistant>")], ids=["chat", "text"])
-@pytest.mark.parametrize("name", CONVENTIONS)
+TEXT = PromptFormat("<user> {prompt} <assistant>")
+
+
+# a text template never touches the chat template: one convention that adds BOS and one that does not cover it
+@pytest.mark.parametrize("name, fmt", [*[(n, CHAT) for n in CONVENTIONS], ("llama3", TEXT), ("chatml", TEXT)],
+                         ids=[*[f"{n}-chat" for n in CONVENTIONS], "llama3-text", "chatml-text"])
 def test_every_stage_feeds_the_same_ids(name: str, fmt: PromptFormat, convention_model, tmp_path: Path) -> None:
     """Through the chat template and through a text template (no chat template), for a full checkpoint and a
     LoRA one; the judge's own input is checked in tests/test_judge_formats.py (BOS once, from BOS)."""
