@@ -34,6 +34,7 @@ from capsafe.judging.rules import (
     MEASURES_REFUSAL,
     CoherenceJudge,
     RefusalKeywordJudge,
+    is_empty,
 )
 
 
@@ -118,7 +119,8 @@ class LLMJudge:
         # an empty answer is labelled, not sent: a judge model shown "" says 'safe' / 'no', which a table would
         # count as a judged answer (every judge labels it 'empty', capsafe.judging.rules.EMPTY)
         blank = {n for n, r in enumerate(rows) if is_empty(r["response"])}
-        ids = {n: x for n, x in enumerate(self.input_ids(rows)) if n not in blank}
+        keep = [n for n in range(len(rows)) if n not in blank]
+        ids = dict(zip(keep, self.input_ids([rows[n] for n in keep]), strict=True))
         # an input beyond the judge's context is labelled, not sent: the engine would refuse the whole request
         fits = [n for n, x in ids.items() if self.max_input_tokens is None or len(x) <= self.max_input_tokens]
 
@@ -175,11 +177,6 @@ class CoherenceWithPerplexity:
         nll = pool.nll(self.base_model, [list(rows[n]["prompt_ids"]) for n in scored],
                        [self.encoder.continuation(rows[n]["response"]) for n in scored])
         return then(nll, judge)
-
-
-def is_empty(response: str) -> bool:
-    """No text at all (whitespace only): every judge labels it 'empty' without asking a model."""
-    return not response.strip()
 
 
 def rule_judge(name: str, refusal_lists: tuple[str, ...] = ("advbench", "capsafe")) -> Judge:
