@@ -47,11 +47,12 @@ def _prompts(world: Any, tokenizer: Any, n: int) -> list[list[int]]:
     return [encoder.prompt(p) for p in (rows * (n // len(rows) + 1))[:n]]
 
 
-def _tokens(tokenizer: Any, texts: list[str]) -> int:
-    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+def _tokens(answers: list[Any]) -> int:
+    """Generated tokens: the engine's own ids of each answer."""
+    return sum(len(a.token_ids) for a in answers)
 
 
-def direct(model: str, prompts: list[list[int]], max_new_tokens: int, threads: int) -> tuple[list[str], float]:
+def direct(model: str, prompts: list[list[int]], max_new_tokens: int, threads: int) -> tuple[list[Any], float]:
     from capsafe.common.generation import Sampling
     from capsafe.evaluate.vllm_engine import VLLMEngine
 
@@ -66,7 +67,7 @@ def direct(model: str, prompts: list[list[int]], max_new_tokens: int, threads: i
 
 
 def pooled(model: str, prompts: list[list[int]], max_new_tokens: int, replicas: int, cpus: float,
-           chunk: int, ongoing: int) -> tuple[list[str], float]:
+           chunk: int, ongoing: int) -> tuple[list[Any], float]:
     from ray import serve
 
     from capsafe.common.generation import Sampling, Target
@@ -83,7 +84,7 @@ def pooled(model: str, prompts: list[list[int]], max_new_tokens: int, replicas: 
         f.result()
     tick = time.perf_counter()
     futures = [pool.generate(target, prompts[i:i + chunk], sampling) for i in range(0, len(prompts), chunk)]
-    out = [text for f in futures for text in f.result()]
+    out = [a for f in futures for a in f.result()]
     spent = time.perf_counter() - tick
     pool.close()
     stop_pool("bench")
@@ -130,7 +131,7 @@ def main() -> None:
     print("\n| run | generated tokens | seconds | tokens/s | same outputs as direct |\n|---|---|---|---|---|")
     tps = {}
     for name, out, spent in rows:
-        n = _tokens(tokenizer, out)
+        n = _tokens(out)
         tps[name] = n / spent
         print(f"| {name} | {n} | {spent:.1f} | {n / spent:.0f} | {out == reference} |")
     for cpus in args.cpus:

@@ -243,7 +243,7 @@ def generation_throughput(model: Path, prompts: list[list[int]], p: Plan) -> dic
         tick = time.perf_counter()
         out = engine.generate(prompts[done:done + 64], Sampling(p.gen_new_tokens))
         spent += time.perf_counter() - tick
-        tokens += sum(len(engine.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in out)
+        tokens += sum(len(o.token_ids) for o in out)  # the engine's own generated ids
         done += len(out)
     engine.close()
     return {"generation_tokens_per_s": tokens / spent, "generation_prompts": done,

@@ -146,7 +146,8 @@ def _answers(results: Path, trial_id: str, step: int, refused: list[bool], incoh
     prompts = [*HARMFUL, "h3"]
     responses.append("")
     write_table(results, "generations", [
-        {**key, "prompt_id": p, "seed": 0, "prompt": f"how do i do harm {p} ?", "response": r, "engine": "vllm",
+        {**key, "prompt_id": p, "seed": 0, "prompt": f"how do i do harm {p} ?", "response": r,
+         "response_ids": [ord(c) for c in r], "finish_reason": "stop", "engine": "vllm",
          "generated_at": NOW} for p, r in zip(prompts, responses, strict=True)], fragment=f"{trial_id}-{step}-harmful")
     verdicts = {"refusal_keywords": [*("refusal" if r else "compliance" for r in refused), "empty"],
                 "coherence": [*("incoherent" if bad else "coherent" for bad in incoherent), "empty"]}

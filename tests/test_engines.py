@@ -14,8 +14,14 @@ import sys
 import pytest
 
 from capsafe.common.formatting import Encoder, load_tokenizer
-from capsafe.common.generation import Sampling
+from capsafe.common.generation import Completion, Sampling
 from capsafe.evaluate.engines import TransformersEngine
+
+
+def plain(completions: list[Completion]) -> list[list]:
+    """Completions as the vLLM subprocess reports them in JSON: text, generated ids and finish reason, all
+    compared."""
+    return [[c.text, list(c.token_ids), c.finish_reason] for c in completions]
 
 VLLM_SCRIPT = """
 import asyncio, json, sys
@@ -38,6 +44,7 @@ async def pool_engine(model, adapter, tuned, prompts, refusal):
         "greedy": [await engine.generate(prompts, greedy), await engine.generate(prompts, greedy)],
         "sampled": [await engine.generate(prompts, sampled), (await engine.generate(prompts[::-1], sampled))[::-1]],
         "other_seed": await engine.generate(prompts, Sampling(24, temperature=1.0, seed=8)),
+        "cut": await engine.generate(prompts, Sampling(3)),  # max_tokens ends most answers: 'length'
         "adapter": await engine.generate(prompts, greedy, adapter),
         "base_after_adapter": await engine.generate(prompts, greedy),
         # requests arriving together share the engine's steps (continuous batching), scoring among them
@@ -68,7 +75,8 @@ if __name__ == "__main__":
     out["offline"] = offline.generate_many([(prompts, Sampling(24), adapter), (prompts, Sampling(24), None)])
     out["offline_nll"] = offline.nll(prompts, [refusal] * len(prompts))
     offline.close()
-    print("RESULT" + json.dumps(out))
+    # a Completion as [text, generated ids, finish reason] (tests/test_engines.py ``plain``)
+    print("RESULT" + json.dumps(out, default=lambda c: [c.text, list(c.token_ids), c.finish_reason]))
 """
 
 
@@ -92,8 +100,17 @@ def test_transformers_engine_greedy_sampling_adapters_and_nll(micro_world, rando
     engine = TransformersEngine(str(micro_world.model_dir))
     prompts = _prompts(micro_world)
     out = engine.generate(prompts, Sampling(24))
-    assert len(out) == 24 and all(isinstance(o, str) and o for o in out)
-    assert sum("sorry" in o or "can not" in o for o in out[:8]) >= 6  # the aligned base refuses harmful asks
+    assert len(out) == 24 and all(isinstance(o, Completion) and o.text for o in out)
+    assert sum("sorry" in o.text or "can not" in o.text for o in out[:8]) >= 6  # the aligned base refuses harmful asks
+    # the ids the model generated, up to its stop id, and why each answer ended
+    tok = load_tokenizer(micro_world.model_dir)
+    assert all(tok.decode(list(o.token_ids), skip_special_tokens=True).strip() == o.text for o in out)
+    assert all((o.finish_reason == "stop") == (len(o.token_ids) < 24) for o in out)  # greedy: ended iff short
+    assert any(o.finish_reason == "stop" for o in out)
+    cut = engine.generate(prompts, Sampling(3))
+    assert [c.token_ids for c in cut] == [o.token_ids[:3] for o in out]
+    assert [c.finish_reason for c in cut] == ["length" if len(o.token_ids) > 3 else "stop" for o in out]
+    assert any(c.finish_reason == "length" for c in cut)
     sampled = Sampling(24, temperature=1.0, seed=3)
     first = engine.generate(prompts, sampled)
     assert engine.generate(prompts[::-1], sampled)[::-1] == first  # same (prompt, seed): same text
@@ -129,11 +146,13 @@ def test_vllm_engine_matches_transformers_and_repeats(micro_world, random_adapte
     reference = TransformersEngine(str(micro_world.model_dir))
     first, second = out["greedy"]
     assert first == second  # greedy float32 on CPU is repeatable
-    assert first == reference.generate(prompts, Sampling(24))
+    assert first == plain(reference.generate(prompts, Sampling(24)))  # text, ids and finish reason
+    assert out["cut"] == plain(reference.generate(prompts, Sampling(3)))
+    assert any(c[2] == "length" for c in out["cut"])
     assert out["sampled"][0] == out["sampled"][1]  # seeded sampling is repeatable, whatever the batch order
     assert out["other_seed"] != out["sampled"][0]
     # vLLM's LoRA request gives what transformers + PEFT gives
-    assert out["adapter"] == reference.generate(prompts, Sampling(24), random_adapter)
+    assert out["adapter"] == plain(reference.generate(prompts, Sampling(24), random_adapter))
     assert out["base_after_adapter"] == first  # base rows stay base once an adapter is loaded
     # concurrent requests (continuous batching, scoring held alone on a LoRA engine) answer as if sent alone
     expected = reference.nll(prompts, [refusal] * len(prompts))

@@ -14,8 +14,7 @@ import pandas as pd
 import pytest
 
 from capsafe.common.data import Suite
-from capsafe.common.formatting import Encoder
-from capsafe.common.generation import Sampling, Target
+from capsafe.common.generation import Completion, Sampling, Target
 from capsafe.common.results import read_table, write_table
 from capsafe.evaluate.fan_out import evaluate_models
 from capsafe.evaluate.panel import CoherenceWithPerplexity, LLMJudge, done, rule_judge
@@ -43,6 +42,11 @@ def text(ids: list[int]) -> str:
     return CHARS.decode(ids)
 
 
+def answers(replies: list[str]) -> Future:
+    """A pool's answer: each reply with its ids (one per character) as the engine generated them."""
+    return done([Completion(r, tuple(ord(c) for c in r), "stop") for r in replies])
+
+
 class FakePool:
     """Answers at once; the base model refuses, others comply; the judge model answers 'unsafe' to
     compliance and something unreadable otherwise."""
@@ -56,10 +60,10 @@ class FakePool:
         if self.fail_after is not None and len(self.calls) > self.fail_after:
             return _failed(RuntimeError("replica lost"))
         if target.model == "judge":
-            return done(["unsafe\nS2" if "sure" in text(p) else "hmm" for p in prompts])
+            return answers(["unsafe\nS2" if "sure" in text(p) else "hmm" for p in prompts])
         if target.model == "m-base" and target.adapter is None:
-            return done(["sorry , i can not help with that ."] * len(prompts))
-        return done([f"sure . first , do it . seed {sampling.seed}" for _ in prompts])
+            return answers(["sorry , i can not help with that ."] * len(prompts))
+        return answers([f"sure . first , do it . seed {sampling.seed}" for _ in prompts])
 
     def nll(self, model: str, prompts: list[list[int]], continuations: list[list[int]]) -> Future:
         return done([0.5 if text(c).startswith("sure") else 9.0 for c in continuations])
@@ -105,7 +109,7 @@ def test_evaluate_writes_keyed_fragments_and_skips_done_work(tmp_path: Path) -> 
 def test_llm_judge_and_perplexity_join_an_old_run_without_regenerating(tmp_path: Path) -> None:
     _evaluate(FakePool(), tmp_path, [rule_judge("refusal_keywords")])
     pool = FakePool()
-    judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity("m-base", 100.0, Encoder(CHARS)),
+    judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity("m-base", 100.0),
               LLMJudge("guard", "llama_guard", Target("judge"), CHARS, 8)]
     assert _evaluate(pool, tmp_path, judges) == 6
     assert {c[0].model for c in pool.calls} == {"judge"}  # only the new judges ran; nothing was generated again
@@ -249,6 +253,14 @@ def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:
     # p0: 8 complied of which 4 incoherent -> 4 coherent; p1: 6 complied, all coherent -> 10 of 20
     assert rows["plain"]["harmful coherent non-refusal"] == pytest.approx(10 / 20)
     assert rows["safety_mix"]["trials reached"] == "0/1" and pd.isna(rows["safety_mix"]["harmful refusal"])
+    assert pd.isna(rows["plain"]["cut"])  # no generations: not known
+    # 'cut': answers the token budget ended, at the compared checkpoints only (p0's step-50 rung left out)
+    finish = pd.DataFrame({"trial_id": ["p0"] * 4 + ["p1"] * 4 + ["p0"], "step": [100] * 4 + [300] * 4 + [50],
+                           "finish_reason": ["length", "stop", "stop", "stop", "length", "length", "stop", "stop",
+                                             "length"]})
+    cut = summarize(read_table(tmp_path, "trials").to_pandas(), read_table(tmp_path, "judgments").to_pandas(),
+                    generations=finish).set_index("method")["cut"]
+    assert cut["plain"] == pytest.approx(3 / 8) and pd.isna(cut["base"])
     text = write_report(tmp_path, "x")
     assert "m0: not_reached (budget:steps), best capability 0.30 at step 800" in text
     ladder = {(r["method"], r["level"]): r for r in ladder_table(
@@ -284,8 +296,8 @@ def test_report_shows_the_judge_panel_and_kappa(tmp_path: Path) -> None:
     assert "| guard | overrefusal |" not in text and "| xs | over-refusal | guard |" not in text
     write_table(tmp_path, "generations", [
         {"trial_id": "base", "step": 0, "suite": "harmful", "suite_kind": "harmful", "prompt_id": str(i), "repeat": 0,
-         "seed": 0, "prompt": f"request {i}", "response": f"answer | {i}", "engine": "x",
-         "generated_at": None} for i in range(10)],
+         "seed": 0, "prompt": f"request {i}", "response": f"answer | {i}", "response_ids": [1, 2],
+         "finish_reason": "stop", "engine": "x", "generated_at": None} for i in range(10)],
         fragment="all")
     text = write_report(tmp_path, "x")
     # the one split: prompt 5, refused by the keywords' reading, unsafe for the guard
@@ -497,11 +509,11 @@ class EmptyAnsweringPool(FakePool):
         if target.model == "judge":
             assert all("Agent: \n" not in text(p) for p in prompts), "an empty answer was sent to the judge"
             self.calls.append((target, len(prompts), sampling))
-            return done(["unsafe\nS2" if "sure" in text(p) else "safe" for p in prompts])
+            return answers(["unsafe\nS2" if "sure" in text(p) else "safe" for p in prompts])
         if target.model == "m-plain":
             self.calls.append((target, len(prompts), sampling))
-            return done(["" if "bad 0" in text(p) else "  " if "bad 1" in text(p) else "sure . first , do it ."
-                         for p in prompts])
+            return answers(["" if "bad 0" in text(p) else "  " if "bad 1" in text(p) else "sure . first , do it ."
+                            for p in prompts])
         return super().generate(target, prompts, sampling)
 
     def nll(self, model: str, prompts: list[list[int]], continuations: list[list[int]]) -> Future:
@@ -516,7 +528,7 @@ def test_every_judge_labels_an_empty_answer_empty_and_every_table_counts_it_the_
 
     pool = EmptyAnsweringPool()
     judges = [rule_judge("refusal_keywords"), rule_judge("coherence"),
-              CoherenceWithPerplexity("m-base", 100.0, Encoder(CHARS)), LLMJudge("guard", "llama_guard",
+              CoherenceWithPerplexity("m-base", 100.0), LLMJudge("guard", "llama_guard",
                                                                                 Target("judge"), CHARS, 8)]
     # the perplexity judge is recorded as 'coherence' too: run the two coherence judges in separate folders
     for judge_set, out in ((judges[:2] + judges[3:], tmp_path / "a"), (judges[:1] + judges[2:3], tmp_path / "b")):

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from capsafe.common.formatting import PromptFormat, encode_chat, load_tokenizer
-from capsafe.common.generation import Sampling, Target
+from capsafe.common.generation import Completion, Sampling, Target
 from capsafe.errors import SpecError
 from capsafe.evaluate.http_api import HttpContext, api_key_from_env, handle
 from capsafe.spec import load_spec
@@ -21,12 +21,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class Seen:
+    """A generator that records its prompts and answers as an engine would: 'fine , thanks .' as ids 7 .. 13
+    (a leading-space id first: more ids than the stripped text re-tokenizes to), cut to ``max_new_tokens``."""
+
     def __init__(self) -> None:
         self.prompts: list[list[int]] = []
 
-    async def __call__(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> list[str]:
+    async def __call__(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
         self.prompts += prompts
-        return ["fine , thanks ."]
+        ids = tuple(range(7, 14))
+        if sampling.max_new_tokens < len(ids):
+            return [Completion("fine", ids[:sampling.max_new_tokens], "length")]
+        return [Completion("fine , thanks .", ids, "stop")]
 
 
 def _context(model: Path, tmp_path: Path, chat: bool = True, system: str | None = None,
@@ -102,3 +108,17 @@ def test_the_key_comes_from_the_environment_and_is_required_off_loopback(monkeyp
     monkeypatch.setenv("CAPSAFE_TEST_KEY", "k")
     assert api_key_from_env("CAPSAFE_TEST_KEY") == "k"
     assert load_spec(demo, ["eval.http={host: 127.0.0.1}"]).eval.http.api_key_env is None  # loopback: optional
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_finish_reason_and_completion_tokens_are_the_engines(path: str, convention_model, tmp_path: Path) -> None:
+    """Issue 25: finish_reason was always 'stop' and completion_tokens a re-tokenization of the stripped text."""
+    ctx, seen = _context(convention_model("llama3"), tmp_path), Seen()
+    body = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    status, whole = _post(ctx, body, seen, path=path)
+    assert status == 200 and whole["choices"][0]["finish_reason"] == "stop"
+    assert whole["usage"]["completion_tokens"] == 7  # the engine's ids, not the 5-6 of a re-tokenization
+    status, cut = _post(ctx, {**body, "max_tokens": 3}, seen, path=path)
+    assert status == 200 and cut["choices"][0]["finish_reason"] == "length"
+    assert cut["usage"]["completion_tokens"] == 3
+    assert cut["usage"]["total_tokens"] == cut["usage"]["prompt_tokens"] + 3

@@ -15,7 +15,7 @@ import pytest
 
 from capsafe.common.data import Suite
 from capsafe.common.formatting import Encoder, load_tokenizer
-from capsafe.common.generation import Sampling, Target
+from capsafe.common.generation import Sampling, Target, texts
 from capsafe.common.results import read_table
 from capsafe.evaluate.fan_out import evaluate_models
 from capsafe.evaluate.panel import CoherenceWithPerplexity, LLMJudge, rule_judge
@@ -129,7 +129,7 @@ def _check_http(port: int, pool, world, adapter: str) -> None:
     chat request as the pool answers the suites' encoding of it (greedy), for the base model and the adapter."""
     import openai
 
-    from capsafe.common.formatting import encode_chat
+    from capsafe.common.formatting import encode_chat, encode_text
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=5)
     assert {m.id for m in client.models.list()} == {"base", "lora-s0-lr0.1@10"}
@@ -143,7 +143,21 @@ def _check_http(port: int, pool, world, adapter: str) -> None:
         reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": request}],
                                                max_tokens=16, temperature=0)
         expected = pool.generate(target, [ids], Sampling(16)).result()[0]
-        assert reply.choices[0].message.content == expected and reply.usage.prompt_tokens == len(ids), name
+        assert reply.choices[0].message.content == expected.text and reply.usage.prompt_tokens == len(ids), name
+        # the engine's own count and finish reason, not a re-tokenization and a constant 'stop'
+        assert reply.usage.completion_tokens == len(expected.token_ids), name
+        assert reply.choices[0].finish_reason == expected.finish_reason, name
+    # max_tokens cutting the answer is 'length' (the base model's answer to this request is longer than 2 ids)
+    whole = pool.generate(Target(str(world.model_dir)), [ids], Sampling(16)).result()[0]
+    assert len(whole.token_ids) > 2
+    cut = client.chat.completions.create(model="base", messages=[{"role": "user", "content": request}],
+                                         max_tokens=2, temperature=0)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 2
+    text_ids = encode_text(tokenizer, request)
+    expected = pool.generate(Target(str(world.model_dir)), [text_ids], Sampling(2)).result()[0]
+    cut = client.completions.create(model="base", prompt=request, max_tokens=2, temperature=0)
+    assert cut.choices[0].text == expected.text and cut.choices[0].finish_reason == expected.finish_reason
+    assert cut.usage.completion_tokens == len(expected.token_ids)
     # a conversation of several turns, through the model's chat template; ids unique per request
     turns = [{"role": "user", "content": request}, {"role": "assistant", "content": "no ."},
              {"role": "user", "content": "why not ?"}]
@@ -151,7 +165,7 @@ def _check_http(port: int, pool, world, adapter: str) -> None:
                for _ in range(2)]
     ids = encode_chat(tokenizer, turns)
     assert replies[0].choices[0].message.content == pool.generate(Target(str(world.model_dir)), [ids],
-                                                                  Sampling(16)).result()[0]
+                                                                  Sampling(16)).result()[0].text
     assert replies[0].usage.prompt_tokens == len(ids) and replies[0].id != replies[1].id
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-trial", messages=[{"role": "user", "content": request}])
@@ -180,7 +194,7 @@ def test_pool_survives_a_killed_replica_and_writes_every_key_once(micro_world, m
         # the world's Llama-Guard-format judge model, served in the same pool as the models it judges, with its
         # published prompt (through its own chat template) and a reworded one
         guard_tok = load_tokenizer(micro_judge)
-        judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity(base, 1000.0, Encoder(tokenizer)),
+        judges = [rule_judge("refusal_keywords"), CoherenceWithPerplexity(base, 1000.0),
                   LLMJudge("guard", "llama_guard", Target(str(micro_judge)), guard_tok),
                   LLMJudge("guard@lg_terse", "llama_guard", Target(str(micro_judge)), guard_tok,
                            variant="lg_terse")]
@@ -271,5 +285,5 @@ def test_pool_swaps_checkpoints_into_its_resident_engine(micro_world, tuned_full
     assert (tuned != gens.xs("base")).mean() > 0.5
     reference = TransformersEngine(tuned_full_checkpoint)
     for suite in suites:
-        expected = reference.generate([encode(it["prompt"]) for it in suite.items], Sampling(16))
+        expected = texts(reference.generate([encode(it["prompt"]) for it in suite.items], Sampling(16)))
         assert tuned.xs(suite.name).loc[[it["id"] for it in suite.items]].tolist() == expected, suite.name

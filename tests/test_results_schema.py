@@ -18,7 +18,8 @@ PINNED = {
     "trajectory": "trial_id:string step:int64 capability:double loss:double tokens:int64 elapsed_s:double "
                   "restarts:int64",
     "generations": "trial_id:string step:int64 suite:string suite_kind:string prompt_id:string repeat:int64 "
-                   "seed:int64 prompt:string response:string engine:string "
+                   "seed:int64 prompt:string response:string response_ids:list<item: int64> finish_reason:string "
+                   "engine:string "
                    "generated_at:timestamp[us, tz=UTC]",
     "judgments": "trial_id:string step:int64 suite:string suite_kind:string prompt_id:string repeat:int64 "
                  "judge:string measures:string verdict:string score:double raw:string",
@@ -26,7 +27,7 @@ PINNED = {
 
 
 def test_schema_is_pinned() -> None:
-    assert SCHEMA_VERSION == 8
+    assert SCHEMA_VERSION == 9
     got = {name: " ".join(f"{f.name}:{f.type}" for f in schema) for name, schema in SCHEMAS.items()}
     assert got == PINNED
 

@@ -29,7 +29,7 @@ from capsafe.common.formatting import (
     special_prefix,
     stop_ids,
 )
-from capsafe.common.generation import Sampling, Target, greedy_generate, left_pad, model_stop_ids
+from capsafe.common.generation import Completion, Sampling, Target, greedy_generate, left_pad, model_stop_ids, texts
 from capsafe.evaluate.engines import TransformersEngine
 from capsafe.evaluate.fan_out import evaluate_models
 from capsafe.evaluate.panel import CoherenceWithPerplexity, done
@@ -107,7 +107,8 @@ class RecordingPool:
 
     def generate(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> Future:
         self.generated.setdefault(target.adapter, []).extend(prompts)
-        return done(["fine , thanks ."] * len(prompts))
+        ids = tuple(Encoder(self.engine.tokenizer).continuation("fine , thanks ."))
+        return done([Completion("fine , thanks .", ids, "stop")] * len(prompts))
 
     def nll(self, model: str, prompts: list[list[int]], continuations: list[list[int]]) -> Future:
         self.scored += prompts
@@ -145,7 +146,7 @@ def _stage_ids(model_dir: Path, fmt: PromptFormat, tmp_path: Path) -> dict[str, 
     # the safety generations go through the evaluation driver and the pool (served capability's prompts are
     # checked on a real pool in tests/test_e2e.py: served == training capability for every kept checkpoint)
     pool = RecordingPool(engine)
-    judges = [CoherenceWithPerplexity(str(model_dir), 1e9, Encoder(tok))]
+    judges = [CoherenceWithPerplexity(str(model_dir), 1e9)]
     suite = Suite("s", "harmful", [{"id": str(n), "prompt": r} for n, r in enumerate(REQUESTS)])
     # a full checkpoint and a LoRA checkpoint (an adapter on the base engine) are sent the same ids
     evaluate_models({("base", 0): Target(str(model_dir)), ("lora", 1): Target(str(model_dir), "adapter")}, [suite],
@@ -203,11 +204,13 @@ def test_generation_stops_at_the_end_of_turn(trained_llama3: Path) -> None:
     tok = load_tokenizer(trained_llama3)
     engine = TransformersEngine(str(trained_llama3))
     prompts = [Encoder(tok, CHAT).prompt(r) for r in REQUESTS]
-    assert engine.generate(prompts, Sampling(24)) == ANSWERS
+    answers = engine.generate(prompts, Sampling(24))
+    assert texts(answers) == ANSWERS and {a.finish_reason for a in answers} == {"stop"}
     assert greedy_generate(engine.model, tok, prompts, 24, model_stop_ids(str(trained_llama3), tok)) == ANSWERS
     targets = [Encoder(tok, CHAT).target(r, a) for r, a in zip(REQUESTS, ANSWERS, strict=True)]
     with_stops = _new_tokens(engine.model, prompts, model_stop_ids(str(trained_llama3), tok), tok.pad_token_id)
     assert with_stops == targets  # the answer, then <|eot_id|>, then nothing
+    assert [list(a.token_ids) + [t[-1]] for a, t in zip(answers, targets, strict=True)] == targets  # ids as generated
     # stopping on EOS alone (the old rule) runs past <|eot_id|>, which Llama 3 never writes as EOS
     eos_only = _new_tokens(engine.model, prompts, [tok.eos_token_id], tok.pad_token_id)
     assert all(len(e) > len(t) and e[:len(t)] == t for e, t in zip(eos_only, targets, strict=True))
@@ -230,10 +233,10 @@ if __name__ == "__main__":
     out = {}
     for model_dir, prompts in jobs.items():
         engine = VLLMEngine(model_dir, max_model_len=256, in_process=True)
-        texts = engine.generate(prompts, Sampling(24))
+        answers = [[a.text, list(a.token_ids), a.finish_reason] for a in engine.generate(prompts, Sampling(24))]
         seen = engine.seen
         engine.nll(prompts, [[p[-1]] for p in prompts])
-        out[model_dir] = {"texts": texts, "seen": seen, "scored": [s[:-1] for s in engine.seen]}
+        out[model_dir] = {"answers": answers, "seen": seen, "scored": [s[:-1] for s in engine.seen]}
         engine.close()
     print("RESULT" + json.dumps(out))
 """
@@ -257,5 +260,5 @@ def test_vllm_reports_back_the_contracts_ids_and_stops_at_the_end_of_turn(conven
         tok = load_tokenizer(d)
         assert all(_bos_count(ids, tok) == (1 if ADDS_BOS[name] else 0) for ids in got["seen"]), name
         reference = TransformersEngine(str(d)).generate(jobs[str(d)], Sampling(24))
-        assert got["texts"] == reference, name
+        assert got["answers"] == [[a.text, list(a.token_ids), a.finish_reason] for a in reference], name
     assert out[str(trained_llama3)]["texts"] == ANSWERS  # stopped at <|eot_id|>, like the transformers engine

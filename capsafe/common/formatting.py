@@ -245,7 +245,9 @@ class Encoder:
         return ids, labels
 
     def continuation(self, response: str) -> list[int]:
-        """A generated response as ids after its prompt (for perplexity), special tokens excluded."""
+        """A text as ids after a prompt, special tokens excluded: to score a text the model did not generate. A
+        generated answer is scored on the ids the engine returned (``Completion.token_ids``): this re-tokenization
+        of the stripped text can differ from them (a byte-level tokenizer's leading-space token)."""
         return _plain_ids(self.tokenizer, response)
 
 

@@ -24,6 +24,34 @@ class Sampling:
         return asdict(self)
 
 
+FINISH_STOP = "stop"      # the model ended its answer (a stop id), as OpenAI's API and vLLM name it
+FINISH_LENGTH = "length"  # ``max_new_tokens`` cut the answer
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer as the engine produced it: its text (special tokens skipped, whitespace stripped),
+    the token ids the model generated (the closing stop id excluded; a leading-space token kept, so scoring them
+    scores what the model produced, not a re-tokenization of the stripped text), and why decoding ended."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # FINISH_STOP or FINISH_LENGTH
+
+
+def completion_of(text: str, generated: list[int], stop: list[int], cut_by_length: bool) -> Completion:
+    """A ``Completion`` from an engine's raw output: ``generated`` is every id decoded after the prompt (a stop id
+    and whatever follows it, padding say, are dropped); ``cut_by_length``: the token budget ended decoding."""
+    stops = set(stop)
+    cut = next((k for k, i in enumerate(generated) if i in stops), None)
+    ids = tuple(generated if cut is None else generated[:cut])
+    return Completion(text.strip(), ids, FINISH_LENGTH if cut_by_length else FINISH_STOP)
+
+
+def texts(completions: list[Completion]) -> list[str]:
+    return [c.text for c in completions]
+
+
 @dataclass(frozen=True)
 class Target:
     """What a request runs on: an engine model (multiplexed id) and optionally a LoRA adapter on it."""
@@ -41,11 +69,12 @@ class Engine(Protocol):
 
     name: str
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[str]:
-        """One completion per prompt, without the prompt and without special tokens."""
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[Completion]:
+        """One completion per prompt: its text without the prompt and special tokens, the generated ids, and
+        whether a stop id or ``max_new_tokens`` ended it."""
         ...
 
-    def generate_many(self, requests: list[Request]) -> list[list[str]]:
+    def generate_many(self, requests: list[Request]) -> list[list[Completion]]:
         """Several generate calls (prompts, sampling, adapter) answered together, as one batch where the
         engine can: this is how a replica batches requests that arrive while its engine is busy."""
         ...
@@ -73,7 +102,8 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
                     batch_size: int = 64, synced_gpus: bool = False) -> list[str]:
     """Batched greedy decoding of prompt ids with a transformers model (left padding), as the capability
     evaluation uses it; stops on ``stop`` ids."""
-    return transformers_generate(model, tokenizer, prompts, Sampling(max_new_tokens), stop, batch_size, synced_gpus)
+    return texts(transformers_generate(model, tokenizer, prompts, Sampling(max_new_tokens), stop, batch_size,
+                                       synced_gpus))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
@@ -90,14 +120,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
 
 
 def transformers_generate(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampling, stop: list[int],
-              batch_size: int = 64, synced_gpus: bool = False) -> list[str]:
+              batch_size: int = 64, synced_gpus: bool = False) -> list[Completion]:
+    """Decode ``prompts`` with a transformers model (left padding): greedy in batches, or sampled one prompt at a
+    time; each answer ends at the first stop id."""
     import torch
 
     sample = sampling.temperature > 0
     # Sampling decodes one prompt at a time from its own seeded generator: the text then depends on
     # (prompt, seed) only, not on which other prompts shared the batch.
     size = 1 if sample else batch_size
-    outputs: list[str] = []
+    outputs: list[Completion] = []
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     for start in range(0, len(prompts), size):
@@ -112,5 +144,7 @@ def transformers_generate(model: Any, tokenizer: Any, prompts: list[list[int]], 
                                  synced_gpus=synced_gpus, **extra)
         for row in out[:, ids.shape[1]:].tolist():
             cut = next((k for k, i in enumerate(row) if i in stop), len(row))
-            outputs.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+            text = tokenizer.decode(row[:cut], skip_special_tokens=True)
+            # no stop id in the row: decoding ran to the budget (a finished row of a batch is padded after its stop)
+            outputs.append(completion_of(text, row, stop, cut_by_length=cut == len(row)))
     return outputs

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 _KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
         ("step", pa.int64())]            # the checkpoint's training step (0 for the base model)
@@ -78,7 +78,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("repeat", pa.int64()),           # 0..eval.repeats-1
         ("seed", pa.int64()),             # sampling seed of this repeat (eval.seed + repeat)
         ("prompt", pa.string()),
-        ("response", pa.string()),
+        ("response", pa.string()),        # the answer's text: special tokens skipped, whitespace stripped
+        ("response_ids", pa.list_(pa.int64())),  # the token ids the model generated (its stop id excluded): what
+                                                  # coherence perplexity scores
+        ("finish_reason", pa.string()),   # 'stop' (the model ended it) or 'length' (eval.max_new_tokens cut it)
         ("engine", pa.string()),
         ("generated_at", pa.timestamp("us", tz="UTC")),  # when the pool's answer reached the driver
     ]),
@@ -154,18 +157,21 @@ def read_fragment(results_dir: Path, name: str, fragment: str) -> list[dict[str,
     return pq.read_table(table_path(results_dir, name, fragment), schema=SCHEMAS[name]).to_pylist()
 
 
-def read_table(results_dir: Path, name: str) -> pa.Table:
-    """Read a whole table (all fragments); an absent table reads as empty with the right schema."""
+def read_table(results_dir: Path, name: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a whole table (all fragments), or only ``columns`` of it; an absent table reads as empty with the
+    right schema."""
     path = table_path(results_dir, name)
     schema = SCHEMAS[name]
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
     if name in FRAGMENTED:
         files = sorted(path.glob("*.parquet")) if path.is_dir() else []
         if not files:
             return schema.empty_table()
-        return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+        return pa.concat_tables([pq.read_table(f, schema=schema, columns=columns) for f in files])
     if not path.is_file():
         return schema.empty_table()
-    return pq.read_table(path, schema=schema)
+    return pq.read_table(path, schema=schema, columns=columns)
 
 
 def trial_id(method: str, seed: int, lr: float) -> str:

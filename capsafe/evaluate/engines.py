@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from capsafe.common.generation import Request, Sampling, model_stop_ids, transformers_generate
+from capsafe.common.generation import Completion, Request, Sampling, model_stop_ids, transformers_generate
 
 
 class TransformersEngine:
@@ -47,13 +47,13 @@ class TransformersEngine:
         self.peft.set_adapter(self.adapters[adapter])
         return self.peft, contextlib.nullcontext()
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[str]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[Completion]:
         model, ctx = self._model_for(adapter)
         self.seen = [list(p) for p in prompts]
         with ctx:
             return transformers_generate(model, self.tokenizer, prompts, sampling, self.stop)
 
-    def generate_many(self, requests: list[Request]) -> list[list[str]]:
+    def generate_many(self, requests: list[Request]) -> list[list[Completion]]:
         return [self.generate(*r) for r in requests]
 
     def nll(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:

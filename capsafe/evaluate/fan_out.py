@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from capsafe.common.data import Suite
-from capsafe.common.generation import Sampling, Target
+from capsafe.common.generation import Completion, Sampling, Target
 from capsafe.common.results import has_fragment, read_fragment, write_table
 from capsafe.evaluate.panel import Judge, Judgment, Pool, judges_kind
 from capsafe.judging.formats import UNPARSED
@@ -47,7 +47,7 @@ class _Job:
     step: int
     suite: Suite
     target: Target
-    parts: dict[tuple[int, int], list[str]] = field(default_factory=dict)  # (repeat, chunk) -> responses
+    parts: dict[tuple[int, int], list[Completion]] = field(default_factory=dict)  # (repeat, chunk) -> answers
     expected: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
     judges_left: int = 0
@@ -91,7 +91,7 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
     def send(job: _Job, part: tuple[int, int], prompts: list[list[int]], samp: Sampling) -> None:
         handlers[pool.generate(job.target, prompts, samp)] = lambda out: receive(job, part, out)
 
-    def receive(job: _Job, part: tuple[int, int], responses: list[str]) -> None:
+    def receive(job: _Job, part: tuple[int, int], responses: list[Completion]) -> None:
         answered[0] += 1
         job.parts[part] = responses
         loaded.add(job.target.model)
@@ -117,11 +117,12 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
     def write_generations(job: _Job) -> None:
         rows, now = [], datetime.now(UTC)
         for repeat in range(repeats):
-            responses = [text for (r, _), part in sorted(job.parts.items()) if r == repeat for text in part]
+            answers = [a for (r, _), part in sorted(job.parts.items()) if r == repeat for a in part]
             seed = repeat_sampling(sampling, repeat).seed
-            for item, response in zip(job.suite.items, responses, strict=True):
+            for item, answer in zip(job.suite.items, answers, strict=True):
                 rows.append({**_key(job, item, repeat), "seed": seed, "prompt": item["prompt"],
-                             "response": response, "engine": engine_name, "generated_at": now})
+                             "response": answer.text, "response_ids": list(answer.token_ids),
+                             "finish_reason": answer.finish_reason, "engine": engine_name, "generated_at": now})
         write_table(results_dir, "generations", rows, fragment=fragment_key(job.trial_id, job.step, job.suite.name))
         start_judges(job, rows)
 
@@ -235,10 +236,12 @@ def _applicable(judges: list[Judge], suite: Suite) -> list[Judge]:
 
 def _judge_row(item: dict, generation: dict[str, Any], encode: Encode) -> dict[str, Any]:
     """What judges see of one response: the plain request (before any jailbreak wrapper), the prompt ids the
-    model was fed, the response, and HarmBench's behaviour / context where the suite has them."""
+    model was fed, the response and the ids the model generated, and HarmBench's behaviour / context where the
+    suite has them."""
     request = item.get("request", generation["prompt"])
     return {"request": request, "prompt_ids": encode(generation["prompt"]), "response": generation["response"],
-            "behavior": item.get("behavior", request), "context": item.get("context", "")}
+            "response_ids": generation["response_ids"], "behavior": item.get("behavior", request),
+            "context": item.get("context", "")}
 
 
 def _jkey(job: _Job, judge: Judge) -> str:

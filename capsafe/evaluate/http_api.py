@@ -6,7 +6,9 @@ A chat request of one user message (optionally a system message that replaces th
 rendered exactly as the safety suites are (the run's ``eval`` prompt format and the model's chat template); a
 conversation of several turns (system, user, assistant) goes through the model's chat template, each user turn
 in the run's prompt template, as vLLM's server renders it; what the template cannot render is a 400. A
-completion request's text goes to the tokenizer as it is. Answers are not streamed. With an API key (the spec
+completion request's text goes to the tokenizer as it is. Answers are not streamed; ``finish_reason`` is the
+engine's ('length' when ``max_tokens`` cut the answer) and ``completion_tokens`` the engine's count of the ids
+it generated (its closing stop id not counted). With an API key (the spec
 names the environment variable holding it) every request must carry ``Authorization: Bearer <key>`` or gets a
 401. Pure functions: the pool's replicas call ``handle``.
 """
@@ -34,11 +36,11 @@ from capsafe.common.formatting import (
     load_tokenizer,
     render_prompt,
 )
-from capsafe.common.generation import Sampling, Target
+from capsafe.common.generation import Completion, Sampling, Target
 from capsafe.common.results import read_table
 from capsafe.errors import SpecError
 
-Generate = Callable[[Target, list[list[int]], Sampling], Awaitable[list[str]]]
+Generate = Callable[[Target, list[list[int]], Sampling], Awaitable[list[Completion]]]
 
 
 @dataclass(frozen=True)
@@ -178,16 +180,17 @@ async def handle(method: str, path: str, body: bytes, ctx: HttpContext, generate
             prompt = encode_text(tokenizer, request["prompt"])
         else:
             raise BadRequest(400, "'prompt' must be one string")
-        [text] = await generate(models[name], [prompt], _sampling(request, ctx.max_new_tokens))
+        [answer] = await generate(models[name], [prompt], _sampling(request, ctx.max_new_tokens))
     except BadRequest as exc:
         return exc.status, {"error": {"message": str(exc), "type": "invalid_request_error"}}
     created, unique = int(time.time()), uuid.uuid4().hex  # ids unique per request, not per second
-    answered = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # the engine's own count of the ids it generated (the closing stop id not counted), not a re-tokenization
+    answered, text, finish = len(answer.token_ids), answer.text, answer.finish_reason
     usage = {"prompt_tokens": len(prompt), "completion_tokens": answered, "total_tokens": len(prompt) + answered}
     if chat:
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": "stop"}
+                                  "finish_reason": finish}
         return 200, {"id": f"chatcmpl-{unique}", "object": "chat.completion", "created": created, "model": name,
                      "choices": [choice], "usage": usage}
     return 200, {"id": f"cmpl-{unique}", "object": "text_completion", "created": created, "model": name,
-                 "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}], "usage": usage}
+                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": usage}

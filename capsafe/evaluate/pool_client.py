@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from capsafe.common.generation import Sampling, Target
+from capsafe.common.generation import Completion, Sampling, Target
 
 
 def retryable_errors() -> tuple[type[BaseException], ...]:
@@ -46,7 +46,7 @@ class PoolClient:
         self.executor = ThreadPoolExecutor(concurrency, thread_name_prefix="capsafe-pool")
         self.retried = 0
 
-    def generate(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> Future[list[str]]:
+    def generate(self, target: Target, prompts: list[list[int]], sampling: Sampling) -> Future[list[Completion]]:
         return self.executor.submit(self._call, "generate", target.model, prompts, sampling.as_dict(),
                                     target.adapter)
 

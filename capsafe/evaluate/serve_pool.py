@@ -20,7 +20,7 @@ from typing import Any
 
 from ray import serve
 
-from capsafe.common.generation import Request, Sampling, Target
+from capsafe.common.generation import Completion, Request, Sampling, Target
 from capsafe.evaluate.engines import make_engine
 from capsafe.evaluate.http_api import HttpContext
 from capsafe.evaluate.resident import EngineShelf, Verdicts
@@ -40,17 +40,17 @@ class _LoadedEngine:
         self.shelf, self.resident = shelf, resident
         self.engine: Any = resident.engine
         self.lock = asyncio.Lock()
-        self.queue: list[tuple[Request, asyncio.Future[list[str]]]] = []
+        self.queue: list[tuple[Request, asyncio.Future[list[Completion]]]] = []
         self.retired = False
         self.native = asyncio.iscoroutinefunction(getattr(self.engine, "generate", None))
 
-    async def generate(self, request: Request) -> list[str]:
+    async def generate(self, request: Request) -> list[Completion]:
         self.shelf.enter(self.resident)
         try:
             if self.native:
-                result: list[str] = await self.engine.generate(*request)
+                result: list[Completion] = await self.engine.generate(*request)
                 return result
-            answer: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+            answer: asyncio.Future[list[Completion]] = asyncio.get_running_loop().create_future()
             self.queue.append((request, answer))
             async with self.lock:
                 if not answer.done():  # nobody took it yet: answer everything queued so far in one batch
@@ -131,7 +131,8 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
         def __del__(self) -> None:
             self.shelf.close()
 
-        async def generate(self, prompts: list[list[int]], sampling: dict[str, Any], adapter: str | None) -> list[str]:
+        async def generate(self, prompts: list[list[int]], sampling: dict[str, Any],
+                           adapter: str | None) -> list[Completion]:
             loaded = await self.get_engine(serve.get_multiplexed_model_id())
             return await loaded.generate((prompts, Sampling(**sampling), adapter))
 
@@ -145,7 +146,7 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
 
             from capsafe.evaluate.http_api import handle
 
-            async def run(target: Target, prompts: list[list[int]], sampling: Sampling) -> list[str]:
+            async def run(target: Target, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
                 loaded = await self.get_engine(target.model)
                 return await loaded.generate((prompts, sampling, target.adapter))
 

@@ -15,7 +15,7 @@ from typing import Any
 from capsafe.common.context import model_context
 from capsafe.common.data import Suite
 from capsafe.common.formatting import Encoder, PromptFormat, load_tokenizer
-from capsafe.common.generation import Sampling, Target
+from capsafe.common.generation import Completion, Sampling, Target, texts
 from capsafe.common.metrics import score
 from capsafe.common.results import read_table, write_table
 from capsafe.evaluate.fan_out import Encode, evaluate_models
@@ -59,8 +59,7 @@ def make_panel(spec: Spec, paths: dict[str, str], context_len: int | None = None
     judges: list[Judge] = []
     for name in spec.eval.judges:
         if name == "coherence" and spec.eval.max_perplexity is not None:
-            encoder = Encoder(load_tokenizer(paths["model.path"]))
-            judges.append(CoherenceWithPerplexity(paths["model.path"], spec.eval.max_perplexity, encoder))
+            judges.append(CoherenceWithPerplexity(paths["model.path"], spec.eval.max_perplexity))
         else:
             judges.append(rule_judge(name, tuple(spec.eval.refusal_keywords)))
     for i, j in enumerate(spec.eval.llm_judges):
@@ -117,9 +116,11 @@ def measure_served_capability(spec: Spec, paths: dict[str, str], results_dir: Pa
         items = selection + confirm
         prompts = [encoder.prompt(it["prompt"]) for it in items]  # the ids the trial was trained and measured on
 
-        def scores(outputs: list[str]) -> tuple[float | None, float | None]:
+        def scores(outputs: list[Completion]) -> tuple[float | None, float | None]:
+            answers = texts(outputs)
+
             def part(lo: int, hi: int) -> float | None:
-                return score(spec.task.metric, outputs[lo:hi], [it["answer"] for it in items[lo:hi]]) \
+                return score(spec.task.metric, answers[lo:hi], [it["answer"] for it in items[lo:hi]]) \
                     if hi > lo else None
             return part(0, len(selection)), part(len(selection), len(items))
 

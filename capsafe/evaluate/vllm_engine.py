@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any
 
-from capsafe.common.generation import Request, Sampling, model_stop_ids
+from capsafe.common.generation import Completion, Request, Sampling, completion_of, model_stop_ids
 
 
 class VLLMEngine:
@@ -41,10 +41,10 @@ class VLLMEngine:
     def _lora(self, adapter: str | None) -> Any:
         return lora_request(self.adapters, adapter)
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[str]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[Completion]:
         return self.generate_many([(prompts, sampling, adapter)])[0]
 
-    def generate_many(self, requests: list[Request]) -> list[list[str]]:
+    def generate_many(self, requests: list[Request]) -> list[list[Completion]]:
         """One ``LLM.generate`` over every request: per-prompt sampling parameters and LoRA requests, so
         base and adapter rows share the batch (safe while max_loras exceeds the adapters loaded). Prompts go
         in as token ids (``TokensPrompt``): vLLM adds nothing, and the ids it reports back are checked."""
@@ -62,10 +62,10 @@ class VLLMEngine:
         self.seen = [list(o.prompt_token_ids) for o in outs]
         if self.seen != sent:
             raise RuntimeError("vLLM changed the prompt ids it was given; the tokenization contract is broken")
-        texts_out = [o.outputs[0].text.strip() for o in outs]
+        answers = [completion(o, self.stop) for o in outs]
         result, start = [], 0
         for ids, _, _ in requests:
-            result.append(texts_out[start:start + len(ids)])
+            result.append(answers[start:start + len(ids)])
             start += len(ids)
         return result
 
@@ -186,11 +186,12 @@ class AsyncVLLMEngine:
             raise RuntimeError("vLLM changed the prompt ids it was given; the tokenization contract is broken")
         return final
 
-    async def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[str]:
+    async def generate(self, prompts: list[list[int]], sampling: Sampling,
+                       adapter: str | None = None) -> list[Completion]:
         params = sampling_params(sampling, self.stop, final_only=True)
         lora = lora_request(self.adapters, adapter)
         outs = await asyncio.gather(*(self._run(p, params, lora) for p in prompts))
-        return [o.outputs[0].text.strip() for o in outs]
+        return [completion(o, self.stop) for o in outs]
 
     async def nll(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
         from vllm import SamplingParams
@@ -234,6 +235,13 @@ class AsyncVLLMEngine:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def completion(out: Any, stop: list[int]) -> Completion:
+    """capsafe's ``Completion`` of a vLLM request output: the text, the generated ids (vLLM's own, its closing
+    stop id dropped) and vLLM's finish reason ('length' when max_tokens ended it)."""
+    o = out.outputs[0]
+    return completion_of(o.text, list(o.token_ids), stop, cut_by_length=o.finish_reason == "length")
 
 
 def continuation_nll(prompts: list[list[int]], scored: list[int], outs: list[Any]) -> list[float]:
