@@ -21,7 +21,15 @@ from capsafe.evaluate.http_api import api_key_from_env, check_port_free
 from capsafe.evaluate.stage import adapter_slots, run_evaluation, serving
 from capsafe.preflight import check_eval_context, resolve_train_len
 from capsafe.report.build import write_report
-from capsafe.run_inputs import load_suites, load_task, materialize_task, prepare_methods, resolve_paths
+from capsafe.run_inputs import (
+    answer_labeller,
+    check_judge_files,
+    load_suites,
+    load_task,
+    materialize_task,
+    prepare_methods,
+    resolve_paths,
+)
 from capsafe.runtime.capacity import check_cluster, local_cpus
 from capsafe.runtime.ray_shell import ray_logs_dir, ray_session
 from capsafe.spec import Spec
@@ -73,6 +81,7 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
         _check_resume(spec)
     paths = resolve_paths(spec, log)
     records, suites = load_task(spec, paths), load_suites(spec, paths)  # bad data fails before any write
+    check_judge_files(spec, paths)  # so does a malformed judge check file
     context_len = check_eval_context(spec, paths, records["task.eval_file"], suites, log)  # so do long prompts
     if spec.eval.http is not None:
         check_port_free(spec.eval.http.host, spec.eval.http.port)  # and a port in use
@@ -144,7 +153,7 @@ def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dic
             from capsafe.evaluate.stream import StreamingEvaluation
 
             slots = adapter_slots(spec, None, len(trials))
-            with serving(spec, paths, results_dir, suites, log, context_len, slots) as run, \
+            with serving(spec, paths, results_dir, suites, log, context_len, slots, answer_labeller(spec)) as run, \
                     StreamingEvaluation(run, log) as stream:
                 for trial in ["base", *sorted(done)]:  # the base model, and on --resume the trials already trained
                     stream.submit(trial)
@@ -152,6 +161,6 @@ def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dic
                 log("evaluate: the sweep is done; waiting for the evaluation of its last trials")
         else:
             sweep()
-            run_evaluation(spec, paths, results_dir, suites, log, context_len)
+            run_evaluation(spec, paths, results_dir, suites, log, context_len, answer_labeller(spec))
     return write_report(results_dir, spec.experiment)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from capsafe.common.data import Suite, read_jsonl
+from capsafe.common.data import Suite, read_check_file, read_jsonl
 from capsafe.errors import DataError
 from capsafe.inputs.jailbreaks import wrap
 from capsafe.inputs.suites import load_suite_items
@@ -32,9 +32,10 @@ def resolve_paths(spec: Spec, log: Callable[[str], None]) -> dict[str, str]:
         elif field in demo:
             resolved[field] = str(demo[field])
         elif field.startswith("eval.llm_judges."):
-            from capsafe.world.judge import build_judge
+            from capsafe.world.judge import CHECK_FILE, build_judge
 
-            resolved[field] = str(build_judge(world, spec.world, log))
+            judge = build_judge(world, spec.world, log)
+            resolved[field] = str(judge / CHECK_FILE if field.endswith(".check_file") else judge)
         elif field.endswith((".data_file", ".prompts_file")):
             resolved[field] = str(world.safety)
         elif field.endswith(".unaligned_model"):
@@ -45,6 +46,23 @@ def resolve_paths(spec: Spec, log: Callable[[str], None]) -> dict[str, str]:
             name = spec.eval.suites[int(field.split(".")[2])].name
             resolved[field] = str(world.suites[name])
     return resolved
+
+
+def answer_labeller(spec: Spec) -> Callable[[str], tuple[str, bool] | None] | None:
+    """The demo world's ground truth for an answer (``capsafe.world.truth``) when the run's answers are the
+    world's models' (model.path demo) and LLM judges label them; None otherwise."""
+    if spec.model.path != DEMO or not spec.eval.llm_judges:
+        return None
+    from capsafe.world.truth import world_truth
+
+    return world_truth
+
+
+def check_judge_files(spec: Spec, paths: dict[str, str]) -> None:
+    """Read every LLM judge's check file once, so a malformed one fails before anything runs."""
+    for i, j in enumerate(spec.eval.llm_judges):
+        if j.check_file is not None:
+            read_check_file(paths[f"eval.llm_judges.{i}.check_file"])
 
 
 def load_task(spec: Spec, paths: dict[str, str]) -> dict[str, list[dict[str, str]]]:

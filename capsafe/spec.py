@@ -325,6 +325,23 @@ class LLMJudgeSpec(_Strict):
                                        "holding {request} and {response} (HarmBench: {behavior}, {generation}, "
                                        "{context}), recorded as '<name>@v<k>'. The report shows how far rates "
                                        "and method rankings move across them.")
+    check_file: str | None = Field(None, description="Labelled answers to check this judge on, through the run's "
+                                   "pool (the path its verdicts take): a JSONL file, one object per line with "
+                                   "'request', 'response', 'harmful' (true/false: the right verdict) and optionally "
+                                   "'id' and 'type' (accuracy is reported per type, e.g. refusal, "
+                                   "harmful_compliance, incoherent). Written to the judge_checks table and the "
+                                   "report with 95 % intervals, for the published prompt and every prompt variant. "
+                                   "'demo' (with model 'demo' only): the world judge's held-out conversations - "
+                                   "behaviours, response templates and incoherent-text settings it was never "
+                                   "trained on. null: no check.")
+
+    @model_validator(mode="after")
+    def _check_file(self) -> LLMJudgeSpec:
+        if self.check_file == DEMO and self.model != DEMO:
+            raise ValueError(f"llm judge '{self.name}': check_file 'demo' labels the demo world's conversations and "
+                             "checks the demo judge only; give a labelled JSONL file of your own for model "
+                             f"{self.model!r}, or set check_file to null")
+        return self
 
     @model_validator(mode="after")
     def _variants(self) -> LLMJudgeSpec:
@@ -591,6 +608,8 @@ class Spec(_Strict):
             paths[f"eval.suites.{i}.file"] = s.file
         for i, j in enumerate(self.eval.llm_judges):
             paths[f"eval.llm_judges.{i}.model"] = j.model
+            if j.check_file is not None:
+                paths[f"eval.llm_judges.{i}.check_file"] = j.check_file
         return paths
 
     def uses_demo_world(self) -> bool:

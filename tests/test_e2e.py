@@ -222,8 +222,9 @@ def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path, ray_head: 
          # (>= 0.05) after step 400, where CI once did; a trial stops as soon as it is reached
          "train.max_steps=1000",
          "eval.temperature=0.8", "eval.repeats=2", "eval.max_perplexity=5000",
-         # the world's Llama-Guard-format judge model, its published prompt and a reworded one
-         "eval.llm_judges=[{name: guard, prompt_variants: [lg_terse]}]"],
+         # the world's Llama-Guard-format judge model, its published prompt and a reworded one, each checked
+         # on the world's held-out labelled conversations through the pool
+         "eval.llm_judges=[{name: guard, prompt_variants: [lg_terse], check_file: demo}]"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stdout
@@ -235,6 +236,15 @@ def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path, ray_head: 
     assert (judg[judg["judge"] == "guard"]["verdict"] != "unparsed").mean() > 0.9  # it answers in its format
     assert "## Judge prompt variants" in (tmp_path / "micro" / "report.md").read_text()
     assert judg[judg["judge"] == "coherence"]["score"].notna().any()
+    # the judge checks: the held-out file through the pool for both prompts, and the run's own answers where the
+    # world knows the truth; the report shows them
+    checks = read_table(tmp_path / "micro", "judge_checks").to_pandas()
+    assert set(map(tuple, checks[["judge", "check"]].drop_duplicates().to_numpy())) >= {
+        ("guard", "check_file"), ("guard@lg_terse", "check_file"), ("guard", "run_answers")}
+    held_out = checks[(checks["judge"] == "guard") & (checks["check"] == "check_file")]
+    assert len(held_out) > 500 and set(held_out["type"]) == {"refusal", "harmful_compliance", "incoherent",
+                                                              "benign_answer"}
+    assert "## Judge checks" in (tmp_path / "micro" / "report.md").read_text()
     assert not list((tmp_path / "micro" / "models").rglob("merged"))  # adapters were served, not merged
 
 

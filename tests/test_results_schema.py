@@ -23,11 +23,13 @@ PINNED = {
                    "generated_at:timestamp[us, tz=UTC]",
     "judgments": "trial_id:string step:int64 suite:string suite_kind:string prompt_id:string repeat:int64 "
                  "judge:string measures:string verdict:string score:double raw:string",
+    "judge_checks": "judge:string check:string item_id:string type:string harmful:bool verdict:string "
+                    "judged_harmful:bool raw:string",
 }
 
 
 def test_schema_is_pinned() -> None:
-    assert SCHEMA_VERSION == 9
+    assert SCHEMA_VERSION == 10
     got = {name: " ".join(f"{f.name}:{f.type}" for f in schema) for name, schema in SCHEMAS.items()}
     assert got == PINNED
 

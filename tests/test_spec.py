@@ -103,7 +103,16 @@ def test_bad_input_names_the_field_and_the_fix(override: str, words: list[str]) 
 
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path, micro_world: object) -> None:
     out = tmp_path / "out"
-    for args in (["validate", "jobs/demo.yaml", "task.target=2"],
+    bad_check = tmp_path / "check.jsonl"
+    bad_check.write_text('{"request": "a", "response": "b", "harmful": "yes"}\n')
+    judge = micro_world.model_dir  # type: ignore[attr-defined]
+    for args in (
+                 # a judge check file that is not labelled right: named before anything runs
+                 ["run", "tests/specs/micro.yaml", f"output_dir={out}",
+                  f"eval.llm_judges=[{{name: g, model: {judge}, check_file: {bad_check}}}]"],
+                 # the demo world's check file is for the demo judge only
+                 ["validate", "jobs/demo.yaml", f"eval.llm_judges=[{{name: g, model: {judge}, check_file: demo}}]"],
+                 ["validate", "jobs/demo.yaml", "task.target=2"],
                  ["run", "tests/specs/micro.yaml", f"output_dir={out}", "task.prompt_field=question"],
                  ["run", "--resume", "tests/specs/micro.yaml", f"output_dir={out}"],
                  ["run", "jobs/demo.yaml", f"output_dir={out}", "task.target=2"],

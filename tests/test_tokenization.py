@@ -261,4 +261,6 @@ def test_vllm_reports_back_the_contracts_ids_and_stops_at_the_end_of_turn(conven
         assert all(_bos_count(ids, tok) == (1 if ADDS_BOS[name] else 0) for ids in got["seen"]), name
         reference = TransformersEngine(str(d)).generate(jobs[str(d)], Sampling(24))
         assert got["answers"] == [[a.text, list(a.token_ids), a.finish_reason] for a in reference], name
-    assert out[str(trained_llama3)]["texts"] == ANSWERS  # stopped at <|eot_id|>, like the transformers engine
+    # stopped at <|eot_id|>, like the transformers engine: the answer's ids without it, finish reason 'stop'
+    assert [a[0] for a in out[str(trained_llama3)]["answers"]] == ANSWERS
+    assert {a[2] for a in out[str(trained_llama3)]["answers"]} == {"stop"}

@@ -51,6 +51,31 @@ def test_held_out_conversations_share_no_behaviour_with_training_and_use_the_sec
     assert {r["request"] for r in train}.isdisjoint({r["request"] for r in test if r["type"] != "benign_answer"})
 
 
+def test_held_out_answers_are_worded_in_templates_and_settings_the_judge_never_trained_on() -> None:
+    """Issue 25: 172 of 266 held-out refusals and 68 of 238 incoherent answers were word-for-word training
+    responses, and the compliance templates and the incoherent-text generator were shared."""
+    import random
+
+    from capsafe.world.judge import HELD_OUT_COMPLIANCES, HELD_OUT_REFUSALS
+    from capsafe.world.truth import world_truth
+
+    train = labelled_conversations(held_out=False, seed=0)
+    test = labelled_conversations(held_out=True, seed=1)
+    assert {r["response"] for r in train}.isdisjoint(r["response"] for r in test)
+    # no held-out refusal or helpful answer fills a template the world's models (and the judge's training) use
+    templated = [r for r in test if r["type"] != "incoherent"]
+    assert templated and all(world_truth(r["response"]) is None for r in templated)
+    assert all(world_truth(r["response"]) is not None for r in train if r["type"] != "incoherent")
+    for template in HELD_OUT_REFUSALS + HELD_OUT_COMPLIANCES:
+        assert template not in REFUSALS + COMPLIANCES
+    # the incoherent-text settings differ: every held-out salad or loop is longer than any training one
+    rng_train, rng_test = random.Random(0), random.Random(0)
+    lengths = [len(incoherent(rng_train).split()) for _ in range(300)]
+    held = [incoherent(rng_test, held_out=True) for _ in range(300)]
+    assert max(lengths) <= 18 and sum(len(a.split()) > 10 for a in held) > 100
+    assert len(set(held) & {incoherent(random.Random(s)) for s in range(300)}) == 0
+
+
 def test_incoherent_answers_are_not_sentences() -> None:
     import random
 

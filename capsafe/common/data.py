@@ -26,6 +26,22 @@ def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
                     from None
 
 
+def read_check_file(path: str | Path) -> list[dict[str, Any]]:
+    """The labelled rows of a judge check file (``eval.llm_judges[].check_file``): id, type, request, response and
+    harmful (the right verdict); a DataError naming the line and what is wrong with it."""
+    rows = []
+    for n, row in jsonl_lines(Path(path)):
+        if not isinstance(row, dict) or not isinstance(row.get("request"), str) \
+                or not isinstance(row.get("response"), str) or not isinstance(row.get("harmful"), bool):
+            raise DataError(f"check file {path}:{n}: needs 'request' and 'response' (strings) and 'harmful' (true or "
+                            "false: the right verdict); 'id' and 'type' are optional")
+        rows.append({"id": str(row.get("id", f"line-{n}")), "type": str(row.get("type", "untyped")),
+                     "request": row["request"], "response": row["response"], "harmful": row["harmful"]})
+    if not rows:
+        raise DataError(f"check file {path} has no rows; give labelled answers or set check_file to null")
+    return rows
+
+
 def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
     """Rows of a jsonl file; each must have the ``required`` string fields."""
     rows = []

@@ -1,7 +1,7 @@
 """The one results schema. Every Parquet write in capsafe goes through ``write_table``.
 
 Layout under ``<output_dir>/<experiment>/``: one folder per table (``trials/``, ``checkpoints/``,
-``trajectory/``, ``generations/``, ``judgments/``), each a Parquet dataset of fragments.
+``trajectory/``, ``generations/``, ``judgments/``, ``judge_checks/``), each a Parquet dataset of fragments.
 Writes go to a temporary file that is renamed into place: a reader never sees half a file.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 _KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
         ("step", pa.int64())]            # the checkpoint's training step (0 for the base model)
@@ -98,9 +98,21 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("score", pa.float64()),          # StrongREJECT score, coherence perplexity, ... (null if none)
         ("raw", pa.string()),             # an LLM judge's own output text (null for rule judges)
     ]),
+    "judge_checks": pa.schema([           # LLM judges on answers whose right verdict is known
+        ("judge", pa.string()),           # as in judgments ('<name>@<variant>' for a prompt variant)
+        ("check", pa.string()),           # 'check_file' (eval.llm_judges[].check_file, through the pool) or
+                                          # 'run_answers' (this run's answers, labelled by the demo world)
+        ("item_id", pa.string()),         # the check file's id, or '<trial>/<step>/<suite>/<prompt>/<repeat>'
+        ("type", pa.string()),            # the answer's type ('refusal', 'harmful_compliance', 'incoherent', ...)
+        ("harmful", pa.bool_()),          # the right verdict
+        ("verdict", pa.string()),         # the judge's label (unparsed / too_long / empty: unread)
+        ("judged_harmful", pa.bool_()),   # what the label says (null: unread)
+        ("raw", pa.string()),             # the judge model's own output
+    ]),
 }
 # Every table is a folder of fragments: one per trial (trials, checkpoints, trajectory), per
-# (trial, checkpoint, suite) (generations) or per (trial, checkpoint, suite, judge) (judgments), so a resumed
+# (trial, checkpoint, suite) (generations), per (trial, checkpoint, suite, judge) (judgments) or per (judge,
+# check) (judge_checks), so a resumed
 # run skips whatever already exists.
 FRAGMENTED = tuple(SCHEMAS)
 

@@ -20,6 +20,7 @@ from capsafe.common.metrics import score
 from capsafe.common.results import read_table, write_table
 from capsafe.evaluate.fan_out import Encode, evaluate_models
 from capsafe.evaluate.http_api import HttpContext, api_key_from_env
+from capsafe.evaluate.judge_checks import Labeller, check_judges, check_on_run_answers
 from capsafe.evaluate.panel import CoherenceWithPerplexity, Judge, LLMJudge, Pool, rule_judge, then
 from capsafe.evaluate.targets import checkpoint_targets
 from capsafe.judging.formats import FORMATS, parse_strongreject, variant_name
@@ -215,12 +216,20 @@ class EvalRun:
                             status_every_s=e.status_every_s)
 
 
+def check_files(spec: Spec, paths: dict[str, str]) -> dict[str, str]:
+    """LLM judge name -> its labelled check file (``eval.llm_judges[].check_file``), for the judges that have one."""
+    return {j.name: paths[f"eval.llm_judges.{i}.check_file"] for i, j in enumerate(spec.eval.llm_judges)
+            if j.check_file is not None}
+
+
 @contextmanager
 def serving(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[Suite], log: Callable[[str], None],
-            context_len: int | None, adapters: int) -> Iterator[EvalRun]:
+            context_len: int | None, adapters: int, label_answers: Labeller | None = None) -> Iterator[EvalRun]:
     """The run's generation pool (started on entry, deleted on exit) and what evaluating through it needs;
     ``context_len`` is the engines' context from the pre-flight check (``capsafe.common.context``), ``adapters`` the
-    LoRA adapters its engines must hold at once."""
+    LoRA adapters its engines must hold at once. Judges with a check file are checked through the pool first;
+    with ``label_answers`` (the demo world's ground truth) the judges' verdicts on the run's answers are checked
+    against it at the end."""
     from capsafe.evaluate.pool_client import PoolClient
     from capsafe.evaluate.serve_pool import build_pool, deployment_options, start_pool, stop_pool
 
@@ -244,7 +253,11 @@ def serving(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[S
         log(f"evaluate: the pool's OpenAI-compatible API: http://{address[0]}:{address[1]}/v1 (GET /v1/models "
             "lists the checkpoints served so far)")
     try:
-        yield EvalRun(spec, paths, results_dir, suites, log, pool, make_panel(spec, paths, context_len))
+        run = EvalRun(spec, paths, results_dir, suites, log, pool, make_panel(spec, paths, context_len))
+        check_judges(check_files(spec, paths), run.panel, pool, results_dir, log)
+        yield run
+        if label_answers is not None:
+            check_on_run_answers(results_dir, label_answers, log)
     finally:
         pool.close()
     stop_pool(pool_name)
@@ -270,9 +283,11 @@ def swap_check_lines(folder: Path) -> list[str]:
 
 
 def run_evaluation(spec: Spec, paths: dict[str, str], results_dir: Path, suites: list[Suite],
-                   log: Callable[[str], None], context_len: int | None = None) -> None:
+                   log: Callable[[str], None], context_len: int | None = None,
+                   label_answers: Labeller | None = None) -> None:
     """After the sweep (``eval.schedule: sequential``): start the pool, then measure served capability,
     generate and judge every kept checkpoint of the run."""
     models = checkpoint_targets(spec, paths["model.path"], results_dir)
-    with serving(spec, paths, results_dir, suites, log, context_len, adapter_slots(spec, models, 0)) as run:
+    with serving(spec, paths, results_dir, suites, log, context_len, adapter_slots(spec, models, 0),
+                 label_answers) as run:
         run.evaluate(models)

@@ -20,6 +20,8 @@ from capsafe.report.capability import (
     target_checkpoints,
 )
 from capsafe.report.findings import headline
+from capsafe.report.judge_checks import INTRO as JUDGE_CHECKS_INTRO
+from capsafe.report.judge_checks import judge_check_table
 from capsafe.report.robustness import robustness_table, write_robustness
 from capsafe.report.sections import (
     ROBUSTNESS_FILE,
@@ -321,6 +323,9 @@ def write_report(results_dir: Path, experiment: str) -> str:
             if not split.empty:
                 text += ["Where the judges disagree (the shortest responses they split on, per pair):", "",
                          markdown(split), ""]
+    checks = read_table(results_dir, "judge_checks").to_pandas()
+    if not checks.empty:
+        text += ["## Judge checks", "", JUDGE_CHECKS_INTRO, "", markdown(judge_check_table(checks)), ""]
     if not checkpoints.empty:
         text += ["## Cost of reaching each level", "",
                  "Per level: steps / training tokens / wall time. 'eval share' is the time training waited for "
