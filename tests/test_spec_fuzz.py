@@ -175,3 +175,11 @@ def test_a_key_written_twice_is_refused(name: str, data: st.DataObject) -> None:
 @given(name=spec_names, data=st.data(), target=st.floats(0.0, 0.5), extra=st.floats(0.0, 0.1))
 def test_a_band_reaching_zero_is_refused(name: str, data: st.DataObject, target: float, extra: float) -> None:
     _refused(RAW[name], ["task.ladder=[]", f"task.target={target!r}", f"task.tolerance={min(target + extra, 0.5)!r}"])
+
+
+@FUZZ
+@given(name=spec_names, model=st.text(alphabet="abcdef/._-", min_size=1, max_size=20).filter(lambda m: m != "demo"))
+def test_the_demo_check_file_with_another_judge_model_is_refused(name: str, model: str) -> None:
+    """check_file 'demo' labels the world's conversations: with any other judge model it would check the wrong
+    instrument."""
+    _refused(RAW[name], [f"eval.llm_judges=[{{name: g, model: '{model}', check_file: demo}}]"])
