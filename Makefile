@@ -6,8 +6,10 @@ SPEC ?= jobs/demo.yaml
 venv:
 	@bash scripts/venv.sh
 
+# A second `make demo` is refused while results/demo holds a run: ARGS=--overwrite replaces it, ARGS=--resume
+# continues it.
 demo: venv
-	$(PY) -m capsafe.cli run $(SPEC)
+	$(PY) -m capsafe.cli run $(SPEC) $(ARGS)
 
 test: venv
 	@bash scripts/ensure_browser.sh

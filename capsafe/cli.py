@@ -43,7 +43,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from capsafe.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
-    print(run_experiment(spec, resume=args.resume))
+    print(run_experiment(spec, resume=args.resume, overwrite=args.overwrite,
+                         spec_path=" ".join([args.spec, *map(shlex.quote, args.overrides)])))
     from capsafe.report.build import console_summary
 
     print(console_summary(spec.results_dir), flush=True)
@@ -74,6 +75,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from capsafe.runtime.ray_shell import worker_env
 
     entry = " ".join(["python -m capsafe.cli run", *(["--resume"] if args.resume else []),
+                      *(["--overwrite"] if args.overwrite else []),
                       shlex.quote(str(spec_path.relative_to(REPO_ROOT))), *map(shlex.quote, args.overrides)])
     try:
         client = JobSubmissionClient(args.address)
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue the experiment's earlier run in its "
                            "results folder: skip finished trials, restart unfinished ones from their last "
                            "checkpoint, evaluate only what is missing")
+            p.add_argument("--overwrite", action="store_true", help="delete an earlier run's results in the "
+                           "experiment's folder and start over (without it a run never replaces results)")
         if name == "submit":
             p.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
             p.add_argument("--no-wait", action="store_true", help="return after submitting")
@@ -143,6 +147,41 @@ def main(argv: list[str] | None = None) -> int:
     except CapsafeError as exc:
         print(f"capsafe: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"capsafe: interrupted. {_continue_hint(args)}", file=sys.stderr)
+        return 130
+    except BaseException as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        print(f"capsafe: error: {full} {_continue_hint(args)}", file=sys.stderr)
+        return 2
+
+
+def _continue_hint(args: argparse.Namespace) -> str:
+    """How to go on after a run stopped early: what was written is kept, --resume continues."""
+    if args.command not in ("run", "submit"):
+        return "Nothing was changed."
+    words = ["capsafe", args.command, "--resume", args.spec, *map(shlex.quote, args.overrides)]
+    if args.command == "submit":
+        words[3:3] = ["--address", args.address]
+    return f"The results written so far are kept; continue with: {' '.join(words)}"
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """One sentence when ``exc`` (or what it wraps: Ray passes a worker's error on as text) is a full disk."""
+    import errno
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            where = seen.filename or "the results folder"
+            return f"the disk is full (no space left writing {where}); free space there."
+        if "No space left on device" in str(seen):
+            return "the disk is full (a worker could not write: No space left on device); free space on the " \
+                   "results folder's disk."
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -16,6 +16,14 @@ from typing import Any
 
 from capsafe.common.data import Suite
 from capsafe.common.results import read_table, write_table
+from capsafe.common.run_guard import (
+    LOCK_FILE,
+    damaged_fragments,
+    holds_results,
+    move_aside,
+    refuse_to_replace,
+    run_lock,
+)
 from capsafe.errors import SpecError
 from capsafe.evaluate.http_api import api_key_from_env, check_port_free
 from capsafe.evaluate.stage import adapter_slots, run_evaluation, serving
@@ -61,24 +69,41 @@ def _check_resume(spec: Spec) -> None:
                         f"same spec and overrides (saved in {old}), or run without --resume to start over.")
 
 
-def _prepare_results_dir(spec: Spec, resume: bool) -> Path:
+def _prepare_results_dir(spec: Spec, resume: bool, overwrite: bool = False,
+                         log: Callable[[str], None] = print) -> Path:
+    """The run's results folder, held under the run's lock: on ``resume`` checked (same spec) and its damaged
+    fragments moved aside to be recomputed; otherwise new, or emptied of an earlier run only with ``overwrite``."""
     results_dir = spec.results_dir
     snapshot = json.dumps(spec.model_dump(mode="json"), sort_keys=True, indent=1)
     if resume:
         _check_resume(spec)
+        damaged = damaged_fragments(results_dir)
+        if damaged:
+            aside = move_aside(results_dir, damaged)
+            log(f"results: {len(damaged)} damaged fragment(s) moved to {aside} (kept, never deleted) and computed "
+                "again: " + "; ".join(f"{p.parent.name}/{p.name} ({why})" for p, why in damaged))
         return results_dir
-    if results_dir.exists():
-        shutil.rmtree(results_dir)  # a new run replaces the previous one of the same experiment
-    results_dir.mkdir(parents=True)
+    if holds_results(results_dir):
+        if not overwrite:  # refused before anything started (run_experiment); checked again under the lock
+            refuse_to_replace(results_dir, spec.experiment, None)
+        for entry in results_dir.iterdir():
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        log(f"results: deleted the earlier run's results in {results_dir} (--overwrite)")
+    results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / SPEC_SNAPSHOT).write_text(snapshot)
     return results_dir
 
 
-def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume: bool = False) -> str:
-    """Run (or with ``resume`` continue) everything the spec asks for; return the report text."""
+def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume: bool = False,
+                   overwrite: bool = False, spec_path: str | None = None) -> str:
+    """Run (or with ``resume`` continue) everything the spec asks for; return the report text. An earlier run's
+    results are never replaced without ``overwrite``; ``spec_path`` names the spec in messages."""
     log = log or _logger()
     if resume:
         _check_resume(spec)
+    elif not overwrite:
+        refuse_to_replace(spec.results_dir, spec.experiment, spec_path)
     paths = resolve_paths(spec, log)
     records, suites = load_task(spec, paths), load_suites(spec, paths)  # bad data fails before any write
     check_judge_files(spec, paths)  # so does a malformed judge check file
@@ -89,14 +114,15 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     beside = spec.eval.schedule == "streaming"  # the pool holds its resources beside training, or after it
     # Connect before anything is written, so that a spec the cluster can never hold is refused with nothing
     # half-done; the stages join this session (ray_session is re-entrant) and it ends with them.
-    with ray_session(spec.ray_address, local_cpus(spec, beside)):
+    # one live run per results folder, from here on (a second one is refused; a dead one's lock recovered)
+    with run_lock(spec.results_dir, log), ray_session(spec.ray_address, local_cpus(spec, beside)):
         check_cluster(spec, log, beside)
-        return _run_stages(spec, log, resume, paths, records, suites, context_len)
+        return _run_stages(spec, log, resume, paths, records, suites, context_len, overwrite)
 
 
 def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dict[str, str],
-                records: dict[str, Any], suites: list[Suite], context_len: int | None) -> str:
-    results_dir = _prepare_results_dir(spec, resume)
+                records: dict[str, Any], suites: list[Suite], context_len: int | None, overwrite: bool = False) -> str:
+    results_dir = _prepare_results_dir(spec, resume, overwrite, log)
     paths = prepare_methods(spec, materialize_task(records, paths, results_dir / "data"), results_dir / "data")
     trials = plan_trials(spec, paths, results_dir / "models")
     trials = resolve_train_len(spec, trials, log)

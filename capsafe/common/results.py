@@ -144,7 +144,8 @@ def to_arrow(name: str, rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_table(results_dir: Path, name: str, rows: list[dict[str, Any]], fragment: str | None = None) -> Path:
-    """Atomically write rows of table ``name`` as one of its fragments (a rewrite replaces the fragment)."""
+    """Atomically and durably write rows of table ``name`` as one of its fragments (a rewrite replaces the
+    fragment): a temporary file, flushed to disk, renamed into place, the folder flushed."""
     if fragment is None:
         raise ValueError(f"table {name!r} is written in fragments; name the fragment")
     table = to_arrow(name, rows)
@@ -154,11 +155,22 @@ def write_table(results_dir: Path, name: str, rows: list[dict[str, Any]], fragme
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        _fsync(tmp)  # the bytes on disk before the name points at them
         os.replace(tmp, path)
+        _fsync(path.parent)  # and the rename itself, so a power loss cannot leave a name without its data
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file's or a folder's contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def has_fragment(results_dir: Path, name: str, fragment: str) -> bool:

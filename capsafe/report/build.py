@@ -9,6 +9,7 @@ import pandas as pd
 
 from capsafe.common.generation import FINISH_LENGTH
 from capsafe.common.results import read_table
+from capsafe.common.run_guard import refuse_damaged
 from capsafe.judging.formats import LLAMA_GUARD_CARD_NAMES, parse_llama_guard
 from capsafe.judging.rules import COHERENT, COMPLIANCE, EMPTY, REFUSAL
 from capsafe.report.agreement import applicable, kappa_breakdown
@@ -242,7 +243,9 @@ def finish_reasons(results_dir: Path) -> pd.DataFrame:
 
 
 def write_report(results_dir: Path, experiment: str) -> str:
-    """Write ``report.md`` beside the tables and return its text."""
+    """Write ``report.md`` beside the tables and return its text (refused, naming them, while any fragment is
+    damaged)."""
+    refuse_damaged(results_dir)
     trials = read_table(results_dir, "trials").to_pandas()
     every = split_mixed_suites(applicable(read_table(results_dir, "judgments").to_pandas()))
     judgments, variants = split_variants(every)  # reworded judge prompts get a section of their own
