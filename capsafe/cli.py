@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -74,22 +75,54 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     from capsafe.runtime.ray_shell import worker_env
 
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise CapsafeError("no cluster to submit to: pass --address http://HEAD:8265 or set RAY_ADDRESS (as "
+                           "'ray job submit' reads it)")
+    runtime_env = job_runtime_env(args.runtime_env, args.env, worker_env())
     entry = " ".join(["python -m capsafe.cli run", *(["--resume"] if args.resume else []),
                       *(["--overwrite"] if args.overwrite else []),
                       shlex.quote(str(spec_path.relative_to(REPO_ROOT))), *map(shlex.quote, args.overrides)])
     try:
-        client = JobSubmissionClient(args.address)
+        client = JobSubmissionClient(address)
     except Exception as exc:
-        raise CapsafeError(f"cannot reach a Ray cluster's job API at {args.address} ({exc}); pass the head's "
+        raise CapsafeError(f"cannot reach a Ray cluster's job API at {address} ({exc}); pass the head's "
                            "dashboard address, e.g. --address http://127.0.0.1:8265.") from None
-    job_id = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO_ROOT),
-                                                              "excludes": JOB_EXCLUDES, "env_vars": worker_env()})
+    job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
     print(f"submitted job {job_id}: {entry}", flush=True)
     if args.no_wait:
         return 0
     status = follow_job(client, job_id)
     print(f"job {job_id}: {status.value}")
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def job_runtime_env(path: str | None, names: list[str], base_env: dict[str, str]) -> dict[str, Any]:
+    """The job's runtime environment: the project as its working_dir, capsafe's worker variables, what a
+    ``--runtime-env`` YAML/JSON file adds (pip packages, env_vars, ...; its own working_dir is refused: the job
+    runs this project) and the variables ``--env NAME`` names, with this shell's values (never in a spec)."""
+    import yaml
+
+    extra: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise CapsafeError(f"--runtime-env {path}: cannot read it ({exc}); give a YAML or JSON file") from None
+        if not isinstance(loaded, dict):
+            raise CapsafeError(f"--runtime-env {path}: a mapping of Ray runtime_env fields is needed (pip, "
+                               "env_vars, ...)")
+        if "working_dir" in loaded:
+            raise CapsafeError(f"--runtime-env {path}: working_dir is set by capsafe (the project); drop it")
+        extra = dict(loaded)
+    env = {**base_env, **dict(extra.pop("env_vars", None) or {})}
+    excludes = [*JOB_EXCLUDES, *list(extra.pop("excludes", None) or [])]
+    for name in names:
+        if name not in os.environ:
+            raise CapsafeError(f"--env {name}: that variable is not set in this shell; export it first (its value "
+                               "goes to the job's environment, never into a spec)")
+        env[name] = os.environ[name]
+    return {**extra, "working_dir": str(REPO_ROOT), "excludes": excludes, "env_vars": env}
 
 
 def follow_job(client: Any, job_id: str, poll_s: float = 1.0) -> Any:
@@ -126,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--overwrite", action="store_true", help="delete an earlier run's results in the "
                            "experiment's folder and start over (without it a run never replaces results)")
         if name == "submit":
-            p.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
+            p.add_argument("--address", help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: "
+                           "$RAY_ADDRESS, as ray job submit reads it)")
+            p.add_argument("--runtime-env", help="a YAML or JSON file of Ray runtime_env fields to add (pip "
+                           "packages, env_vars, ...)")
+            p.add_argument("--env", action="append", default=[], metavar="NAME", help="pass this shell's "
+                           "variable NAME to the job (e.g. --env HF_TOKEN); repeatable")
             p.add_argument("--no-wait", action="store_true", help="return after submitting")
     p = sub.add_parser("report", help="rewrite report.md from a results folder")
     p.add_argument("results", help="e.g. results/demo")
@@ -164,7 +202,7 @@ def _continue_hint(args: argparse.Namespace) -> str:
         return "Nothing was changed."
     words = ["capsafe", args.command, "--resume", args.spec, *map(shlex.quote, args.overrides)]
     if args.command == "submit":
-        words[3:3] = ["--address", args.address]
+        words[3:3] = ["--address", args.address] if args.address else []
     return f"The results written so far are kept; continue with: {' '.join(words)}"
 
 

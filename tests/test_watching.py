@@ -139,3 +139,41 @@ def test_every_wandb_record_is_on_disk_when_the_logging_actor_returns(tmp_path: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     [run_file] = tmp_path.rglob("*.wandb")
     assert [float(v) for v in logged_values(run_file, "capability")] == [i / n for i in range(1, n + 1)]
+
+
+def test_submit_takes_ray_address_a_runtime_env_file_and_named_variables(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26: `capsafe submit` honours RAY_ADDRESS as `ray job submit` does, adds a --runtime-env file (pip
+    packages, variables) and passes variables by name (--env HF_TOKEN), never their values through a spec."""
+    import ray.job_submission
+
+    from capsafe import cli
+
+    seen: dict = {}
+
+    class Client:
+        def __init__(self, address: str) -> None:
+            seen["address"] = address
+
+        def submit_job(self, entrypoint: str, runtime_env: dict) -> str:
+            seen.update(entrypoint=entrypoint, runtime_env=runtime_env)
+            return "raysubmit_1"
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cli.main(["submit", "jobs/demo.yaml", "--no-wait"]) == 2  # no address anywhere: said, not guessed
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    monkeypatch.setenv("HF_TOKEN", "secret-from-the-shell")
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text("pip: [rich]\nenv_vars: {HF_HOME: /mnt/shared/hf}\nexcludes: [big/]\n")
+    assert cli.main(["submit", "jobs/demo.yaml", "--no-wait", "--runtime-env", str(env_file), "--env", "HF_TOKEN",
+                     "--overwrite", "seeds=[1]"]) == 0
+    assert seen["address"] == "http://head:8265"
+    assert seen["entrypoint"] == "python -m capsafe.cli run --overwrite jobs/demo.yaml 'seeds=[1]'"
+    env = seen["runtime_env"]
+    assert env["pip"] == ["rich"] and env["working_dir"] == str(cli.REPO_ROOT) and "big/" in env["excludes"]
+    assert env["env_vars"]["HF_TOKEN"] == "secret-from-the-shell" and env["env_vars"]["HF_HOME"] == "/mnt/shared/hf"
+    assert "VLLM_CPU_KVCACHE_SPACE" in env["env_vars"]  # capsafe's own worker variables stay
+    assert cli.main(["submit", "jobs/demo.yaml", "--no-wait", "--env", "NOT_SET_ANYWHERE"]) == 2
+    env_file.write_text("working_dir: /elsewhere\n")
+    assert cli.main(["submit", "jobs/demo.yaml", "--no-wait", "--runtime-env", str(env_file)]) == 2
