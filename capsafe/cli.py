@@ -63,6 +63,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from capsafe.extend import evaluate_existing
+    from capsafe.pipeline import console_logger
+
+    print(evaluate_existing(Path(args.results), args.overrides, console_logger()))
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from capsafe.spec import load_spec
 
@@ -168,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-wait", action="store_true", help="return after submitting")
     p = sub.add_parser("report", help="rewrite report.md from a results folder")
     p.add_argument("results", help="e.g. results/demo")
+    p = sub.add_parser("evaluate", help="add judges, judge-prompt variants or suites to a finished run's "
+                       "checkpoints (no retraining; only missing results are computed)")
+    p.add_argument("results", help="the run's results folder, e.g. results/demo")
+    p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. \"eval.llm_judges=[{name: guard}]\"")
     return parser
 
 
@@ -179,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    handler = {"validate": _cmd_validate, "run": _cmd_run, "submit": _cmd_submit, "report": _cmd_report}
+    handler = {"validate": _cmd_validate, "run": _cmd_run, "submit": _cmd_submit, "report": _cmd_report,
+               "evaluate": _cmd_evaluate}
     try:
         return handler[args.command](args)
     except CapsafeError as exc:
@@ -198,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _continue_hint(args: argparse.Namespace) -> str:
     """How to go on after a run stopped early: what was written is kept, --resume continues."""
+    if args.command == "evaluate":
+        return ("The results written so far are kept; continue with: capsafe evaluate "
+                + " ".join([args.results, *map(shlex.quote, args.overrides)]))
     if args.command not in ("run", "submit"):
         return "Nothing was changed."
     words = ["capsafe", args.command, "--resume", args.spec, *map(shlex.quote, args.overrides)]

@@ -47,7 +47,7 @@ from capsafe.train.trials import plan_trials
 SPEC_SNAPSHOT = "spec.json"
 
 
-def _logger() -> Callable[[str], None]:
+def console_logger() -> Callable[[str], None]:
     start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -99,7 +99,7 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
                    overwrite: bool = False, spec_path: str | None = None) -> str:
     """Run (or with ``resume`` continue) everything the spec asks for; return the report text. An earlier run's
     results are never replaced without ``overwrite``; ``spec_path`` names the spec in messages."""
-    log = log or _logger()
+    log = log or console_logger()
     if resume:
         _check_resume(spec)
     elif not overwrite:

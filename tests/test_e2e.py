@@ -4,6 +4,7 @@ the target, a Ray Serve pool of vLLM engines, Parquet results and the report. Mi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from wandb_runs import logged_values
@@ -159,6 +161,30 @@ def test_run_micro_flow_with_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     reported = read_table(out, "trajectory").to_pandas().groupby("trial_id").size()
     logged = sorted(len(logged_values(path, "capability")) for path in wandb_runs)
     assert logged == sorted(reported.tolist()), (logged, reported)
+    _check_a_judge_added_later(out)
+
+
+def _check_a_judge_added_later(out: Path) -> None:
+    """Issue 26: `capsafe evaluate` adds an LLM judge to the finished run; it judges the old generations through
+    a pool, nothing is retrained or regenerated, and the snapshot and history record the addition."""
+    keys = ["trial_id", "step", "suite", "prompt_id", "repeat"]
+    before = read_table(out, "generations").to_pandas().sort_values(keys).reset_index(drop=True)
+    trials = read_table(out, "trials").to_pandas()
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "evaluate", str(out),
+                           "eval.llm_judges=[{name: guard}]"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = read_table(out, "generations").to_pandas().sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(before, after)  # reused as they were, generated_at included
+    pd.testing.assert_frame_equal(trials, read_table(out, "trials").to_pandas())
+    judg = read_table(out, "judgments").to_pandas()
+    guard = judg[judg["judge"] == "guard"]
+    assert len(guard) == int((after["suite_kind"] == "harmful").sum()) and guard["raw"].notna().all()
+    assert not judg.duplicated([*keys, "judge"]).any()
+    assert [j["name"] for j in json.loads((out / "spec.json").read_text())["eval"]["llm_judges"]] == ["guard"]
+    (entry,) = [json.loads(line) for line in (out / "extensions.jsonl").read_text().splitlines()]
+    assert entry["llm_judges"] == ["guard"] and entry["overrides"] == ["eval.llm_judges=[{name: guard}]"]
+    assert "| guard |" in (out / "report.md").read_text()
 
 
 def _ray_pids(temp_dir: str) -> list[int]:

@@ -25,7 +25,8 @@ BELOW = {
     "run_inputs": {"errors", "common", "inputs", "runtime", "spec", "world"},
     "preflight": {"errors", "common", "evaluate", "judging", "spec", "train"},
     "pipeline": {"errors", "common", "evaluate", "preflight", "report", "run_inputs", "runtime", "spec", "train"},
-    "cli": {"errors", "pipeline", "report", "runtime", "spec", "train"},
+    "extend": {"errors", "common", "evaluate", "preflight", "report", "run_inputs", "runtime", "spec"},
+    "cli": {"errors", "extend", "pipeline", "report", "runtime", "spec", "train"},
 }
 
 
