@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from capsafe.common.data import read_jsonl
+from capsafe.common.provenance import write_manifest
 from capsafe.common.run_guard import run_lock
 from capsafe.errors import SpecError
 from capsafe.evaluate.stage import run_evaluation
@@ -93,6 +94,7 @@ def evaluate_existing(results_dir: Path, overrides: list[str], log: Callable[[st
         check_cluster(spec, log, False)
         log(f"evaluate: extending {results_dir} ({' '.join(overrides) or 'nothing new'}); only missing results "
             "are computed")
+        write_manifest(results_dir, spec.model_dump(mode="json"), paths, "evaluate")
         run_evaluation(spec, paths, results_dir, suites, log, context_len, answer_labeller(spec))
         record(results_dir, old, spec, overrides)
     return write_report(results_dir, spec.experiment)

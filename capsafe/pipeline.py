@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from capsafe.common.data import Suite
+from capsafe.common.provenance import write_manifest
 from capsafe.common.results import read_table, write_table
 from capsafe.common.run_guard import (
     LOCK_FILE,
@@ -123,6 +124,7 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
 def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dict[str, str],
                 records: dict[str, Any], suites: list[Suite], context_len: int | None, overwrite: bool = False) -> str:
     results_dir = _prepare_results_dir(spec, resume, overwrite, log)
+    write_manifest(results_dir, spec.model_dump(mode="json"), paths, "resume" if resume else "run")
     paths = prepare_methods(spec, materialize_task(records, paths, results_dir / "data"), results_dir / "data")
     trials = plan_trials(spec, paths, results_dir / "models")
     trials = resolve_train_len(spec, trials, log)

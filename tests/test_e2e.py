@@ -85,6 +85,8 @@ def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[floa
     assert (out / "report.html").is_file() and list((out / "plots").glob("*.png"))
     for name in ("trials", "checkpoints", "trajectory", "generations", "judgments"):
         pq.read_table(out / name)  # plain Parquet datasets, readable without capsafe
+    manifest = json.loads((out / "manifest.json").read_text())  # what produced them (issue 26)
+    assert manifest["run_id"] and manifest["packages"]["ray"] and manifest["models"]["model.path"]["sha256"]
 
 
 def _tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
@@ -331,6 +333,9 @@ def test_killed_worker_restarts_from_checkpoint_and_killed_driver_resumes(tmp_pa
     assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-3000:]
     assert "1 already done" in resumed.stdout
     _check_results(out, "transformers", {"plain", "safety_mix"}, levels=(0.025, 0.075))
+    # the killed driver's lock was recovered, and the manifest says the run was resumed (issue 26)
+    assert "recovered the lock of run pid" in resumed.stdout and not (out / ".capsafe.lock").exists()
+    assert [h["event"] for h in json.loads((out / "manifest.json").read_text())["history"]] == ["resume"]
     trials = read_table(out, "trials").to_pandas().set_index("trial_id")
     assert trials.loc[first, "restarts"] >= 1 and trials.loc[first, "reached"]  # survived the killed worker
     assert trials.loc[second, "restarts"] >= 1  # continued from its checkpoint, not from step 0
