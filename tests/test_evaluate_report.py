@@ -262,6 +262,12 @@ def test_report_numbers_on_a_hand_made_table(tmp_path: Path) -> None:
                     generations=finish).set_index("method")["cut"]
     assert cut["plain"] == pytest.approx(3 / 8) and pd.isna(cut["base"])
     text = write_report(tmp_path, "x")
+    # issue 26: the keyword judge's lists are named, and whether its rates compare with published keyword ASR
+    assert "superset of it, so its refusal and non-refusal rates are not comparable with published keyword ASR" in text
+    (tmp_path / "spec.json").write_text(json.dumps({"eval": {"refusal_keywords": ["advbench"]}}))
+    assert "keyword ASR as papers report it" in write_report(tmp_path, "x")
+    (tmp_path / "spec.json").unlink()
+    assert write_report(tmp_path, "x") == text
     assert "m0: not_reached (budget:steps), best capability 0.30 at step 800" in text
     ladder = {(r["method"], r["level"]): r for r in ladder_table(
         read_table(tmp_path, "trials").to_pandas(), read_table(tmp_path, "checkpoints").to_pandas(),

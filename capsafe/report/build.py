@@ -214,6 +214,23 @@ def jailbreak_suites(results_dir: Path) -> dict[str, str]:
     return {s["name"]: s["jailbreak"] for s in suites if s.get("jailbreak")}
 
 
+def keyword_note(results_dir: Path) -> str:
+    """Which refusal-keyword lists the keyword judge used, and whether its rates compare with published keyword
+    ASR (only the published GCG / AdvBench list alone does)."""
+    snapshot = results_dir / "spec.json"
+    lists = ["advbench", "capsafe"]
+    if snapshot.is_file():
+        lists = json.loads(snapshot.read_text()).get("eval", {}).get("refusal_keywords", lists)
+    if lists == ["advbench"]:
+        return ("The keyword judge used the published GCG / AdvBench refusal list alone: its non-refusal rate is "
+                "keyword ASR as papers report it.")
+    return (f"The keyword judge used the lists {', '.join(lists)}: capsafe's lower-case phrases "
+            + ("beside the published GCG / AdvBench list, a superset of it" if "advbench" in lists else
+               "instead of the published GCG / AdvBench list")
+            + ", so its refusal and non-refusal rates are not comparable with published keyword ASR "
+            "(eval.refusal_keywords=[advbench] gives that).")
+
+
 def missing(results_dir: Path, trials: pd.DataFrame, judgments: pd.DataFrame) -> list[str]:
     """What the results do not hold yet (a sweep or evaluation still running, or stopped): planned trials
     without a result (from the run's ``spec.json``) and kept checkpoints with no judgments."""
@@ -271,7 +288,8 @@ def write_report(results_dir: Path, experiment: str) -> str:
             *lead,
             f"Capability target: {target:.2f}. Safety is measured only at checkpoints that reached it "
             "(and on the base model). 'harmful refusal' should be high, 'over-refusal' low. "
-            f"{DENOMINATOR}", "", to_markdown(summarize(trials, judgments, checkpoints, finish)), ""]
+            f"{DENOMINATOR} {keyword_note(results_dir)}", "",
+            to_markdown(summarize(trials, judgments, checkpoints, finish)), ""]
     if not not_reached.empty:
         text.append("Trials that did not reach the target (not compared):")
         for _, r in not_reached.iterrows():
