@@ -566,6 +566,18 @@ class Spec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _no_silent_demo(self) -> Spec:
+        if self.model.path == DEMO:
+            return self
+        silent = implicit_demo_fields(self)
+        if silent:
+            raise ValueError(f"model.path is your own model ({self.model.path}) but these fields would still use the "
+                             "demo world's data by default: " + "; ".join(f"{f} ({how})" for f, how in silent)
+                             + ". Set each to your own file or hf: dataset (or to 'demo' explicitly, to use the demo "
+                             "world's on purpose)")
+        return self
+
+    @model_validator(mode="after")
     def _seeds_once(self) -> Spec:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} lists a seed more than once: two trials would get one trial id "
@@ -614,6 +626,36 @@ class Spec(_Strict):
 
     def uses_demo_world(self) -> bool:
         return DEMO in self.data_paths().values()
+
+
+def implicit_demo_fields(spec: Spec) -> list[tuple[str, str]]:
+    """(field, how to set it) for every data field that resolves to the demo world only because it was left at
+    its default - a spec that names its own model would silently train, confirm or evaluate on demo data."""
+    out = []
+    task = spec.task
+    for name, how in (("train_file", "your task's training data"),
+                      ("eval_file", "the selection split, or null with task.selection_from_train"),
+                      ("confirm_file", "the confirmation split, or null"),
+                      ("general_file", "general instruction data, or null (or task.general_fraction=0)")):
+        value = getattr(task, name)
+        if value == DEMO and name not in task.model_fields_set and not (
+                name == "general_file" and task.general_fraction == 0):
+            out.append((f"task.{name}", how))
+    for i, method in enumerate(spec.methods):
+        for name, value in method.data_fields().items():
+            if value == DEMO and name not in method.model_fields_set:
+                out.append((f"methods.{i}.{name}", f"{method.name}'s data"))
+    if "suites" not in spec.eval.model_fields_set:
+        out.append(("eval.suites", "the benchmarks to evaluate: the default is the demo world's four suites"))
+    else:
+        for i, suite in enumerate(spec.eval.suites):
+            if suite.file == DEMO and "file" not in suite.model_fields_set:
+                out.append((f"eval.suites.{i}.file", f"suite '{suite.name}''s benchmark file"))
+    for i, judge in enumerate(spec.eval.llm_judges):
+        if judge.model == DEMO and "model" not in judge.model_fields_set:
+            out.append((f"eval.llm_judges.{i}.model", f"judge '{judge.name}''s model, e.g. "
+                        "meta-llama/Llama-Guard-3-8B"))
+    return out
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -101,6 +101,41 @@ def test_bad_input_names_the_field_and_the_fix(override: str, words: list[str]) 
         assert w in str(err.value)
 
 
+# the micro spec's demo data named on purpose, so that a spec with another model may keep it
+DEMO_ON_PURPOSE = ["task.train_file=demo", "task.eval_file=demo", "task.confirm_file=demo", "task.general_file=demo",
+                   "methods=[{name: plain}, {name: safety_mix, ratio: 0.05, data_file: demo}]",
+                   "eval.suites=[{name: harmful, kind: harmful, file: demo}]"]
+
+
+def test_a_spec_with_its_own_model_names_every_demo_default_it_would_use() -> None:
+    """Issue 26: a spec setting only model.path and task.train_file trained on 30 % demo chat data, confirmed
+    capability on demo addition and evaluated the demo suites, silently."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        Spec.model_validate({"model": {"path": "org/model"},
+                             "eval": {"llm_judges": [{"name": "g"}]}})
+    message = str(err.value)
+    for field in ("task.train_file", "task.eval_file", "task.confirm_file", "task.general_file",
+                  "methods.1.data_file", "eval.suites (", "eval.llm_judges.0.model"):
+        assert field in message, field
+    # each one named explicitly: allowed (the demo world's data on purpose)
+    Spec.model_validate({"model": {"path": "org/model"},
+                         "task": {"train_file": "demo", "eval_file": "demo", "confirm_file": "demo",
+                                  "general_file": "demo"},
+                         "methods": [{"name": "plain"}, {"name": "safety_mix", "data_file": "demo"}],
+                         "eval": {"suites": [{"name": "harmful", "kind": "harmful", "file": "demo"}],
+                                  "llm_judges": [{"name": "g", "model": "demo"}]}})
+    # a suite list given with one suite left at the demo default is named too
+    with pytest.raises(ValidationError, match=r"eval.suites.1.file"):
+        Spec.model_validate({"model": {"path": "org/model"},
+                             "task": {"train_file": "hf:x", "eval_file": None, "selection_from_train": 10,
+                                      "confirm_file": None, "general_file": None},
+                             "methods": [{"name": "plain"}],
+                             "eval": {"suites": [{"name": "a", "kind": "harmful", "file": "hf:y"},
+                                                 {"name": "harmful", "kind": "harmful"}]}})
+
+
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path, micro_world: object) -> None:
     out = tmp_path / "out"
     bad_check = tmp_path / "check.jsonl"
@@ -113,6 +148,8 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path, micro_world: o
                  # the demo world's check file is for the demo judge only
                  ["validate", "jobs/demo.yaml", f"eval.llm_judges=[{{name: g, model: {judge}, check_file: demo}}]"],
                  ["validate", "jobs/demo.yaml", "task.target=2"],
+                 # another model with the demo world's data left at its defaults: each field named
+                 ["validate", "jobs/demo.yaml", f"model.path={judge}"],
                  ["run", "tests/specs/micro.yaml", f"output_dir={out}", "task.prompt_field=question"],
                  ["run", "--resume", "tests/specs/micro.yaml", f"output_dir={out}"],
                  ["run", "jobs/demo.yaml", f"output_dir={out}", "task.target=2"],
@@ -158,7 +195,7 @@ def test_a_system_prompt_the_chat_template_cannot_take_exits_2_before_ray(tmp_pa
     mistral = convention_model("mistral")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "run", "tests/specs/micro.yaml", f"output_dir={out}",
-                           f"model.path={mistral}", "model.system_prompt='be brief'"],
+                           f"model.path={mistral}", "model.system_prompt='be brief'", *DEMO_ON_PURPOSE],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
