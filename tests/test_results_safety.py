@@ -154,3 +154,27 @@ def test_a_ctrl_c_during_start_up_is_one_line_with_the_resume_command(tmp_path: 
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("capsafe: interrupted.")
     assert "capsafe run --resume tests/specs/micro.yaml" in err and f"output_dir={tmp_path}" in err
+
+
+def test_a_full_disk_is_one_line_with_the_resume_command(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The run on a 6 MB tmpfs ended in six tracebacks (Ray's WorkerGroupError around OSError 28)."""
+    import errno
+
+    from capsafe import cli
+
+    assert cli.disk_full(OSError(errno.ENOSPC, "No space left on device", "/r/x.parquet")) is not None
+    wrapped = RuntimeError("WorkerGroupError: ... OSError: [Errno 28] No space left on device")  # Ray passes text
+    assert cli.disk_full(wrapped) is not None and cli.disk_full(ValueError("other")) is None
+
+    def full(args: object) -> int:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "results/micro/trials/x.parquet")
+        except OSError as exc:
+            raise RuntimeError("the trial failed") from exc
+
+    monkeypatch.setattr(cli, "_cmd_run", full)
+    assert cli.main(["run", "tests/specs/micro.yaml", "seeds=[1]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk is full" in err[0] and "results/micro/trials/x.parquet" in err[0]
+    assert "capsafe run --resume tests/specs/micro.yaml 'seeds=[1]'" in err[0]
