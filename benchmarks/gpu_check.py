@@ -111,7 +111,9 @@ def trial_config(model: Path, train_file: Path, eval_file: Path, out: Path, trai
                  "ladder": [0.0], "eval_size": eval_size},  # level 0 is crossed at once: a model checkpoint
         "train": {**train, "num_workers": 1, "eval_every": eval_every, "eval_every_near": eval_every,
                   "checkpoint_every_evals": 0},
-        "methods": [{"name": "plain"}], "seeds": [0]})
+        "methods": [{"name": "plain"}], "seeds": [0],
+        # training only: no suite is read; named so that a spec with its own model does not default to the demo's
+        "eval": {"suites": [{"name": "harmful", "kind": "harmful", "file": "demo"}]}})
     paths = {"model.path": str(model), "task.train_file": str(train_file), "task.eval_file": str(eval_file)}
     [cfg] = plan_trials(spec, paths, out)
     return cfg
