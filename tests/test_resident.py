@@ -6,6 +6,7 @@ adapters get names unique to each checkpoint. The same swap on real vLLM engines
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,7 +31,10 @@ class FakeEngine:
             self.weights = model_dir
 
     async def probe(self, max_tokens: int) -> list[list[int]]:
-        return [[hash((self.weights, i)) % 1000] * max_tokens for i in range(3)]
+        # a deterministic id per (weights, prompt): hash() of a string changes with every process's hash seed and,
+        # taken modulo 1000, made two checkpoints agree on a probe now and then (a flaky '1/3' for '0/3')
+        return [[int(hashlib.sha256(f"{self.weights}:{i}".encode()).hexdigest()[:12], 16)] * max_tokens
+                for i in range(3)]
 
     def close(self) -> None:
         self.closed = True
