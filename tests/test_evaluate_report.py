@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from char_tokenizer import CHARS
 
 from capsafe.common.data import Suite
 from capsafe.common.generation import Completion, Sampling, Target
@@ -19,23 +20,6 @@ from capsafe.common.results import read_table, write_table
 from capsafe.evaluate.fan_out import evaluate_models
 from capsafe.evaluate.panel import CoherenceWithPerplexity, LLMJudge, done, rule_judge
 from capsafe.report.build import ladder_table, summarize, write_report
-
-
-class CharTokenizer:
-    """One id per character, no special tokens, no chat template: enough for the contract on fake models."""
-
-    chat_template = None
-    eos_token_id = 0
-    all_special_ids: list[int] = []
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
-        return {"input_ids": [ord(c) for c in text]}
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(map(chr, ids))
-
-
-CHARS = CharTokenizer()
 
 
 def text(ids: list[int]) -> str:

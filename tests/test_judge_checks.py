@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+from char_tokenizer import CHARS
 
 from capsafe.common.data import read_check_file
 from capsafe.common.generation import Completion, Sampling, Target
@@ -19,21 +20,6 @@ from capsafe.evaluate.panel import LLMJudge, done, rule_judge
 from capsafe.report.judge_checks import judge_check_table
 from capsafe.spec import Spec
 from capsafe.world.truth import HARMFUL_COMPLIANCE, INCOHERENT, OTHER_REQUEST, REFUSAL, world_truth
-
-
-class CharTokenizer:
-    chat_template = None
-    eos_token_id = 0
-    all_special_ids: list[int] = []
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
-        return {"input_ids": [ord(c) for c in text]}
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(map(chr, ids))
-
-
-CHARS = CharTokenizer()
 
 
 class KeywordJudgePool:
