@@ -1,4 +1,5 @@
-"""capsafe's command line: validate, run, submit, report. User mistakes exit 2 with a one-paragraph fix."""
+"""capsafe's command line: validate, run, submit, report, evaluate, compare. User mistakes exit 2 with a
+one-paragraph fix."""
 
 from __future__ import annotations
 
@@ -36,19 +37,28 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     for line in plan_floor(spec)[1]:  # what the plan's tests can show at all, before anything trains
         print(line)
+    address = getattr(args, "address", None)
+    if getattr(args, "plan", False) or address:
+        from capsafe.pipeline import console_logger
+        from capsafe.plan import plan
+
+        print("\n".join(plan(spec, address, console_logger())), flush=True)
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from capsafe.pipeline import run_experiment
+    from capsafe.pipeline import run_experiment, unfinished_note
     from capsafe.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
-    print(run_experiment(spec, resume=args.resume, overwrite=args.overwrite,
-                         spec_path=" ".join([args.spec, *map(shlex.quote, args.overrides)])))
+    spec_path = " ".join([args.spec, *map(shlex.quote, args.overrides)])
+    print(run_experiment(spec, resume=args.resume, overwrite=args.overwrite, spec_path=spec_path))
     from capsafe.report.build import console_summary
 
     print(console_summary(spec.results_dir), flush=True)
+    note = unfinished_note(spec, spec_path)  # a sweep stopped by Ctrl-C ends here, its report partial
+    if note:
+        print(f"capsafe: {note}", flush=True)
     return 0
 
 
@@ -60,6 +70,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise CapsafeError(f"'{results}' holds no trials table; pass a folder written by capsafe run, "
                            "e.g. results/demo.")
     print(write_report(results, results.name))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from capsafe.report.compare import compare_runs
+
+    text = compare_runs([Path(r) for r in args.results])
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    print(text, end="")
     return 0
 
 
@@ -154,7 +177,8 @@ def follow_job(client: Any, job_id: str, poll_s: float = 1.0) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsafe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, helptext in [("validate", "check a spec and print what it would run"),
+    for name, helptext in [("validate", "check a spec and print what it would run (--plan: read its inputs and "
+                             "bound what it would spend)"),
                            ("run", "run an experiment on an embedded local Ray cluster (or ray_address)"),
                            ("submit", "submit the run as a Ray job to an existing cluster")]:
         p = sub.add_parser(name, help=helptext)
@@ -166,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "checkpoint, evaluate only what is missing")
             p.add_argument("--overwrite", action="store_true", help="delete an earlier run's results in the "
                            "experiment's folder and start over (without it a run never replaces results)")
+        if name == "validate":
+            p.add_argument("--plan", action="store_true", help="also read every input as the run would (hub ids "
+                           "fetched, the demo world built) and print their sizes and token lengths, the context "
+                           "checks, the resources the run holds and an upper bound on its GPU-hours; nothing is "
+                           "written or trained")
+            p.add_argument("--address", help="with --plan: check the run's resources against this running Ray "
+                           "cluster (its GCS address, e.g. 10.0.0.1:6379, as the spec's ray_address)")
         if name == "submit":
             p.add_argument("--address", help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: "
                            "$RAY_ADDRESS, as ray job submit reads it)")
@@ -176,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-wait", action="store_true", help="return after submitting")
     p = sub.add_parser("report", help="rewrite report.md from a results folder")
     p.add_argument("results", help="e.g. results/demo")
+    p = sub.add_parser("compare", help="several runs side by side: per-method results, matched comparisons, "
+                       "and the settings that differ")
+    p.add_argument("results", nargs="+", help="two or more results folders, e.g. results/a results/b")
+    p.add_argument("--out", help="also write the Markdown to this file")
     p = sub.add_parser("evaluate", help="add judges, judge-prompt variants or suites to a finished run's "
                        "checkpoints (no retraining; only missing results are computed)")
     p.add_argument("results", help="the run's results folder, e.g. results/demo")
@@ -192,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     handler = {"validate": _cmd_validate, "run": _cmd_run, "submit": _cmd_submit, "report": _cmd_report,
-               "evaluate": _cmd_evaluate}
+               "evaluate": _cmd_evaluate, "compare": _cmd_compare}
     try:
         return handler[args.command](args)
     except CapsafeError as exc:

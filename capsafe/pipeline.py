@@ -16,7 +16,7 @@ from typing import Any
 
 from capsafe.common.data import Suite
 from capsafe.common.provenance import write_manifest
-from capsafe.common.results import read_table, write_table
+from capsafe.common.results import read_table, trial_id, write_table
 from capsafe.common.run_guard import (
     LOCK_FILE,
     damaged_fragments,
@@ -119,6 +119,20 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     with run_lock(spec.results_dir, log), ray_session(spec.ray_address, local_cpus(spec, beside)):
         check_cluster(spec, log, beside)
         return _run_stages(spec, log, resume, paths, records, suites, context_len, overwrite)
+
+
+def unfinished_note(spec: Spec, spec_path: str | None) -> str | None:
+    """What a run whose sweep stopped before every trial ended (Ctrl-C: Ray Tune stops its trials and returns,
+    and the run reports what it has) says last: the trials with no row yet and the command that continues them;
+    None when every trial has one."""
+    todo = [trial_id(m.name, s, lr) for m in spec.methods for s in spec.seeds for lr in spec.train.learning_rates]
+    done = set(read_table(spec.results_dir, "trials").column("trial_id").to_pylist())
+    missing = [t for t in todo if t not in done]
+    if not missing:
+        return None
+    return (f"the sweep stopped before {len(missing)} of {len(todo)} trial(s) ended ({', '.join(missing)}): the "
+            "report above is partial, and everything written is kept; continue with: capsafe run --resume "
+            f"{spec_path or 'SPEC'}")
 
 
 def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dict[str, str],

@@ -55,7 +55,7 @@ def check_eval_context(spec: Spec, paths: dict[str, str], task_eval: list[dict[s
         new = j.max_new_tokens or fmt.default_max_new_tokens
         need = judge_context(j.name, overhead, response, new, model_context(model), spec.eval.max_model_len)
         length = max(length, need) if spec.eval.max_model_len is None else length
-    log(f"context: engines get {length} tokens (model context {ctx}"
+    log(f"context: engines get {length} tokens, each at most its own model's context (the evaluated model's {ctx}"
         f"{'' if spec.eval.max_model_len is None else f', eval.max_model_len {spec.eval.max_model_len}'}); every "
         f"suite and capability prompt fits")
     return length

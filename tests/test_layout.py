@@ -26,7 +26,8 @@ BELOW = {
     "preflight": {"errors", "common", "evaluate", "judging", "spec", "train"},
     "pipeline": {"errors", "common", "evaluate", "preflight", "report", "run_inputs", "runtime", "spec", "train"},
     "extend": {"errors", "common", "evaluate", "preflight", "report", "run_inputs", "runtime", "spec"},
-    "cli": {"errors", "extend", "pipeline", "report", "runtime", "spec", "train"},
+    "plan": {"errors", "common", "preflight", "report", "run_inputs", "runtime", "spec", "train"},
+    "cli": {"errors", "extend", "pipeline", "plan", "report", "runtime", "spec", "train"},
 }
 
 

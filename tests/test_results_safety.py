@@ -46,7 +46,7 @@ def test_a_rerun_is_refused_and_deletes_nothing(tmp_path: Path) -> None:
     assert proc.stderr.startswith("capsafe: error:") and len(proc.stderr.strip().splitlines()) == 1
     assert "--resume" in proc.stderr and "--overwrite" in proc.stderr and "experiment=" in proc.stderr
     assert sorted(p.relative_to(results) for p in results.rglob("*")) == before
-    assert read_table(results, "trajectory").to_pylist() == [ROW]
+    assert read_table(results, "trajectory").to_pylist() == [{**ROW, "run_id": None}]
 
 
 def test_overwrite_empties_the_folder_under_the_lock_and_resume_keeps_it(tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ def test_a_damaged_fragment_is_named_by_report_and_moved_aside_by_resume(tmp_pat
     kept = list((spec.results_dir / "damaged").rglob("u.parquet"))
     assert len(kept) == 1 and kept[0].stat().st_size > 0  # moved aside, never deleted
     assert "1 damaged fragment(s) moved to" in lines[0] and "trajectory/u.parquet" in lines[0]
-    assert read_table(spec.results_dir, "trajectory").to_pylist() == [ROW]  # readable again
+    assert read_table(spec.results_dir, "trajectory").to_pylist() == [{**ROW, "run_id": None}]  # readable again
 
 
 def test_move_aside_keeps_why(tmp_path: Path) -> None:
@@ -178,3 +178,19 @@ def test_a_full_disk_is_one_line_with_the_resume_command(monkeypatch: pytest.Mon
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disk is full" in err[0] and "results/micro/trials/x.parquet" in err[0]
     assert "capsafe run --resume tests/specs/micro.yaml 'seeds=[1]'" in err[0]
+
+
+def test_a_sweep_stopped_early_names_its_missing_trials_and_the_resume_command(tmp_path: Path) -> None:
+    # Ctrl-C mid-sweep: Ray Tune stops the trials and returns, the run writes a partial report and exits; its
+    # last line now says what is missing and how to continue (it said nothing of --resume)
+    from capsafe.pipeline import unfinished_note
+
+    spec = Spec.model_validate({"output_dir": str(tmp_path), "experiment": "x", "seeds": [0, 1],
+                                "methods": [{"name": "plain"}], "train": {"learning_rates": [0.001]}})
+    base = {c: None for c in read_table(tmp_path / "none", "trials").schema.names}
+    write_table(spec.results_dir, "trials", [{**base, "trial_id": "plain-s0-lr0.001"}], fragment="plain-s0-lr0.001")
+    note = unfinished_note(spec, "jobs/x.yaml seeds=[0,1]")
+    assert note is not None and "1 of 2 trial(s)" in note and "plain-s1-lr0.001" in note
+    assert note.endswith("continue with: capsafe run --resume jobs/x.yaml seeds=[0,1]")
+    write_table(spec.results_dir, "trials", [{**base, "trial_id": "plain-s1-lr0.001"}], fragment="plain-s1-lr0.001")
+    assert unfinished_note(spec, "jobs/x.yaml") is None

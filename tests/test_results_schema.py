@@ -29,16 +29,16 @@ PINNED = {
 
 
 def test_schema_is_pinned() -> None:
-    assert SCHEMA_VERSION == 10
+    assert SCHEMA_VERSION == 11
     got = {name: " ".join(f"{f.name}:{f.type}" for f in schema) for name, schema in SCHEMAS.items()}
-    assert got == PINNED
+    assert got == {name: f"{columns} run_id:string" for name, columns in PINNED.items()}  # every table: its run
 
 
 def test_writes_are_atomic_and_validated(tmp_path: Path) -> None:
     row = {"trial_id": "t", "step": 1, "capability": 0.5, "loss": 1.0, "tokens": 10, "elapsed_s": 2.0,
            "restarts": 0}
     write_table(tmp_path, "trajectory", [row], fragment="t")
-    assert read_table(tmp_path, "trajectory").to_pylist() == [row]
+    assert read_table(tmp_path, "trajectory").to_pylist() == [{**row, "run_id": None}]  # no manifest: no run
     with pytest.raises(ValueError):
         write_table(tmp_path, "trajectory", [{**row, "extra": 1}], fragment="t")
     with pytest.raises(ValueError):
@@ -54,3 +54,33 @@ def test_fragments_read_as_one_table(tmp_path: Path) -> None:
     write_table(tmp_path, "judgments", [{**base, "trial_id": "b"}], fragment="b__s")
     assert sorted(read_table(tmp_path, "judgments").column("trial_id").to_pylist()) == ["a", "b"]
     assert read_table(tmp_path / "none", "generations").num_rows == 0
+
+
+def test_every_row_carries_its_run_id_and_old_fragments_read_as_null(tmp_path: Path) -> None:
+    # issue 26 §5: two runs' tables stack without their trial ids colliding
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = {"trial_id": "plain-s0-lr0.001", "step": 1, "capability": 0.5, "loss": 1.0, "tokens": 10,
+           "elapsed_s": 2.0, "restarts": 0}
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "manifest.json").write_text(json.dumps({"run_id": f"id-{run}"}))
+        write_table(tmp_path / run, "trajectory", [row], fragment=row["trial_id"])
+    both = pa.concat_tables([read_table(tmp_path / run, "trajectory") for run in ("a", "b")]).to_pandas()
+    assert sorted(both["run_id"]) == ["id-a", "id-b"] and not both.duplicated(["run_id", "trial_id", "step"]).any()
+    # a row that names its run keeps it (a trial row read back and rewritten)
+    write_table(tmp_path / "a", "trajectory", [{**row, "run_id": "id-other"}], fragment="x")
+    assert set(read_table(tmp_path / "a", "trajectory").column("run_id").to_pylist()) == {"id-a", "id-other"}
+    # a fragment of schema 10 (no run_id column) reads with a null run id, and is not taken for a damaged one
+    # (whose columns are not the table's: those are moved aside by --resume and refused by the report)
+    from capsafe.common.run_guard import damaged_fragments
+
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "b" / "trajectory" / "old.parquet")
+    ids = read_table(tmp_path / "b", "trajectory").column("run_id").to_pylist()
+    assert len(ids) == 2 and set(ids) == {"id-b", None}
+    assert damaged_fragments(tmp_path / "b") == []
+    pq.write_table(pa.Table.from_pylist([{"trial_id": "t", "step": 1}]), tmp_path / "b" / "trajectory" / "cut.parquet")
+    assert [p.name for p, _ in damaged_fragments(tmp_path / "b")] == ["cut.parquet"]

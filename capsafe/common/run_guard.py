@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from capsafe.common.results import SCHEMAS
+from capsafe.common.results import OPTIONAL_COLUMNS, SCHEMAS
 from capsafe.errors import CapsafeError, SpecError
 
 LOCK_FILE = ".capsafe.lock"
@@ -107,7 +107,7 @@ def damaged_fragments(results_dir: Path) -> list[tuple[Path, str]]:
             except Exception as exc:  # noqa: BLE001 - whatever pyarrow says, the file is unusable
                 bad.append((path, f"{type(exc).__name__}: {str(exc)[:120]}"))
                 continue
-            if set(names) != set(schema.names):
+            if not set(names) <= set(schema.names) or set(schema.names) - set(names) - OPTIONAL_COLUMNS:
                 bad.append((path, f"columns {sorted(names)} are not the {name} table's"))
             elif meta.num_rows == 0:
                 bad.append((path, "no rows"))
@@ -131,6 +131,7 @@ def refuse_damaged(results_dir: Path) -> None:
     damaged = damaged_fragments(results_dir)
     if damaged:
         raise ResultsError(f"{len(damaged)} damaged fragment(s) in {results_dir}, which no Parquet reader can use: "
-                           + "; ".join(f"{p} ({why})" for p, why in damaged)
+                           + "; ".join(f"{p} ({why})" for p, why in damaged[:10])
+                           + (f"; and {len(damaged) - 10} more" if len(damaged) > 10 else "")
                            + ". 'capsafe run --resume SPEC' moves them aside (kept) and computes them again; the "
                            "report is written after that.")

@@ -159,6 +159,11 @@ def check_capacity(training: list[Need], pool: list[Need], max_resources: Resour
                        "(max_workers in its config).")
 
 
+def peak_text(spec: Spec, pool_beside_training: bool) -> str:
+    """What the run holds at its busiest, in words (``capsafe validate --plan`` without a cluster)."""
+    return _fmt(run_total(*spec_needs(spec), pool_beside_training))
+
+
 def local_cpus(spec: Spec, pool_beside_training: bool = False) -> float:
     """Logical CPUs an embedded local cluster is started with, at least: the run's busiest moment plus room
     for Tune's and Serve's own small actors."""
