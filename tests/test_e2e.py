@@ -18,6 +18,15 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from own_model_stand_ins import (
+    MICRO_SIZE,
+    OWN,
+    OWN_SUITE_ITEMS,
+    OWN_SUITES,
+    gsm8k_from_world,
+    long_context_copy,
+    own_model_overrides,
+)
 from wandb_runs import logged_values
 
 from capsafe.common.results import read_table
@@ -34,7 +43,8 @@ def _env() -> dict[str, str]:
 
 
 def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[float, ...] = (0.075,),
-                   judges: int = 2, repeats: int = 1, harm_judges: int = 0) -> None:
+                   judges: int = 2, repeats: int = 1, harm_judges: int = 0,
+                   suites: frozenset[str] = frozenset({"harmful", "harmful_styles", "overrefusal", "benign"})) -> None:
     trials = read_table(out, "trials").to_pandas()
     assert set(trials["method"]) == {"base"} | methods and trials["trial_id"].is_unique
     base = trials[trials["method"] == "base"].iloc[0]
@@ -73,7 +83,7 @@ def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[floa
     judg = read_table(out, "judgments").to_pandas()
     assert set(zip(gens["trial_id"], gens["step"], strict=True)) == evaluated
     assert set(gens["engine"]) == {engine}
-    assert set(gens["suite"]) == {"harmful", "harmful_styles", "overrefusal", "benign"}
+    assert set(gens["suite"]) == suites
     assert not gens.duplicated(["trial_id", "step", "suite", "prompt_id", "repeat"]).any()
     assert set(gens["repeat"]) == set(range(repeats))
     assert not judg.duplicated(["trial_id", "step", "suite", "prompt_id", "repeat", "judge"]).any()
@@ -109,23 +119,48 @@ def _tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
     return scalars
 
 
-def test_run_micro_flow_with_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_the_own_model_spec_at_micro_size_with_vllm(micro_world, micro_judge, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole flow on the "Run your own model" spec itself (docs/examples/own_model.yaml, issue 26 §2): the micro
+    world's aligned tiny Llama (Llama 3's tokenizer convention) from a local folder as a hub id would be,
+    GSM8K-layout parquet, the three benchmarks' CSV layouts, a Llama Guard format judge and a HarmBench classifier
+    format judge, no field left to the demo world; Ray Train + DeepSpeed ZeRO-3 on 2 workers, Tune stopping at the
+    target, a streaming Serve pool of vLLM engines, trackers, the report, then a judge added later."""
+    train = gsm8k_from_world(micro_world.task_train, tmp_path / "gsm8k_train.parquet", 3000)
+    test = gsm8k_from_world(micro_world.task_confirm, tmp_path / "gsm8k_test.parquet", 120)
+    # one judge model for both formats (one engine): the world's Llama-Guard-format judge, with room for the
+    # HarmBench classifier's ~1,200-token prompt. It answers in Llama Guard's words, so the HarmBench format's
+    # parser finds no 'Yes' / 'No' in them: those verdicts must read 'unparsed', never 'safe'.
+    judge = long_context_copy(micro_judge, tmp_path / "judge")
     mlruns = tmp_path / "mlruns"
-    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "run", MICRO, f"output_dir={tmp_path}",
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "run", OWN,
+                           *own_model_overrides(micro_world.model_dir, judge, judge, train, test, tmp_path),
+                           *MICRO_SIZE,
                            # experiment tracking through Ray Tune's callbacks, offline: TensorBoard and MLflow
                            "sweep.tracking.tensorboard=true", f"sweep.tracking.mlflow_uri=file://{mlruns}",
                            "sweep.tracking.wandb_project=capsafe-test", "sweep.tracking.wandb_mode=offline"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    out = tmp_path / "micro"
-    _check_results(out, "vllm", {"plain", "safety_mix"})
+    out = tmp_path / "own-model"
+    _check_results(out, "vllm", {"plain", "kl"}, harm_judges=2, suites=frozenset(OWN_SUITES))
+    gens = read_table(out, "generations").to_pandas()
+    assert gens.groupby(["trial_id", "suite"]).size().to_dict() == {
+        (t, s): n for t in set(gens["trial_id"]) for s, n in OWN_SUITE_ITEMS.items()}
+    judg = read_table(out, "judgments").to_pandas()
+    assert (judg[judg["judge"] == "llama_guard"]["verdict"] != "unparsed").mean() > 0.9
+    assert (judg[judg["judge"] == "harmbench_cls"]["verdict"] == "unparsed").all()
+    from capsafe.spec import DEMO, Spec
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert DEMO not in Spec.model_validate(manifest["spec"]).data_paths().values()  # no demo default anywhere
+    assert set(read_table(out, "trials").column("run_id").to_pylist()) == {manifest["run_id"]}  # every row's run
     assert "| plain |" in proc.stdout  # the report is printed at the end
     # streaming (eval.schedule's default): the pool started on the first trial's checkpoint while the second
     # trial was still training, and every key is there exactly once (_check_results)
     trials = read_table(out, "trials").to_pandas().set_index("trial_id")
     checkpoints = read_table(out, "checkpoints").to_pandas().set_index("trial_id")
     started = checkpoints.loc["plain-s0-lr0.003", "evaluation_started_at"]
-    assert trials.loc["plain-s0-lr0.003", "finished_at"] < started < trials.loc["safety_mix-s0-lr0.003", "finished_at"]
+    assert trials.loc["plain-s0-lr0.003", "finished_at"] < started < trials.loc["kl-s0-lr0.003", "finished_at"]
     assert "evaluated while training goes on" in proc.stdout
     # the pool's replica kept its engine and swapped the full checkpoints into it, checked once against a fresh
     # engine (issue 24): one line per checked shape, and no rejected swap
@@ -141,6 +176,7 @@ def test_run_micro_flow_with_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     closing = proc.stdout.split("capsafe summary", 1)[1]
     assert "| plain |" in closing and "Findings of this run:" in closing
     assert all(f"\n{n}. " in closing for n in (1, 2, 3)), closing
+    assert "the sweep stopped before" not in closing  # every trial ended
     # Ray Tune's reporter printed its trial table (capsafe's trial id, status, step, capability, loss, tokens)
     row = r"\| TERMINATED +\|[^\n]*\| plain-s0-lr0\.003 +\| +\d+ \| +[\d.]+ \|"
     assert re.search(row, proc.stdout), proc.stdout[-3000:]
@@ -152,9 +188,9 @@ def test_run_micro_flow_with_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     import mlflow
 
     mlflow.set_tracking_uri(f"file://{mlruns}")
-    runs = mlflow.search_runs(experiment_names=["micro"])
+    runs = mlflow.search_runs(experiment_names=["own-model"])
     assert len(runs) == 2 and runs["metrics.capability"].notna().all(), runs.T.head(40)
-    assert set(runs["params.trial/trial_id"]) == {"plain-s0-lr0.003", "safety_mix-s0-lr0.003"}
+    assert set(runs["params.trial/trial_id"]) == {"plain-s0-lr0.003", "kl-s0-lr0.003"}
     # ... and W&B's offline runs, one per trial, complete when the command returns: every capability a trial
     # reported is in its run file, read back from W&B's own records (the logging actor once was killed before
     # wandb-core had written them: tests/test_watching.py has the direct test)
@@ -163,30 +199,36 @@ def test_run_micro_flow_with_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     reported = read_table(out, "trajectory").to_pandas().groupby("trial_id").size()
     logged = sorted(len(logged_values(path, "capability")) for path in wandb_runs)
     assert logged == sorted(reported.tolist()), (logged, reported)
-    _check_a_judge_added_later(out)
+    _check_a_judge_added_later(out, judge)
 
 
-def _check_a_judge_added_later(out: Path) -> None:
+def _check_a_judge_added_later(out: Path, judge: Path) -> None:
     """Issue 26: `capsafe evaluate` adds an LLM judge to the finished run; it judges the old generations through
     a pool, nothing is retrained or regenerated, and the snapshot and history record the addition."""
     keys = ["trial_id", "step", "suite", "prompt_id", "repeat"]
     before = read_table(out, "generations").to_pandas().sort_values(keys).reset_index(drop=True)
     trials = read_table(out, "trials").to_pandas()
-    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "evaluate", str(out),
-                           "eval.llm_judges=[{name: guard}]"], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=900)
+    kept = [f"{{name: llama_guard, format: llama_guard, model: {judge}}}",
+            f"{{name: harmbench_cls, format: harmbench, model: {judge}}}"]
+    judges = "[" + ", ".join([*kept, f"{{name: guard2, format: llama_guard, model: {judge}, "
+                                     "prompt_variants: [lg_terse]}"]) + "]"
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "evaluate", str(out), f"eval.llm_judges={judges}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = read_table(out, "generations").to_pandas().sort_values(keys).reset_index(drop=True)
     pd.testing.assert_frame_equal(before, after)  # reused as they were, generated_at included
     pd.testing.assert_frame_equal(trials, read_table(out, "trials").to_pandas())
     judg = read_table(out, "judgments").to_pandas()
-    guard = judg[judg["judge"] == "guard"]
-    assert len(guard) == int((after["suite_kind"] == "harmful").sum()) and guard["raw"].notna().all()
+    harmful = int((after["suite_kind"] == "harmful").sum())
+    for name in ("guard2", "guard2@lg_terse"):
+        added = judg[judg["judge"] == name]
+        assert len(added) == harmful and added["raw"].notna().all(), name
     assert not judg.duplicated([*keys, "judge"]).any()
-    assert [j["name"] for j in json.loads((out / "spec.json").read_text())["eval"]["llm_judges"]] == ["guard"]
+    assert [j["name"] for j in json.loads((out / "spec.json").read_text())["eval"]["llm_judges"]] == [
+        "llama_guard", "harmbench_cls", "guard2"]
     (entry,) = [json.loads(line) for line in (out / "extensions.jsonl").read_text().splitlines()]
-    assert entry["llm_judges"] == ["guard"] and entry["overrides"] == ["eval.llm_judges=[{name: guard}]"]
-    assert "| guard |" in (out / "report.md").read_text()
+    assert entry["llm_judges"] == ["guard2"] and entry["overrides"] == [f"eval.llm_judges={judges}"]
+    assert "| guard2 |" in (out / "report.md").read_text()
 
 
 def _ray_pids(temp_dir: str) -> list[int]:
@@ -221,7 +263,9 @@ def _ray_head() -> Iterator[dict[str, str]]:
         for pid in _ray_pids(temp_dir):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        deadline = time.time() + 20
+        # the head is disposable: 5 s for a clean exit, then SIGKILL (some of its processes never exited on
+        # SIGTERM, and waiting 20 s for them cost every run of this module 20 s)
+        deadline = time.time() + 5
         while time.time() < deadline and _ray_pids(temp_dir):
             time.sleep(0.5)
         for pid in _ray_pids(temp_dir):
@@ -238,6 +282,16 @@ def ray_head() -> Iterator[dict[str, str]]:
 
 def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path, ray_head: dict[str, str]) -> None:
     env = dict(ray_head)
+    # first the plan against this cluster (issue 26 §2): the run fits its 3 CPUs; 8 workers would not
+    plan = [sys.executable, "-m", "capsafe.cli", "validate", MICRO, "--plan", "--address", "127.0.0.1:6391",
+            f"output_dir={tmp_path}"]
+    proc = subprocess.run(plan, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "the cluster (fixed, CPU 3) can hold it" in proc.stdout, \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.run([*plan, "train.num_workers=8"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "lower train.num_workers" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "micro").exists()
     proc = subprocess.run(
         [sys.executable, "-m", "capsafe.cli", "submit", MICRO, "--address", "http://127.0.0.1:8277",
          f"output_dir={tmp_path}", "methods=[{name: plain}]",
