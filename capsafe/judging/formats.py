@@ -286,10 +286,11 @@ FORMATS: dict[str, JudgeFormat] = {
 
 # --- prompt variants -------------------------------------------------------------------------------------------
 # A judge's verdicts depend on the wording of its prompt as well as on the judge model: rewording the HarmBench
-# classifier prompt alone has moved harmful-response rates by up to 24 points. A variant is a complete prompt
-# text with the fields {request} and {response} (HarmBench's also {behavior}, {generation}, {context}), sent as
-# text with the judge tokenizer's prefix (special tokens written in it are read as special tokens); its output
-# is read with the format's parser. These are shipped; users add their own in eval.llm_judges.<i>.prompt_variants.
+# classifier prompt alone has moved harmful-response rates by up to 24.2 points (arXiv:2604.24074). A variant
+# is a complete prompt text with the fields {request} and {response} (HarmBench's also {behavior}, {generation},
+# {context}), sent as text with the judge tokenizer's prefix (special tokens written in it are read as special
+# tokens); its output is read with the format's parser. These are shipped; users add their own in
+# eval.llm_judges.<i>.prompt_variants.
 _LG_HEAD = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
 _LG_TAIL = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
 _LG_CATEGORIES = "<BEGIN UNSAFE CONTENT CATEGORIES>\n" + "\n".join(LLAMA_GUARD_CATEGORIES) + \
