@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from capsafe.common.formatting import PromptFormat
 from capsafe.common.results import file_stem
@@ -543,7 +543,9 @@ class SweepSpec(_Strict):
 class Spec(_Strict):
     experiment: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Name; results go to "
                             "<output_dir>/<experiment>/.")
-    output_dir: str = Field("results", description="Folder that receives results/<experiment>/.")
+    output_dir: str = Field("results", description="Folder that receives results/<experiment>/: a local path, on "
+                            "a multi-node cluster one every node mounts (object storage URLs such as s3:// are "
+                            "refused: results are written through file paths).")
     ray_address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://…'); null starts "
                                     "an embedded local cluster unless running inside a Ray job.")
     world: WorldConfig = Field(default_factory=WorldConfig, description="The embedded demo world's settings.")
@@ -556,6 +558,16 @@ class Spec(_Strict):
     seeds: list[int] = Field([0], min_length=1, description="Seeds; each method runs once per seed.")
     sweep: SweepSpec = Field(default_factory=SweepSpec, description="Ray Tune settings.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Safety evaluation (Ray Serve + vLLM).")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_local_folder(cls, value: str) -> str:
+        # Path("s3://bucket/x") is the local folder "s3:/bucket/x": a run would write there without a word
+        if "://" in value:
+            raise ValueError(f"'{value}' is a URL; output_dir must be a folder path (object storage is not supported "
+                             "yet): on a cluster, a shared file system every node mounts, e.g. /mnt/shared/results "
+                             "(cluster/aws.yaml and gcp.yaml mount one there)")
+        return value
 
     @model_validator(mode="after")
     def _world_format(self) -> Spec:

@@ -19,6 +19,9 @@ def test_launcher_configs(name: str) -> None:
     for t in workers:
         assert 0 <= t["min_workers"] <= t["max_workers"] <= cfg["max_workers"]
     assert any("capsafe" in c and "[cuda]" in c for c in cfg["setup_commands"])
+    # issue 26 §6: every node mounts the shared folder the GPU specs write to (initialization_commands run on
+    # the head and on every worker the autoscaler starts)
+    assert any("mount" in c and " /mnt/shared" in c for c in cfg["initialization_commands"])
 
 
 def test_kuberay_manifests() -> None:
