@@ -7,6 +7,7 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,29 @@ JOB_EXCLUDES = [".venv", "results", ".git", "**/__pycache__", ".pytest_cache", "
                 "*.egg-info"]
 
 
+# A spec submitted from outside the project travels to the job in this variable (``env:NAME`` as the spec).
+SUBMITTED_SPEC = "CAPSAFE_SUBMITTED_SPEC"
+
+
+def spec_file(arg: str) -> str:
+    """The spec argument as a file path: ``env:NAME`` (a spec ``capsafe submit`` sent from outside the project)
+    is written to a temporary file first."""
+    if not arg.startswith("env:"):
+        return arg
+    text = os.environ.get(arg[4:])
+    if text is None:
+        raise CapsafeError(f"spec {arg}: no variable {arg[4:]} in this environment; pass a spec file, e.g. "
+                           "jobs/demo.yaml")
+    path = Path(tempfile.mkdtemp(prefix="capsafe-spec-")) / "submitted.yaml"
+    path.write_text(text)
+    return str(path)
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from capsafe.spec import load_spec
     from capsafe.train.trials import plan_trials
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_spec(spec_file(args.spec), args.overrides)
     paths = spec.data_paths()
     if spec.task.selection_from_train is not None:  # carved off the training data when the run starts
         paths["task.eval_file"] = paths["task.train_file"]
@@ -50,7 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from capsafe.pipeline import run_experiment, unfinished_note
     from capsafe.spec import load_spec
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_spec(spec_file(args.spec), args.overrides)
     spec_path = " ".join([args.spec, *map(shlex.quote, args.overrides)])
     print(run_experiment(spec, resume=args.resume, overwrite=args.overwrite, spec_path=spec_path))
     from capsafe.report.build import console_summary
@@ -97,11 +116,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from capsafe.spec import load_spec
 
-    load_spec(args.spec, args.overrides)  # fail here, before anything reaches the cluster
+    spec = load_spec(args.spec, args.overrides)  # fail here, before anything reaches the cluster
     spec_path = Path(args.spec).resolve()
-    if not spec_path.is_relative_to(REPO_ROOT):
-        raise CapsafeError(f"the spec must lie inside the project ({REPO_ROOT}) so that it travels with the job's "
-                           "working_dir; copy it into jobs/.")
+    inside = spec_path.is_relative_to(REPO_ROOT)
+    if not inside:
+        # The job runs in the uploaded project folder: the spec travels in the job's environment instead, and a
+        # relative path in it would be read from the project folder on the cluster, not from the spec's.
+        relative = [f"{field}={value}" for field, value in spec.data_paths().items()
+                    if not Path(value).is_absolute() and Path(value).exists()]
+        if relative:
+            raise CapsafeError(f"{args.spec} lies outside the project, so its relative paths ({', '.join(relative)}) "
+                               "would be read from the project folder on the cluster; make them absolute paths "
+                               "every node sees (e.g. under /mnt/shared), or move the spec into the project.")
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from capsafe.runtime.ray_shell import worker_env
@@ -111,16 +137,22 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         raise CapsafeError("no cluster to submit to: pass --address http://HEAD:8265 or set RAY_ADDRESS (as "
                            "'ray job submit' reads it)")
     runtime_env = job_runtime_env(args.runtime_env, args.env, worker_env())
+    if inside:
+        spec_arg = str(spec_path.relative_to(REPO_ROOT))
+    else:
+        runtime_env["env_vars"][SUBMITTED_SPEC] = spec_path.read_text()
+        spec_arg = f"env:{SUBMITTED_SPEC}"
     entry = " ".join(["python -m capsafe.cli run", *(["--resume"] if args.resume else []),
                       *(["--overwrite"] if args.overwrite else []),
-                      shlex.quote(str(spec_path.relative_to(REPO_ROOT))), *map(shlex.quote, args.overrides)])
+                      shlex.quote(spec_arg), *map(shlex.quote, args.overrides)])
     try:
         client = JobSubmissionClient(address)
     except Exception as exc:
         raise CapsafeError(f"cannot reach a Ray cluster's job API at {address} ({exc}); pass the head's "
                            "dashboard address, e.g. --address http://127.0.0.1:8265.") from None
     job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
-    print(f"submitted job {job_id}: {entry}", flush=True)
+    carried = "" if inside else f" (the spec {args.spec} travels in the job's environment as {SUBMITTED_SPEC})"
+    print(f"submitted job {job_id}: {entry}{carried}", flush=True)
     if args.no_wait:
         return 0
     status = follow_job(client, job_id)

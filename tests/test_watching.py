@@ -177,3 +177,42 @@ def test_submit_takes_ray_address_a_runtime_env_file_and_named_variables(tmp_pat
     assert cli.main(["submit", "jobs/demo.yaml", "--no-wait", "--env", "NOT_SET_ANYWHERE"]) == 2
     env_file.write_text("working_dir: /elsewhere\n")
     assert cli.main(["submit", "jobs/demo.yaml", "--no-wait", "--runtime-env", str(env_file)]) == 2
+
+
+def test_submit_takes_a_spec_outside_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 26 §6: a spec kept outside the project was refused ('copy it into jobs/'); it now travels in the job's
+    environment and the job reads it from there. Its relative paths would be read from the project folder on the
+    cluster, so they are refused."""
+    import ray.job_submission
+
+    from capsafe import cli
+
+    seen: dict = {}
+
+    class Client:
+        def __init__(self, address: str) -> None:
+            pass
+
+        def submit_job(self, entrypoint: str, runtime_env: dict) -> str:
+            seen.update(entrypoint=entrypoint, runtime_env=runtime_env)
+            return "raysubmit_2"
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    spec = tmp_path / "mine.yaml"
+    spec.write_text("# my experiment, kept with my notes\nexperiment: mine\nseeds: [0, 1]\n")
+    assert cli.main(["submit", str(spec), "--address", "http://head:8265", "--no-wait", "task.target=0.3"]) == 0
+    assert seen["entrypoint"] == "python -m capsafe.cli run env:CAPSAFE_SUBMITTED_SPEC task.target=0.3"
+    text = seen["runtime_env"]["env_vars"]["CAPSAFE_SUBMITTED_SPEC"]
+    assert text == spec.read_text()
+    # the job's side: the same command finds the spec in its environment
+    monkeypatch.setenv("CAPSAFE_SUBMITTED_SPEC", text)
+    assert cli.main(["validate", "env:CAPSAFE_SUBMITTED_SPEC", "task.target=0.3"]) == 0
+    monkeypatch.delenv("CAPSAFE_SUBMITTED_SPEC")
+    assert cli.main(["validate", "env:CAPSAFE_SUBMITTED_SPEC"]) == 2  # said in one line, no traceback
+    # a relative data path in a spec outside the project is refused before anything is submitted
+    seen.clear()
+    spec.write_text("experiment: mine\nmethods: [{name: safety_mix, data_file: tests/fixtures/suites/generic.jsonl}]\n")
+    capsys.readouterr()
+    assert cli.main(["submit", str(spec), "--address", "http://head:8265", "--no-wait"]) == 2
+    assert "methods.0.data_file=tests/fixtures/suites/generic.jsonl" in capsys.readouterr().err and not seen
