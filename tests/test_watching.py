@@ -1,6 +1,7 @@
 """Watching a run: `capsafe submit` follows the job's log through Ray's tail API (never fetching the whole log
 again); experiment trackers are Ray Tune's own callbacks, turned on by the spec and refused when not installed.
-(The end-to-end run of the own-model spec reads TensorBoard's and MLflow's records back and checks the console is quiet.)"""
+(The end-to-end run of the own-model spec reads TensorBoard's and MLflow's records back and checks the console
+is quiet.)"""
 
 from __future__ import annotations
 
