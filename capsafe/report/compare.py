@@ -22,7 +22,7 @@ from capsafe.errors import CapsafeError
 from capsafe.report.agreement import applicable
 from capsafe.report.build import jailbreak_suites, summarize
 from capsafe.report.robustness import robustness_table
-from capsafe.report.sections import ROBUSTNESS_FILE, markdown
+from capsafe.report.sections import ROBUSTNESS_FILE, markdown, outside_band
 from capsafe.report.tables import split_mixed_suites
 from capsafe.report.variants import split_variants
 
@@ -41,6 +41,7 @@ class Run:
     spec: dict[str, Any]
     summary: pd.DataFrame
     comparisons: pd.DataFrame
+    outside: set[str]  # methods whose confirmed capability left the equal-capability band
 
 
 def load_run(folder: Path, label: str) -> Run:
@@ -62,7 +63,7 @@ def load_run(folder: Path, label: str) -> Run:
     spec = json.loads((folder / "spec.json").read_text()) if (folder / "spec.json").is_file() else {}
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
     return Run(label, folder, run_id_of(folder), manifest.get("capsafe_commit"), spec,
-               summarize(trials, judgments, checkpoints), comparisons)
+               summarize(trials, judgments, checkpoints), comparisons, outside_band(trials, checkpoints))
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -89,12 +90,16 @@ def spec_differences(specs: list[dict[str, Any]]) -> list[tuple[str, list[str]]]
     return out
 
 
-def _cell(row: pd.Series | None) -> str:
+def _cell(row: pd.Series | None, outside: set[str], method: str, reference: str) -> str:
     if row is None:
         return "-"
     interval = "" if pd.isna(row["low"]) else f" [{row['low']:+.2f}, {row['high']:+.2f}]"
     p = "n/a" if pd.isna(row["p_holm"]) else f"{row['p_holm']:.2g}"
-    return f"{row['difference']:+.2f}{interval}, p (Holm) {p}: {row['verdict']}"
+    off = [m for m in (method, reference) if m in outside]
+    # a side outside the equal-capability band: not a comparison at equal capability (the report does not
+    # count it either)
+    unequal = f" (NOT at equal capability: {', '.join(off)} outside the band)" if off else ""
+    return f"{row['difference']:+.2f}{interval}, p (Holm) {p}: {row['verdict']}{unequal}"
 
 
 def comparison_rows(runs: list[Run]) -> pd.DataFrame:
@@ -106,11 +111,13 @@ def comparison_rows(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for key in every:
         found = [t.loc[key] if t is not None and key in t.index else None for t in indexed]
-        verdicts = {row["verdict"] for row in found if row is not None}
+        # only comparisons at equal capability count towards agreement
+        verdicts = {row["verdict"] for r, row in zip(runs, found, strict=True)
+                    if row is not None and not {key[0], key[1]} & r.outside}
         measure = next(row["measure"] for row in found if row is not None)
         rows.append({"comparison": f"{key[0]} vs {key[1]}", "suite": key[2], "judge": key[3], "measure": measure,
-                     **{r.label: _cell(row) for r, row in zip(runs, found, strict=True)},
-                     "same verdict": "yes" if len(verdicts) == 1 else "NO"})
+                     **{r.label: _cell(row, r.outside, key[0], key[1]) for r, row in zip(runs, found, strict=True)},
+                     "same verdict": "yes" if len(verdicts) == 1 else ("NO" if verdicts else "n/a")})
     return pd.DataFrame(rows)
 
 
@@ -140,7 +147,7 @@ def compare_runs(folders: list[Path]) -> str:
              "Each cell: the difference (method minus reference) with its 95 % interval, Holm-adjusted p and "
              "verdict, as that run's report states them. Each p is adjusted within its own run's family (the "
              "sizes above), nothing is pooled across runs; 'same verdict' says whether the runs that have the "
-             "comparison agree.", ""]
+             "comparison at equal capability agree (n/a: none has it there).", ""]
     rows = comparison_rows(runs)
     text.append(markdown(rows) if not rows.empty else "No run has matched comparisons (no judgments yet).")
     return "\n".join(text) + "\n"
