@@ -362,3 +362,51 @@ def test_async_eval_decides_on_the_same_measured_checkpoints(one_rank: Any, micr
     kept = [r for x in rec.reports for r in json.loads(x["kept"] or "{}").values()]
     assert {p.name for p in Path(cfg.checkpoint_dir).iterdir()} == {f"step-{r['step']}" for r in kept}
     assert all(_eval_checkpoint(cfg, Path(r["model_dir"]) / "model") == pytest.approx(r["capability"]) for r in kept)
+
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_async_eval_resumes_with_its_unmeasured_snapshots(one_rank: Any, micro_world: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24, the restart path of train.async_eval: the trial dies right after a resume checkpoint written
+    while snapshots were still being measured (they are in it as pending); restored from it, as Ray Train
+    restores the latest checkpoint, the trial measures them again and ends exactly as the run that was never
+    interrupted: the same evaluations, in step order, the same tokens, never a step past its budget."""
+    from capsafe.train.async_eval import SnapshotEvaluator
+
+    # results only once training waits for them (the budget spent): the slowest evaluator there is, so the
+    # resume checkpoint of the first result is written at the last step with two snapshots still unmeasured
+    blocking = SnapshotEvaluator.poll
+    monkeypatch.setattr(SnapshotEvaluator, "poll", lambda self, block=False: blocking(self, True) if block else None)
+    overrides = ["task.target=1.0", "train.max_steps=60", "train.zero_stage=2", "train.async_eval=true"]
+    full = Recorder(tmp_path / "full")
+    run_training(_cfg(micro_world, tmp_path / "full", overrides), full.host)
+    assert [r["step"] for r in full.reports] == [20, 40, 60] and full.reports[-1]["stop"] == "budget:steps"
+
+    cfg = _cfg(micro_world, tmp_path / "crash", overrides)
+    crashed = Recorder(tmp_path / "crash")
+
+    def report_then_die(metrics: dict[str, Any], resume_dir: Path | None) -> None:
+        Recorder.report(crashed, metrics, resume_dir)
+        if resume_dir is not None:
+            raise _Crash  # the worker dies once its first resume checkpoint is safe
+
+    crashed.host = Host(0, 1, report_then_die, None)
+    with pytest.raises(_Crash):
+        run_training(cfg, crashed.host)
+    (first,) = crashed.resume
+    saved = json.loads((crashed.resume[first] / "capsafe_state.json").read_text())
+    assert first == 20 and saved["step"] == 60 and [p["step"] for p in saved["pending"]] == [40, 60]
+    again = Recorder(tmp_path / "again", restore_dir=crashed.resume[first])
+    run_training(cfg, again.host)
+    # every evaluation after the crash, each measured as the uninterrupted run measured it
+    assert [r["step"] for r in crashed.reports + again.reports] == [20, 40, 60], (saved, again.reports)
+    by_step = {r["step"]: r for r in full.reports}
+    for r in again.reports:
+        assert r["capability"] == by_step[r["step"]]["capability"] and r["restarts"] == 1
+    # never trained past the step budget: it once trained step 61 after the restart and evaluated it too
+    a, b = full.reports[-1], again.reports[-1]
+    assert b["tokens"] == a["tokens"] and b["stop"] == a["stop"] == "budget:steps"

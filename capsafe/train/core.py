@@ -223,6 +223,27 @@ def _train(cfg: TrialConfig, host: Host, state: TrainState, engine: Any, tokeniz
 
     train, tolerance, accum = cfg.train, cfg.tolerance, cfg.train.gradient_accumulation_steps
     anchor: tuple[str, list[Any]] | None = None  # (phase, weights at its start) for a proximal term
+
+    def drain(spent: str) -> bool:
+        """The budget is spent: wait for every unmeasured snapshot's result, in step order, and apply the
+        stopping rule to each; True once one stops the trial."""
+        while state.pending:
+            tick = time.perf_counter()
+            result = evaluator.poll(block=True) if evaluator is not None else None
+            shared = torch.tensor(result or (0, 0.0), dtype=torch.float64)
+            if host.world > 1:
+                dist.all_reduce(shared)
+            state.eval_s += time.perf_counter() - tick
+            if decide(_measured(state, shared[0], shared[1]), spent if not state.pending else None, True):
+                return True
+        return False
+
+    # Restored from a resume checkpoint written while the spent budget's last snapshots were being measured:
+    # measure them and stop; training on would go past the budget and evaluate a checkpoint the uninterrupted
+    # trial never had.
+    spent_before = budget.spent(state.step, state.tokens, state.elapsed_s) if state.pending else None
+    if spent_before and drain(spent_before):
+        return
     while True:
         tick = time.perf_counter()
         state.step += 1
@@ -289,16 +310,8 @@ def _train(cfg: TrialConfig, host: Host, state: TrainState, engine: Any, tokeniz
             if evaluator is not None:
                 evaluator.submit(state.step, str(out / "model"))
             state.eval_s += time.perf_counter() - tick
-            while spent and state.pending:  # the budget is spent: wait for every result, in step order
-                tick = time.perf_counter()
-                result = evaluator.poll(block=True) if evaluator is not None else None
-                shared = torch.tensor(result or (0, 0.0), dtype=torch.float64)
-                if host.world > 1:
-                    dist.all_reduce(shared)
-                state.eval_s += time.perf_counter() - tick
-                record = _measured(state, shared[0], shared[1])
-                if decide(record, spent if not state.pending else None, True):
-                    return
+            if spent and drain(spent):
+                return
             continue
         with view() if view else nullcontext():
             capability = _capability(engine, encoder, cfg, eval_items, host)
