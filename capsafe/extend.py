@@ -33,7 +33,7 @@ HISTORY = "extensions.jsonl"
 SERVING = {"replicas", "cpus_per_replica", "gpus_per_replica", "max_models_per_replica", "spare_engines",
            "swap_weights", "autoscaling", "max_ongoing_requests", "request_retries", "max_model_len", "schedule",
            "http", "status_every_s"}
-ADDABLE = {"judges", "llm_judges", "suites"}
+ADDABLE = {"judges", "llm_judges", "suites", "repeats"}
 
 
 def extension_problems(old: Spec, new: Spec) -> list[str]:
@@ -44,6 +44,9 @@ def extension_problems(old: Spec, new: Spec) -> list[str]:
     ea, eb = a["eval"], b["eval"]
     problems += [f"eval.{key} differs (it changes what is generated or how an existing judge labels)"
                  for key in sorted(set(ea) | set(eb)) if key not in SERVING | ADDABLE and ea.get(key) != eb.get(key)]
+    if eb["repeats"] < ea["repeats"]:
+        problems.append(f"eval.repeats can only grow (the run has {ea['repeats']}; more are generated for every "
+                        "checkpoint and suite with the next seeds, the existing ones kept)")
     if eb["judges"][:len(ea["judges"])] != ea["judges"]:
         problems.append(f"eval.judges must keep {ea['judges']} first and only add")
     for field, key in (("suites", "name"), ("llm_judges", "name")):
@@ -71,8 +74,8 @@ def _materialized(paths: dict[str, str], data_dir: Path) -> dict[str, str]:
 
 
 def evaluate_existing(results_dir: Path, overrides: list[str], log: Callable[[str], None]) -> str:
-    """Extend the finished run in ``results_dir`` with ``overrides`` (eval.judges, eval.llm_judges, eval.suites
-    and the pool's settings); return the report text."""
+    """Extend the finished run in ``results_dir`` with ``overrides`` (eval.judges, eval.llm_judges, eval.suites,
+    more eval.repeats, and the pool's settings); return the report text."""
     snapshot = results_dir / SPEC_SNAPSHOT
     if not snapshot.is_file():
         raise SpecError(f"{results_dir} holds no {SPEC_SNAPSHOT}; pass a folder written by capsafe run, e.g. "
@@ -82,7 +85,8 @@ def evaluate_existing(results_dir: Path, overrides: list[str], log: Callable[[st
     spec = load_spec(snapshot, [*place, *overrides])
     problems = extension_problems(old, spec)
     if problems:
-        raise SpecError("capsafe evaluate adds judges, judge-prompt variants and suites to a run, and changes how "
+        raise SpecError("capsafe evaluate adds judges, judge-prompt variants, suites and repeats to a run, and "
+                        "changes how "
                         "its pool runs; these overrides would change what the run's existing rows mean: "
                         + "; ".join(problems) + ". Start a new run for them (another experiment name).")
     paths = _materialized(resolve_paths(spec, log), results_dir / "data")
@@ -108,7 +112,8 @@ def record(results_dir: Path, old: Spec, new: Spec, overrides: list[str]) -> Non
                              "judges": [j for j in new.eval.judges if j not in old.eval.judges],
                              "llm_judges": [j.name for j in new.eval.llm_judges if before.get(j.name) != j],
                              "suites": [s.name for s in new.eval.suites
-                                        if s.name not in {o.name for o in old.eval.suites}]}
+                                        if s.name not in {o.name for o in old.eval.suites}],
+                             "repeats": list(range(old.eval.repeats, new.eval.repeats))}
     with (results_dir / HISTORY).open("a") as fh:
         fh.write(json.dumps(entry) + "\n")
     snapshot = results_dir / SPEC_SNAPSHOT

@@ -485,6 +485,10 @@ class EvalSpec(_Strict):
         if len(set(suites)) != len(suites):
             raise ValueError(f"eval.suites: suite names {sorted({n for n in suites if suites.count(n) > 1})} "
                              "repeat: their results would overwrite each other; give each suite its own name")
+        joined = [n for n in suites if "__" in n]
+        if joined:
+            raise ValueError(f"eval.suites: suite names {joined} contain '__', which separates the parts of a "
+                             "results file name (checkpoint, suite, repeats, judge); use a single '_'")
         stems: dict[str, str] = {}
         for name in suites:
             other = stems.setdefault(file_stem(name), name)

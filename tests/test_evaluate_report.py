@@ -90,6 +90,35 @@ def test_evaluate_writes_keyed_fragments_and_skips_done_work(tmp_path: Path) -> 
     assert _evaluate(pool, tmp_path, judges, repeats=2) == 0 and pool.calls == []  # a rerun skips what is done
 
 
+def test_more_repeats_later_generate_only_the_new_ones_and_keep_the_old_rows(tmp_path: Path) -> None:
+    """Issue 26 §4: `capsafe evaluate` raising eval.repeats generates the added repeats only (their own
+    fragments, the next seeds), judges them with every judge, and leaves the first run's rows untouched."""
+    judges = [rule_judge("refusal_keywords"), rule_judge("coherence")]
+    assert _evaluate(FakePool(), tmp_path, judges, repeats=2) == 6
+    before = read_table(tmp_path, "generations").to_pandas()
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "generations").glob("*.parquet")}
+    pool = FakePool()
+    assert _evaluate(pool, tmp_path, judges, repeats=4) == 6
+    assert {c[2].seed for c in pool.calls} == {12, 13}  # repeats 2 and 3 only
+    assert len(pool.calls) == 3 * 2 * (3 + 1)
+    gens = read_table(tmp_path, "generations").to_pandas()
+    assert len(gens) == 2 * len(before) and not gens.duplicated(KEYS[:-1]).any()
+    assert set(gens["repeat"]) == {0, 1, 2, 3} and (gens["seed"] == 10 + gens["repeat"]).all()
+    assert all((tmp_path / "generations" / name).stat().st_mtime_ns == t for name, t in files.items())
+    assert (tmp_path / "generations" / "base__step0__harmful__r2.parquet").is_file()
+    judg = read_table(tmp_path, "judgments").to_pandas()
+    assert len(judg) == 2 * len(gens) and not judg.duplicated(KEYS).any()
+    pool.calls.clear()
+    assert _evaluate(pool, tmp_path, judges, repeats=4) == 0 and pool.calls == []  # all done now
+    # a judge added after that labels every repeat, the first run's and the added ones, generating nothing:
+    # 3 checkpoints x the harmful suite's 2 fragments (a harm classifier skips the over-refusal suite)
+    guard = LLMJudge("guard", "llama_guard", Target("judge"), CHARS, 8)
+    assert _evaluate(pool, tmp_path, [*judges, guard], repeats=4) == 6
+    assert {c[0].model for c in pool.calls} == {"judge"}
+    judg = read_table(tmp_path, "judgments").to_pandas()
+    assert set(judg[judg["judge"] == "guard"]["repeat"]) == {0, 1, 2, 3}
+
+
 def test_llm_judge_and_perplexity_join_an_old_run_without_regenerating(tmp_path: Path) -> None:
     _evaluate(FakePool(), tmp_path, [rule_judge("refusal_keywords")])
     pool = FakePool()

@@ -23,6 +23,9 @@ def _spec(**eval_fields: object) -> Spec:
 
 
 def test_judges_variants_suites_and_pool_settings_may_be_added() -> None:
+    sampled = _spec(temperature=0.7, repeats=2)  # repeats may grow (never shrink) where the run samples
+    assert extension_problems(sampled, _spec(temperature=0.7, repeats=4)) == []
+    assert any("eval.repeats can only grow" in p for p in extension_problems(sampled, _spec(temperature=0.7)))
     old = _spec()
     ok = _spec(llm_judges=[{"name": "guard", "prompt_variants": ["lg_terse", "lg_reworded"]},
                            {"name": "hb", "format": "harmbench"}],

@@ -58,6 +58,7 @@ def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
     ("task.train_file=/nope/data.jsonl|task.eval_file=null|task.selection_from_train=50|task.confirm_file=null"
      "|task.general_file=null", ["task.train_file", "does not exist"]),
     ("methods.5.ratio=0.1", ["not an index"]),
+    ("eval.suites=[{name: harm__r2, kind: harmful}]", ["contain '__'", "results file name"]),
     # issue 26 §6: it became a local folder 's3:/bucket/results' without a word
     ("output_dir=s3://bucket/results", ["output_dir must be a folder path", "not supported yet", "/mnt/shared"]),
     ("train.batch_size=33", ["multiple of train.num_workers"]),

@@ -26,12 +26,11 @@ from capsafe.evaluate.panel import Judge, Judgment, Pool, judges_kind
 from capsafe.judging.formats import UNPARSED
 
 
-def fragment_key(trial_id: str, step: int, suite: str) -> str:
-    return f"{trial_id}__step{step}__{suite}"
-
-
-def judgment_key(trial_id: str, step: int, suite: str, judge: str) -> str:
-    return f"{fragment_key(trial_id, step, suite)}__{judge}"
+def fragment_key(trial_id: str, step: int, suite: str, first_repeat: int = 0) -> str:
+    """The generations fragment of (checkpoint, suite) holding repeats from ``first_repeat`` on: the first one
+    holds them from 0; repeats added later (``capsafe evaluate`` raising eval.repeats) get fragments of their own,
+    so existing ones are never rewritten."""
+    return f"{trial_id}__step{step}__{suite}" + (f"__r{first_repeat}" if first_repeat else "")
 
 
 def repeat_sampling(sampling: Sampling, repeat: int) -> Sampling:
@@ -47,6 +46,7 @@ class _Job:
     step: int
     suite: Suite
     target: Target
+    first_repeat: int = 0  # the repeats this job's generations fragment holds start here
     parts: dict[tuple[int, int], list[Completion]] = field(default_factory=dict)  # (repeat, chunk) -> answers
     expected: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -116,14 +116,14 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
 
     def write_generations(job: _Job) -> None:
         rows, now = [], datetime.now(UTC)
-        for repeat in range(repeats):
+        for repeat in range(job.first_repeat, repeats):
             answers = [a for (r, _), part in sorted(job.parts.items()) if r == repeat for a in part]
             seed = repeat_sampling(sampling, repeat).seed
             for item, answer in zip(job.suite.items, answers, strict=True):
                 rows.append({**_key(job, item, repeat), "seed": seed, "prompt": item["prompt"],
                              "response": answer.text, "response_ids": list(answer.token_ids),
                              "finish_reason": answer.finish_reason, "engine": engine_name, "generated_at": now})
-        write_table(results_dir, "generations", rows, fragment=fragment_key(job.trial_id, job.step, job.suite.name))
+        write_table(results_dir, "generations", rows, fragment=_gkey(job))
         start_judges(job, rows)
 
     def start_judges(job: _Job, rows: list[dict[str, Any]]) -> None:
@@ -162,18 +162,22 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
 
     for (trial_id, step), target in models.items():
         for suite in suites:
-            job = _Job(trial_id, step, suite, target)
-            gkey = fragment_key(trial_id, step, suite.name)
-            if has_fragment(results_dir, "generations", gkey):
+            covered = 0  # repeats 0..covered-1 have generations: judge what they lack
+            while has_fragment(results_dir, "generations", fragment_key(trial_id, step, suite.name, covered)):
+                job = _Job(trial_id, step, suite, target, covered)
+                rows = read_fragment(results_dir, "generations", _gkey(job))
+                covered = max(r["repeat"] for r in rows) + 1
                 if all(has_fragment(results_dir, "judgments", _jkey(job, j)) for j in _applicable(judges, suite)):
                     continue
                 jobs.append(job)
-                start_judges(job, read_fragment(results_dir, "generations", gkey))
+                start_judges(job, rows)
+            if covered >= repeats:
                 continue
+            job = _Job(trial_id, step, suite, target, covered)
             jobs.append(job)
             prompts = [encode_for(job)(it["prompt"]) for it in suite.items]
             parts = [((r, i), prompts[i:i + chunk], repeat_sampling(sampling, r))
-                     for r in range(repeats) for i in range(0, len(prompts), chunk)]
+                     for r in range(covered, repeats) for i in range(0, len(prompts), chunk)]
             job.expected = len(parts)
             if not parts:
                 write_generations(job)
@@ -244,8 +248,12 @@ def _judge_row(item: dict, generation: dict[str, Any], encode: Encode) -> dict[s
             "context": item.get("context", "")}
 
 
+def _gkey(job: _Job) -> str:
+    return fragment_key(job.trial_id, job.step, job.suite.name, job.first_repeat)
+
+
 def _jkey(job: _Job, judge: Judge) -> str:
-    return judgment_key(job.trial_id, job.step, job.suite.name, judge.name)
+    return f"{_gkey(job)}__{judge.name}"
 
 
 def _bind(fn: Callable[[_Job, Judge, list[int], Any], None], job: _Job, judge: Judge,
