@@ -199,8 +199,11 @@ def has_fragment(results_dir: Path, name: str, fragment: str) -> bool:
     return table_path(results_dir, name, fragment).is_file()
 
 
-def read_fragment(results_dir: Path, name: str, fragment: str) -> list[dict[str, Any]]:
-    return pq.read_table(table_path(results_dir, name, fragment), schema=SCHEMAS[name]).to_pylist()
+def read_fragment(results_dir: Path, name: str, fragment: str,
+                  columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """One fragment's rows (only ``columns`` of them, if given)."""
+    schema = SCHEMAS[name] if columns is None else pa.schema([SCHEMAS[name].field(c) for c in columns])
+    return pq.read_table(table_path(results_dir, name, fragment), schema=schema, columns=columns).to_pylist()
 
 
 def read_table(results_dir: Path, name: str, columns: list[str] | None = None) -> pa.Table:

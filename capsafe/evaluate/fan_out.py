@@ -165,12 +165,12 @@ def evaluate_models(models: dict[tuple[str, int], Target], suites: list[Suite], 
             covered = 0  # repeats 0..covered-1 have generations: judge what they lack
             while has_fragment(results_dir, "generations", fragment_key(trial_id, step, suite.name, covered)):
                 job = _Job(trial_id, step, suite, target, covered)
-                rows = read_fragment(results_dir, "generations", _gkey(job))
-                covered = max(r["repeat"] for r in rows) + 1
+                present = read_fragment(results_dir, "generations", _gkey(job), columns=["repeat"])
+                covered = max(r["repeat"] for r in present) + 1
                 if all(has_fragment(results_dir, "judgments", _jkey(job, j)) for j in _applicable(judges, suite)):
-                    continue
+                    continue  # a resumed run reads no more of a finished pair than its repeats
                 jobs.append(job)
-                start_judges(job, rows)
+                start_judges(job, read_fragment(results_dir, "generations", _gkey(job)))
             if covered >= repeats:
                 continue
             job = _Job(trial_id, step, suite, target, covered)
