@@ -82,7 +82,8 @@ def _prepare_results_dir(spec: Spec, resume: bool, overwrite: bool = False,
         if damaged:
             aside = move_aside(results_dir, damaged)
             log(f"results: {len(damaged)} damaged fragment(s) moved to {aside} (kept, never deleted) and computed "
-                "again: " + "; ".join(f"{p.parent.name}/{p.name} ({why})" for p, why in damaged))
+                "again, with the judgments of any damaged answers: "
+                + "; ".join(f"{p.parent.name}/{p.name} ({why})" for p, why in damaged))
         return results_dir
     if holds_results(results_dir):
         if not overwrite:  # refused before anything started (run_experiment); checked again under the lock

@@ -194,3 +194,57 @@ def test_a_sweep_stopped_early_names_its_missing_trials_and_the_resume_command(t
     assert note.endswith("continue with: capsafe run --resume jobs/x.yaml seeds=[0,1]")
     write_table(spec.results_dir, "trials", [{**base, "trial_id": "plain-s1-lr0.001"}], fragment="plain-s1-lr0.001")
     assert unfinished_note(spec, "jobs/x.yaml") is None
+
+
+def _answers(results: Path, trial: str, prompts: list[str], judge: str | None = None, repeats: int = 1,
+             fragment: str | None = None) -> Path:
+    """A generations (or, with ``judge``, judgments) fragment named and filled as capsafe writes it."""
+    from capsafe.evaluate.fan_out import fragment_key
+
+    key = [{"trial_id": trial, "step": 5, "suite": "harmful", "suite_kind": "harmful", "prompt_id": p, "repeat": r}
+           for r in range(repeats) for p in prompts]
+    if judge is None:
+        rows = [{**k, "seed": k["repeat"], "prompt": "q", "response": "a", "response_ids": [1], "finish_reason": "stop",
+                 "engine": "x", "generated_at": None} for k in key]
+        name, table = fragment or fragment_key(trial, 5, "harmful"), "generations"
+    else:
+        rows = [{**k, "judge": judge, "measures": "refusal", "verdict": "refused", "score": None, "raw": None}
+                for k in key]
+        name, table = fragment or f"{fragment_key(trial, 5, 'harmful')}__{judge}", "judgments"
+    return write_table(results, table, rows, fragment=name)
+
+
+def test_a_fragment_whose_rows_are_not_its_keys_is_damaged_and_takes_its_judgments_aside(tmp_path: Path) -> None:
+    """Issue 26: footers alone passed a fragment that a writer left short (a readable file, rows missing); the row
+    count is now checked against the key: every prompt its suite's other fragments answered, once per repeat, and
+    judgments exactly over the answers they judge."""
+    prompts = ["p1", "p2", "p3"]
+    whole = _answers(tmp_path, "plain-s0-lr0.001", prompts, repeats=2)
+    _answers(tmp_path, "plain-s0-lr0.001", prompts, judge="refusal_keywords", repeats=2)
+    short = _answers(tmp_path, "kl-s0-lr0.001", prompts[:2], repeats=2)  # p3 lost in both repeats
+    its_judge = _answers(tmp_path, "kl-s0-lr0.001", prompts[:2], judge="refusal_keywords", repeats=2)
+    unjudged = _answers(tmp_path, "base", prompts)
+    thin = _answers(tmp_path, "base", prompts[1:], judge="refusal_keywords")  # labels 2 of 3 answers
+    misnamed = _answers(tmp_path, "base", prompts, fragment="plain-s0-lr0.001__step5__harmful__r1")
+    _answers(tmp_path, "hand", prompts[:1], fragment="all")  # hand-made: read as it is
+    damaged = dict(damaged_fragments(tmp_path))
+    assert set(damaged) == {short, thin, misnamed}, damaged
+    assert "needs 3 prompt(s)" in damaged[short] and "2 are missing" in damaged[short]
+    assert "labels 2 answer(s)" in damaged[thin] and "its rows are those of base__step5__harmful" in damaged[misnamed]
+    with pytest.raises(ResultsError, match="3 damaged fragment"):
+        from capsafe.common.run_guard import refuse_damaged
+
+        refuse_damaged(tmp_path)
+    target = move_aside(tmp_path, list(damaged.items()))
+    assert not its_judge.exists() and (target / "judgments" / its_judge.name).is_file()  # judged again with them
+    assert whole.exists() and unjudged.exists() and damaged_fragments(tmp_path) == []
+
+
+def test_the_checked_fragment_names_are_the_ones_fan_out_writes() -> None:
+    from capsafe.common.fragment_keys import generations_stem
+    from capsafe.common.results import file_stem
+    from capsafe.evaluate.fan_out import fragment_key
+
+    for first in (0, 2):
+        assert generations_stem("kl-s1-lr0.001", 40, "x@y", first) == file_stem(fragment_key("kl-s1-lr0.001", 40,
+                                                                                              "x@y", first))

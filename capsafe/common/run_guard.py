@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from capsafe.common.fragment_keys import dependents, mismatched_fragments
 from capsafe.common.results import OPTIONAL_COLUMNS, SCHEMAS
 from capsafe.errors import CapsafeError, SpecError
 
@@ -96,7 +97,8 @@ def _holder(lock: Path) -> dict | None:
 
 
 def damaged_fragments(results_dir: Path) -> list[tuple[Path, str]]:
-    """Every fragment of every table that cannot be read whole: (path, why). Reads footers only (cheap)."""
+    """Every fragment of every table that cannot be read whole, or whose rows are not those of its key: (path,
+    why). Footers of all; the key columns of the evaluation tables (capsafe.common.fragment_keys)."""
     bad = []
     for name, schema in SCHEMAS.items():
         folder = results_dir / name
@@ -111,13 +113,17 @@ def damaged_fragments(results_dir: Path) -> list[tuple[Path, str]]:
                 bad.append((path, f"columns {sorted(names)} are not the {name} table's"))
             elif meta.num_rows == 0:
                 bad.append((path, "no rows"))
-    return bad
+    return bad + mismatched_fragments(results_dir, {path for path, _ in bad})
 
 
 def move_aside(results_dir: Path, damaged: list[tuple[Path, str]]) -> Path:
-    """Move damaged fragments under ``results_dir/damaged/<time>/<table>/`` (never deleted), with a note of why."""
+    """Move damaged fragments under ``results_dir/damaged/<time>/<table>/`` (never deleted), with a note of why;
+    with a damaged generations fragment the judgments of its answers go too (they are judged again)."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target = results_dir / DAMAGED_DIR / stamp
+    paths = [path for path, _ in damaged]
+    damaged = damaged + [(p, "judges the answers of a damaged generations fragment")
+                         for p in dependents(results_dir, paths)]
     for path, why in damaged:
         folder = target / path.parent.name
         folder.mkdir(parents=True, exist_ok=True)
