@@ -81,21 +81,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def results_folder(arg: str) -> Path:
+    """A RESULTS argument as a local folder: itself, or for object storage (s3://, gs://) its working copy, brought
+    up to date first (the tables, spec and report; model checkpoints stay remote until a pool loads them)."""
+    from capsafe.common.storage import holds_anything, is_url, pull
+
+    if not is_url(arg):
+        return Path(arg)
+    if not holds_anything(arg):
+        raise CapsafeError(f"'{arg}' holds nothing; pass the <output_dir>/<experiment> URL of a run")
+    return pull(arg)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
+    from capsafe.common.storage import push
     from capsafe.report.build import write_report
 
-    results = Path(args.results)
+    results = results_folder(args.results)
     if not (results / "trials").is_dir():
-        raise CapsafeError(f"'{results}' holds no trials table; pass a folder written by capsafe run, "
+        raise CapsafeError(f"'{args.results}' holds no trials table; pass a folder written by capsafe run, "
                            "e.g. results/demo.")
     print(write_report(results, results.name))
+    push(results)  # object storage: the report goes up beside the tables
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from capsafe.report.compare import compare_runs
 
-    text = compare_runs([Path(r) for r in args.results])
+    text = compare_runs([results_folder(r) for r in args.results])
     if args.out:
         out = Path(args.out)
         tmp = out.with_name(f".{out.name}.tmp")
@@ -106,10 +120,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from capsafe.common.storage import push
     from capsafe.extend import evaluate_existing
     from capsafe.pipeline import console_logger
 
-    print(evaluate_existing(Path(args.results), args.overrides, console_logger()))
+    results = results_folder(args.results)
+    print(evaluate_existing(results, args.overrides, console_logger()))
+    push(results)  # object storage: the new judgments went up as written; the report and spec snapshot now
     return 0
 
 

@@ -25,6 +25,7 @@ from capsafe.common.run_guard import (
     refuse_to_replace,
     run_lock,
 )
+from capsafe.common.storage import attach, delete_all, holds_anything, join, pull, push, remote_of
 from capsafe.errors import SpecError
 from capsafe.evaluate.http_api import api_key_from_env, check_port_free
 from capsafe.evaluate.stage import adapter_slots, run_evaluation, serving
@@ -43,7 +44,7 @@ from capsafe.runtime.capacity import check_cluster, local_cpus
 from capsafe.runtime.ray_shell import ray_logs_dir, ray_session
 from capsafe.spec import Spec
 from capsafe.train.config import TrialConfig
-from capsafe.train.trials import plan_trials
+from capsafe.train.trials import on_object_storage, plan_trials
 
 SPEC_SNAPSHOT = "spec.json"
 
@@ -85,14 +86,19 @@ def _prepare_results_dir(spec: Spec, resume: bool, overwrite: bool = False,
                 "again, with the judgments of any damaged answers: "
                 + "; ".join(f"{p.parent.name}/{p.name} ({why})" for p, why in damaged))
         return results_dir
-    if holds_results(results_dir):
+    url = spec.results_url
+    if holds_results(results_dir) or (url and holds_anything(url)):
         if not overwrite:  # refused before anything started (run_experiment); checked again under the lock
-            refuse_to_replace(results_dir, spec.experiment, None)
+            refuse_to_replace(results_dir, spec.experiment, None, url)
         for entry in results_dir.iterdir():
             if entry.name != LOCK_FILE:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        log(f"results: deleted the earlier run's results in {results_dir} (--overwrite)")
+        if url:
+            delete_all(url)
+        log(f"results: deleted the earlier run's results in {url or results_dir} (--overwrite)")
     results_dir.mkdir(parents=True, exist_ok=True)
+    if url:
+        attach(results_dir, url)  # from here on every file written goes up to the object store too
     (results_dir / SPEC_SNAPSHOT).write_text(snapshot)
     return results_dir
 
@@ -102,10 +108,12 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     """Run (or with ``resume`` continue) everything the spec asks for; return the report text. An earlier run's
     results are never replaced without ``overwrite``; ``spec_path`` names the spec in messages."""
     log = log or console_logger()
+    if resume and spec.results_url:
+        pull(spec.results_url)  # the run's home is the object store: its tables, spec and journal, not its models
     if resume:
         _check_resume(spec)
     elif not overwrite:
-        refuse_to_replace(spec.results_dir, spec.experiment, spec_path)
+        refuse_to_replace(spec.results_dir, spec.experiment, spec_path, spec.results_url)
     paths = resolve_paths(spec, log)
     records, suites = load_task(spec, paths), load_suites(spec, paths)  # bad data fails before any write
     check_judge_files(spec, paths)  # so does a malformed judge check file
@@ -119,7 +127,11 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     # one live run per results folder, from here on (a second one is refused; a dead one's lock recovered)
     with run_lock(spec.results_dir, log), ray_session(spec.ray_address, local_cpus(spec, beside)):
         check_cluster(spec, log, beside)
-        return _run_stages(spec, log, resume, paths, records, suites, context_len, overwrite)
+        try:
+            return _run_stages(spec, log, resume, paths, records, suites, context_len, overwrite)
+        finally:
+            if spec.results_url and remote_of(spec.results_dir):  # whatever ended the run: what it wrote goes up
+                push(spec.results_dir)
 
 
 def unfinished_note(spec: Spec, spec_path: str | None) -> str | None:
@@ -143,6 +155,11 @@ def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dic
     paths = prepare_methods(spec, materialize_task(records, paths, results_dir / "data"), results_dir / "data")
     trials = plan_trials(spec, paths, results_dir / "models")
     trials = resolve_train_len(spec, trials, log)
+    url = spec.results_url
+    if url:  # workers on any node read the run's data and write its checkpoints through the object store
+        trials = on_object_storage(trials, results_dir, url)
+        log(f"results: on object storage at {url}, {push(results_dir)} file(s) uploaded so far (working copy "
+            f"{results_dir})")
     done = set(read_table(results_dir, "trials").column("trial_id").to_pylist())
     todo = [t for t in trials if t.trial_id not in done]
     skipped = f", {len(trials) - len(todo)} already done" if resume else ""
@@ -162,6 +179,7 @@ def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dic
         write_table(results_dir, "trajectory", trajectory, fragment=cfg.trial_id)
         write_table(results_dir, "checkpoints", checkpoints, fragment=cfg.trial_id)
         write_table(results_dir, "trials", rows, fragment=cfg.trial_id)
+        push(results_dir)  # the journal and trackers' files too (tables went up as they were written)
         r = rows[0]
         finished.append(r["trial_id"])
         left = len(todo) - len(finished)
@@ -187,7 +205,7 @@ def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dic
                 if on_done:
                     on_done(cfg.trial_id)
 
-            run_sweep(todo, resources, results_dir / "ray", f"{spec.experiment}-sweep",
+            run_sweep(todo, resources, join(url, "ray") if url else results_dir / "ray", f"{spec.experiment}-sweep",
                       spec.sweep.max_concurrent_trials, log, recorded, results_dir / "journal",
                       spec.sweep.status_every_s, tracking_callbacks(spec.sweep.tracking.model_dump(), spec.experiment,
                                                                     results_dir))
@@ -205,5 +223,8 @@ def _run_stages(spec: Spec, log: Callable[[str], None], resume: bool, paths: dic
         else:
             sweep()
             run_evaluation(spec, paths, results_dir, suites, log, context_len, answer_labeller(spec))
-    return write_report(results_dir, spec.experiment)
+    report = write_report(results_dir, spec.experiment)
+    if url:
+        log(f"results: {push(results_dir)} more file(s) uploaded to {url}")
+    return report
 

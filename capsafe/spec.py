@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from capsafe.common.formatting import PromptFormat
 from capsafe.common.results import file_stem
+from capsafe.common.storage import SCHEMES, is_url, join, working_copy
 from capsafe.common.strict_model import BOOL_FOR_NUMBER, StrictModel
 from capsafe.errors import SpecError
 from capsafe.mitigations import METHOD_NAMES, METHODS, MethodSpec, PlainMethod, SafetyMixMethod
@@ -547,9 +548,10 @@ class SweepSpec(_Strict):
 class Spec(_Strict):
     experiment: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Name; results go to "
                             "<output_dir>/<experiment>/.")
-    output_dir: str = Field("results", description="Folder that receives results/<experiment>/: a local path, on "
-                            "a multi-node cluster one every node mounts (object storage URLs such as s3:// are "
-                            "refused: results are written through file paths).")
+    output_dir: str = Field("results", description="Where results/<experiment>/ go: a local folder (on a "
+                            "multi-node cluster one every node mounts), or object storage, s3://bucket/prefix or "
+                            "gs://bucket/prefix (no shared mount needed: docs/cloud-storage.md; credentials and "
+                            "endpoint from the environment).")
     ray_address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://…'); null starts "
                                     "an embedded local cluster unless running inside a Ray job.")
     world: WorldConfig = Field(default_factory=WorldConfig, description="The embedded demo world's settings.")
@@ -565,12 +567,11 @@ class Spec(_Strict):
 
     @field_validator("output_dir")
     @classmethod
-    def _a_local_folder(cls, value: str) -> str:
-        # Path("s3://bucket/x") is the local folder "s3:/bucket/x": a run would write there without a word
-        if "://" in value:
-            raise ValueError(f"'{value}' is a URL; output_dir must be a folder path (object storage is not supported "
-                             "yet): on a cluster, a shared file system every node mounts, e.g. /mnt/shared/results "
-                             "(cluster/aws.yaml and gcp.yaml mount one there)")
+    def _a_folder_or_object_storage(cls, value: str) -> str:
+        # Path("http://host/x") would be the local folder "http:/host/x": a run would write there without a word
+        if "://" in value and not is_url(value):
+            raise ValueError(f"'{value}' is a URL capsafe cannot write to; output_dir must be a folder path or object "
+                             f"storage ({' or '.join(f'{s}://bucket/prefix' for s in SCHEMES)})")
         return value
 
     @model_validator(mode="after")
@@ -618,7 +619,16 @@ class Spec(_Strict):
 
     @property
     def results_dir(self) -> Path:
+        """The folder the run writes: ``<output_dir>/<experiment>``, or with object storage its working copy on
+        this node (capsafe.common.storage)."""
+        if is_url(self.output_dir):
+            return working_copy(join(self.output_dir, self.experiment))
         return Path(self.output_dir) / self.experiment
+
+    @property
+    def results_url(self) -> str | None:
+        """``<output_dir>/<experiment>`` on object storage; None for a local folder."""
+        return join(self.output_dir, self.experiment) if is_url(self.output_dir) else None
 
     def data_paths(self) -> dict[str, str]:
         """Every data file the spec names, by dotted field name ('demo' ones included)."""

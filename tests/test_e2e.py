@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +28,10 @@ from own_model_stand_ins import (
     long_context_copy,
     own_model_overrides,
 )
+from s3_server import environment, s3_server
 from wandb_runs import logged_values
 
+from capsafe.common import storage
 from capsafe.common.results import read_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +47,9 @@ def _env() -> dict[str, str]:
 
 def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[float, ...] = (0.075,),
                    judges: int = 2, repeats: int = 1, harm_judges: int = 0,
-                   suites: frozenset[str] = frozenset({"harmful", "harmful_styles", "overrefusal", "benign"})) -> None:
+                   suites: frozenset[str] = frozenset({"harmful", "harmful_styles", "overrefusal", "benign"}),
+                   url: str | None = None) -> None:
+    """``url``: the run's object-storage home, downloaded into ``out`` (its checkpoints are named by URL)."""
     trials = read_table(out, "trials").to_pandas()
     assert set(trials["method"]) == {"base"} | methods and trials["trial_id"].is_unique
     base = trials[trials["method"] == "base"].iloc[0]
@@ -71,7 +76,7 @@ def _check_results(out: Path, engine: str, methods: set[str], levels: tuple[floa
             # the pool is fed the ids training was (tokenization contract): the served model scores the same
             assert c["served_capability"] == pytest.approx(c["capability"], abs=1e-9), c.to_dict()
             assert 0.0 <= c["confirmed_capability"] <= 1.0  # measured on the world's confirmation split
-            model = Path(c["checkpoint"]) / "model"
+            model = (out / c["checkpoint"].removeprefix(f"{url}/") if url else Path(c["checkpoint"])) / "model"
             assert (model / "config.json").is_file() or (model / "adapter_config.json").is_file()
             evaluated.add((t["trial_id"], int(c["step"])))
         # the trial stopped at the first evaluation at or above the target itself; it keeps the target's rung
@@ -281,7 +286,14 @@ def ray_head() -> Iterator[dict[str, str]]:
 
 
 def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path, ray_head: dict[str, str]) -> None:
-    env = dict(ray_head)
+    """The job writes its results to object storage (issue 26 §6: a local S3-compatible server, credentials passed
+    to the job by name): checkpoints, tables, Ray's own state and the report go there, and the run is read back
+    from the bucket alone."""
+    with s3_server() as s3:
+        _submit_with_lora(tmp_path, {**ray_head, **s3}, f"s3://{s3['CAPSAFE_TEST_BUCKET']}/runs")
+
+
+def _submit_with_lora(tmp_path: Path, env: dict[str, str], output: str) -> None:
     # first the plan against this cluster (issue 26 §2): the run fits its 3 CPUs; 8 workers would not
     plan = [sys.executable, "-m", "capsafe.cli", "validate", MICRO, "--plan", "--address", "127.0.0.1:6391",
             f"output_dir={tmp_path}"]
@@ -294,7 +306,9 @@ def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path, ray_head: 
     assert not (tmp_path / "micro").exists()
     proc = subprocess.run(
         [sys.executable, "-m", "capsafe.cli", "submit", MICRO, "--address", "http://127.0.0.1:8277",
-         f"output_dir={tmp_path}", "methods=[{name: plain}]",
+         *(f"--env={name}" for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                        "AWS_ENDPOINT_URL")),
+         f"output_dir={output}", "methods=[{name: plain}]",
          # the other half of the training matrix: LoRA adapters under ZeRO-2, served as vLLM LoRA requests
          # on the base engine; sampled twice per prompt; the whole judge panel (an LLM judge through the
          # pool, base-model perplexity in the coherence judge)
@@ -309,8 +323,21 @@ def test_submit_as_a_ray_job_to_a_real_head_with_lora(tmp_path: Path, ray_head: 
          "eval.llm_judges=[{name: guard, prompt_variants: [lg_terse], check_file: demo}]"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
-    assert "SUCCEEDED" in proc.stdout
-    _check_results(tmp_path / "micro", "vllm", {"plain"}, repeats=2, harm_judges=2)
+    assert "SUCCEEDED" in proc.stdout and f"results: on object storage at {output}/micro" in proc.stdout
+    # nothing of the run is needed from the driver's disk: its working copy goes, the report is rewritten from the
+    # bucket by `capsafe report URL`, and the whole run (checkpoints included) is read back from the bucket
+    url = f"{output}/micro"
+    with environment(env):
+        shutil.rmtree(storage.working_copy(url))
+        listing = storage._listing(url)
+        assert {"spec.json", "manifest.json", "report.md", "trials/base.parquet"} <= set(listing)
+        assert any(k.startswith("ray/plain-s0-lr0.01/") for k in listing)  # Ray Train's own state, in the bucket
+        assert not any(k.endswith(".tmp") or k.endswith(".part") for k in listing)
+        proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "report", url], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "| plain |" in proc.stdout, proc.stderr[-3000:]
+        storage.download(url, tmp_path / "micro")
+    _check_results(tmp_path / "micro", "vllm", {"plain"}, repeats=2, harm_judges=2, url=url)
     gens = read_table(tmp_path / "micro", "generations").to_pandas()
     assert set(gens["seed"]) == {0, 1}
     judg = read_table(tmp_path / "micro", "judgments").to_pandas()

@@ -27,7 +27,7 @@ BELOW = {
     "pipeline": {"errors", "common", "evaluate", "preflight", "report", "run_inputs", "runtime", "spec", "train"},
     "extend": {"errors", "common", "evaluate", "preflight", "report", "run_inputs", "runtime", "spec"},
     "plan": {"errors", "common", "preflight", "report", "run_inputs", "runtime", "spec", "train"},
-    "cli": {"errors", "extend", "pipeline", "plan", "report", "runtime", "spec", "train"},
+    "cli": {"errors", "common", "extend", "pipeline", "plan", "report", "runtime", "spec", "train"},
 }
 
 

@@ -17,7 +17,7 @@ PURE = ["capsafe.spec", "capsafe.common.capability", "capsafe.common.metrics", "
         "capsafe.report.stats", "capsafe.report.tables", "capsafe.world.unaligned", "capsafe.common.context",
         "capsafe.preflight", "capsafe.world.conventions", "capsafe.runtime.capacity", "capsafe.common.checkpoints",
         "capsafe.evaluate.targets", "capsafe.evaluate.engines", "capsafe.train.config", "capsafe.plan",
-        "capsafe.report.compare", "capsafe.common.fragment_keys"]
+        "capsafe.report.compare", "capsafe.common.fragment_keys", "capsafe.common.storage"]
 
 
 def test_pure_modules_import_without_ray_deepspeed_vllm() -> None:

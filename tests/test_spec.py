@@ -60,7 +60,7 @@ def test_overrides_reach_nested_fields_and_lists(tmp_path: Path) -> None:
     ("methods.5.ratio=0.1", ["not an index"]),
     ("eval.suites=[{name: harm__r2, kind: harmful}]", ["contain '__'", "results file name"]),
     # issue 26 §6: it became a local folder 's3:/bucket/results' without a word
-    ("output_dir=s3://bucket/results", ["output_dir must be a folder path", "not supported yet", "/mnt/shared"]),
+    ("output_dir=https://host/results", ["URL capsafe cannot write to", "s3://bucket/prefix"]),
     ("train.batch_size=33", ["multiple of train.num_workers"]),
     ("train.gradient_accumulation_steps=3", ["multiple of train.num_workers x train.gradient_accumulation_steps"]),
     ("task.ladder=[0.2, 0.5]", ["task.ladder level 0.5", "task.target=0.4"]),

@@ -19,6 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from capsafe.common.storage import push, remote_of
+
 SCHEMA_VERSION = 11
 
 _KEY = [("trial_id", pa.string()),       # 'base' or '<method>-s<seed>-lr<lr>'
@@ -174,6 +176,8 @@ def write_table(results_dir: Path, name: str, rows: list[dict[str, Any]], fragme
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if remote_of(results_dir):  # a working copy of object storage: the fragment goes up at once
+        push(results_dir, only=path)
     return path
 
 

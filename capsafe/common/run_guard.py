@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from capsafe.common.fragment_keys import dependents, mismatched_fragments
 from capsafe.common.results import OPTIONAL_COLUMNS, SCHEMAS
+from capsafe.common.storage import holds_anything
 from capsafe.errors import CapsafeError, SpecError
 
 LOCK_FILE = ".capsafe.lock"
@@ -33,12 +34,14 @@ def holds_results(results_dir: Path) -> bool:
     return results_dir.is_dir() and any(p.name != LOCK_FILE for p in results_dir.iterdir())
 
 
-def refuse_to_replace(results_dir: Path, experiment: str, spec_path: str | None) -> None:
-    """A new run of an experiment whose folder holds results is refused, with the choices named."""
-    if not holds_results(results_dir):
+def refuse_to_replace(results_dir: Path, experiment: str, spec_path: str | None, url: str | None = None) -> None:
+    """A new run of an experiment whose folder (or object storage ``url``) holds results is refused, with the
+    choices named."""
+    where = url if url and holds_anything(url) else results_dir if holds_results(results_dir) else None
+    if where is None:
         return
     spec = spec_path or "SPEC"
-    raise SpecError(f"{results_dir} holds the results of an earlier run of '{experiment}', and a new run would "
+    raise SpecError(f"{where} holds the results of an earlier run of '{experiment}', and a new run would "
                     f"replace them; nothing was changed. Continue that run with 'capsafe run --resume {spec}' (same "
                     "spec and overrides), keep it and start another with experiment=<new name> or "
                     "output_dir=<folder>, or delete it and start over with --overwrite.")

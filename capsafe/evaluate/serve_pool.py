@@ -21,6 +21,7 @@ from typing import Any
 from ray import serve
 
 from capsafe.common.generation import Completion, Request, Sampling, Target
+from capsafe.common.storage import localize
 from capsafe.evaluate.engines import make_engine
 from capsafe.evaluate.http_api import HttpContext
 from capsafe.evaluate.resident import EngineShelf, Verdicts
@@ -121,7 +122,9 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def get_engine(self, model_dir: str) -> _LoadedEngine:
-            return _LoadedEngine(self.shelf, await self.shelf.acquire(model_dir))
+            # a checkpoint on object storage is copied to this node first (once: a later call finds it whole)
+            local = await asyncio.to_thread(localize, model_dir)
+            return _LoadedEngine(self.shelf, await self.shelf.acquire(local))
 
         async def engine_stats(self) -> dict[str, Any]:
             """Engines started and checkpoints swapped in by this replica (for tests and benchmarks)."""
@@ -134,6 +137,8 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
         async def generate(self, prompts: list[list[int]], sampling: dict[str, Any],
                            adapter: str | None) -> list[Completion]:
             loaded = await self.get_engine(serve.get_multiplexed_model_id())
+            if adapter is not None:
+                adapter = await asyncio.to_thread(localize, adapter)
             return await loaded.generate((prompts, Sampling(**sampling), adapter))
 
         async def nll(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
@@ -148,7 +153,8 @@ def build_pool(engine_kind: str, engine_kwargs: dict[str, Any], options: dict[st
 
             async def run(target: Target, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
                 loaded = await self.get_engine(target.model)
-                return await loaded.generate((prompts, sampling, target.adapter))
+                adapter = None if target.adapter is None else await asyncio.to_thread(localize, target.adapter)
+                return await loaded.generate((prompts, sampling, adapter))
 
             if http is None:
                 return JSONResponse({"error": {"message": "eval.http is off"}}, status_code=404)

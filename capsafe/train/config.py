@@ -48,6 +48,8 @@ class TrialConfig(_Frozen):
     tolerance: float = Field(0.0, ge=0.0, description="Half-width of the equal-capability band.")
     torch_threads: int = Field(ge=1, description="torch intra-op threads per worker.")
     checkpoint_dir: str = Field(description="Where this trial's kept checkpoints go.")
+    checkpoint_url: str | None = Field(None, description="With object storage: where rank 0 uploads the kept "
+                                       "checkpoints (``checkpoint_dir``'s URL) before the trial's last report.")
 
     def with_max_seq_len(self, length: int) -> TrialConfig:
         return self.model_copy(update={"train": self.train.model_copy(update={"max_seq_len": length})})

@@ -26,6 +26,7 @@ from capsafe.common.data import Source, batches, read_jsonl
 from capsafe.common.formatting import Encoder, collate, stop_ids
 from capsafe.common.generation import greedy_generate
 from capsafe.common.metrics import score
+from capsafe.common.storage import to_url, upload_tree
 from capsafe.mitigations import MethodSpec, method_from_json
 from capsafe.mitigations.losses import proximal
 from capsafe.train.config import SourceFile, TrialConfig
@@ -179,6 +180,15 @@ def run_training(cfg: TrialConfig, host: Host) -> None:
                    "model_dir": record["model_dir"] if ladder.save else "", "postprocess": record["postprocess"],
                    "train_s": state.train_s, "eval_s": state.eval_s}
         losses.clear()
+        if host.rank == 0 and cfg.checkpoint_url:
+            # object storage: a level's kept checkpoint goes up as the level is decided, before the report that
+            # says so (a restart on another node would not find it on this one's disk), so the trial's rows and the
+            # pool, on any node, find it there
+            for i in ladder.decided:
+                local = Path(state.rungs[i]["kept"]["model_dir"])
+                if not local.is_dir():
+                    raise FileNotFoundError(f"kept checkpoint {local} is not on this node's disk")
+                upload_tree(local, to_url(str(local), Path(cfg.checkpoint_dir), cfg.checkpoint_url))
         every = train.checkpoint_every_evals
         if reason or not every or state.evals % every:
             host.report(metrics, None)

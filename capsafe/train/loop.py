@@ -8,11 +8,12 @@ from typing import Any
 
 from capsafe.train.config import TrialConfig
 from capsafe.train.core import Host, run_training
+from capsafe.train.trials import localized
 
 
 def train_loop_per_worker(config: dict[str, TrialConfig]) -> None:
     """Ray Train entry point; ``config["trial"]`` is the trial's typed config (``capsafe.train.config``)."""
-    cfg = config["trial"]
+    cfg = localized(config["trial"])  # data files on object storage copied to this node
     import ray.train
 
     # Ray Train logs every report at INFO from every rank; the driver's progress lines say the same once.

@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune import CLIReporter
 
 from capsafe.common.capability import stop_reason
+from capsafe.common.storage import is_url, join
 from capsafe.runtime.capacity import TRIAL_DRIVER_CPUS
 from capsafe.train.config import TrialConfig
 from capsafe.train.loop import train_loop_per_worker
@@ -190,7 +191,7 @@ def tracking_callbacks(tracking: dict[str, Any], experiment: str, results_dir: P
     return callbacks
 
 
-def run_sweep(trials: list[TrialConfig], resources: dict[str, Any], storage: Path, name: str,
+def run_sweep(trials: list[TrialConfig], resources: dict[str, Any], storage: Path | str, name: str,
               max_concurrent: int, log: Callable[[str], None], on_done: TrialDone, journal: Path,
               status_every_s: int = 0, trackers: list[Any] | None = None) -> None:
     """Run all trials; ``on_done(cfg, trial rows, checkpoint rows, trajectory rows)`` as each one ends.
@@ -198,15 +199,18 @@ def run_sweep(trials: list[TrialConfig], resources: dict[str, Any], storage: Pat
     Tune callbacks (``tracking_callbacks``)."""
     if not trials:
         return
-    storage.mkdir(parents=True, exist_ok=True)
-    resources = {**resources, "storage": str(storage.resolve())}
+    if isinstance(storage, Path):
+        storage.mkdir(parents=True, exist_ok=True)
+        storage = str(storage.resolve())
+    # else object storage (s3://, gs://): Ray Train and Tune write their state there themselves (pyarrow)
+    resources = {**resources, "storage": storage}
     tuner = tune.Tuner(
         tune.with_resources(_run_trial, {"cpu": TRIAL_DRIVER_CPUS}),
         param_space={"trial": tune.grid_search([t.model_dump(mode="json") for t in trials]), "resources": resources},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
         # a fresh Tune experiment per run; trial state that must survive lives in the TorchTrainer runs
         run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  storage_path=str((storage / "_tune").resolve()),
+                                  storage_path=join(storage, "_tune") if is_url(storage) else f"{storage}/_tune",
                                   stop=CapabilityStopper(trials[0].target),
                                   verbose=1 if status_every_s else 0,
                                   progress_reporter=trial_table(status_every_s) if status_every_s else None,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from capsafe.common.results import trial_id
+from capsafe.common.storage import localize, to_url
 from capsafe.spec import Spec
 from capsafe.train.config import SourceFile, TrialConfig
 
@@ -51,6 +52,42 @@ def plan_trials(spec: Spec, paths: dict[str, str], checkpoints_dir: Path) -> lis
     return trials
 
 
+def on_object_storage(trials: list[TrialConfig], local_root: Path, url: str) -> list[TrialConfig]:
+    """The trials of a run whose results live at ``url`` (``local_root`` its working copy): the data files the
+    run wrote there and the checkpoints' destination named by URL, so workers on any node find them."""
+
+    def remote(path: str) -> str:
+        return to_url(path, local_root, url)
+
+    def sources(entries: tuple[SourceFile, ...]) -> tuple[SourceFile, ...]:
+        return tuple(e.model_copy(update={"path": remote(e.path)}) for e in entries)
+
+    return [t.model_copy(update={
+        "task_train": remote(t.task_train), "task_eval": remote(t.task_eval),
+        "extra_sources": sources(t.extra_sources), "alignment_sources": sources(t.alignment_sources),
+        "method_paths": {k: remote(v) for k, v in t.method_paths.items()},
+        "checkpoint_url": remote(t.checkpoint_dir)}) for t in trials]
+
+
+def localized(cfg: TrialConfig) -> TrialConfig:
+    """``cfg`` with every data file named by URL copied to this node (a worker's first act)."""
+
+    def sources(entries: tuple[SourceFile, ...]) -> tuple[SourceFile, ...]:
+        return tuple(e.model_copy(update={"path": localize(e.path)}) for e in entries)
+
+    return cfg.model_copy(update={
+        "task_train": localize(cfg.task_train), "task_eval": localize(cfg.task_eval),
+        "extra_sources": sources(cfg.extra_sources), "alignment_sources": sources(cfg.alignment_sources),
+        "method_paths": {k: localize(v) for k, v in cfg.method_paths.items()}})
+
+
+def _checkpoint(cfg: TrialConfig, model_dir: str) -> str:
+    """A kept checkpoint as the tables name it: its folder, or with object storage its URL."""
+    if cfg.checkpoint_url is None:
+        return model_dir
+    return to_url(model_dir, Path(cfg.checkpoint_dir), cfg.checkpoint_url)
+
+
 def summarize_trial(cfg: TrialConfig, history: list[dict[str, Any]], error: str | None,
                     wall_s: float) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """(trials row, checkpoints rows, trajectory rows) from the results a trial reported, in order."""
@@ -70,7 +107,7 @@ def summarize_trial(cfg: TrialConfig, history: list[dict[str, Any]], error: str 
             "trial_id": cfg.trial_id, "level": level, "reached": at is not None,
             "step": int(at["step"]) if at else None, "capability": float(at["capability"]) if at else None,
             "tokens": int(at["tokens"]) if at else None, "elapsed_s": float(at["elapsed_s"]) if at else None,
-            "checkpoint": str(at["model_dir"]) if at else None, "served_capability": None,
+            "checkpoint": _checkpoint(cfg, str(at["model_dir"])) if at else None, "served_capability": None,
             "confirmed_capability": None, "confirmed_items": None,
             "postprocess": str(at.get("postprocess") or "") or None if at else None, "evaluation_started_at": None})
     at_target = kept.get(cfg.target)
@@ -93,7 +130,7 @@ def summarize_trial(cfg: TrialConfig, history: list[dict[str, Any]], error: str 
         "capability": float(chosen["capability"]) if chosen else None, "confirmed_capability": None,
         "step": int(chosen["step"]) if chosen else None, "status": status,
         "stop_reason": stop or (f"error: {error.splitlines()[0][:200]}" if error else ""),
-        "checkpoint": str(at_target["model_dir"]) if at_target else None,
+        "checkpoint": _checkpoint(cfg, str(at_target["model_dir"])) if at_target else None,
         "tokens": int(last["tokens"]) if last else None, "wall_s": wall_s,
         "train_s": float(last["train_s"]) if last else None, "eval_s": float(last["eval_s"]) if last else None,
         "restarts": int(last.get("restarts", 0)) if last else 0, "method_params": cfg.method_params,

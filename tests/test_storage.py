@@ -1,0 +1,143 @@
+"""Issue 26 §6, object storage: results on s3:// through pyarrow against a local S3-compatible server (moto's server
+mode, started and stopped here). The whole run on it is tests/test_e2e.py's submitted job; these are its parts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from s3_server import environment, s3_server
+
+from capsafe.common import storage
+from capsafe.common.results import read_table, write_table
+from capsafe.spec import Spec
+
+REPO = Path(__file__).resolve().parent.parent
+ROW = {"trial_id": "t", "step": 1, "capability": 0.5, "loss": 1.0, "tokens": 10, "elapsed_s": 2.0, "restarts": 0}
+
+
+@pytest.fixture(scope="module")
+def s3_env() -> Iterator[dict[str, str]]:
+    with s3_server() as env, environment(env):
+        yield env
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CAPSAFE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _url(env: dict[str, str], name: str) -> str:
+    return f"s3://{env['CAPSAFE_TEST_BUCKET']}/{name}"
+
+
+def test_a_spec_on_object_storage_works_in_a_working_copy(cache: Path) -> None:
+    spec = Spec.model_validate({"experiment": "x", "output_dir": "s3://bucket/runs"})
+    assert spec.results_url == "s3://bucket/runs/x"
+    assert spec.results_dir == cache / "object-store" / "s3" / "bucket" / "runs" / "x"
+    assert Spec.model_validate({"output_dir": "gs://b/p"}).results_url == "gs://b/p/demo"
+    assert storage.join("s3://b/p?endpoint_override=h:1", "x", "y.parquet") == "s3://b/p/x/y.parquet?endpoint_override=h:1"
+
+
+def test_fragments_go_up_as_written_and_a_fresh_node_gets_them_back(s3_env: dict[str, str], cache: Path) -> None:
+    url = _url(s3_env, "round-trip")
+    local = storage.working_copy(url)
+    storage.attach(local, url)
+    write_table(local, "trajectory", [ROW], fragment="t")  # uploaded by write_table itself
+    (local / "report.md").write_text("# report\n")
+    (local / "models" / "t" / "step-1" / "model").mkdir(parents=True)
+    (local / "models" / "t" / "step-1" / "model" / "w.bin").write_bytes(b"w" * 100)
+    assert set(storage._listing(url)) == {"trajectory/t.parquet"}
+    assert storage.push(local) == 1 and storage.push(local) == 0  # the report; then nothing changed
+    assert set(storage._listing(url)) == {"trajectory/t.parquet", "report.md"}  # models/ are the trials' to upload
+    storage.upload_tree(local / "models", storage.join(url, "models"))
+    # another node: an empty cache
+    import shutil
+
+    shutil.rmtree(cache)
+    pulled = storage.pull(url)
+    assert pulled == local and read_table(pulled, "trajectory").to_pylist() == [{**ROW, "run_id": None}]
+    assert not (pulled / "models").exists()  # checkpoints stay remote until something loads one
+    model = storage.localize(storage.join(url, "models", "t", "step-1", "model"))
+    assert Path(model, "w.bin").read_bytes() == b"w" * 100 and storage.localize("/a/local/path") == "/a/local/path"
+    with pytest.raises(FileNotFoundError, match="nothing is stored there"):
+        storage.localize(storage.join(url, "models", "missing"))
+    storage.delete_all(url)
+    assert not storage.holds_anything(url)
+
+
+def test_trials_name_their_data_and_checkpoints_by_url(tmp_path: Path) -> None:
+    from capsafe.train.config import SourceFile
+    from capsafe.train.trials import on_object_storage, plan_trials, summarize_trial
+
+    spec = Spec.model_validate({"experiment": "x", "output_dir": "s3://bucket/runs"})
+    local = tmp_path / "copy"
+    paths = {**{k: str(local / "data" / f"{k}.jsonl") for k in spec.data_paths()}, "model.path": "/models/base"}
+    (trial,) = [t for t in plan_trials(spec, paths, local / "models") if t.method == "plain"]
+    trial = trial.model_copy(update={"extra_sources": (SourceFile(name="g", path=str(local / "data" / "g.jsonl"),
+                                                                  weight=0.1),)})
+    (remote,) = on_object_storage([trial], local, "s3://bucket/runs/x")
+    assert remote.task_train == "s3://bucket/runs/x/data/task.train_file.jsonl"
+    assert remote.extra_sources[0].path == "s3://bucket/runs/x/data/g.jsonl" and remote.model_path == "/models/base"
+    assert remote.checkpoint_url == f"s3://bucket/runs/x/models/{trial.trial_id}"
+    report = {"step": 20, "capability": 0.08, "loss": 1.0, "tokens": 5, "elapsed_s": 1.0, "restarts": 0,
+              "stop": "reached", "kept": '{"0": {"step": 20, "capability": 0.08, "tokens": 5, "elapsed_s": 1.0, '
+              f'"model_dir": "{trial.checkpoint_dir}/step-20", "postprocess": ""}}}}', "train_s": 1.0, "eval_s": 0.1}
+    row, checkpoints, _ = summarize_trial(remote.model_copy(update={"levels": (0.075,), "target": 0.075}), [report],
+                                          None, 1.0)
+    assert row["checkpoint"] == checkpoints[0]["checkpoint"] == f"{remote.checkpoint_url}/step-20"
+
+
+def test_a_rerun_on_object_storage_is_refused_and_report_reads_the_bucket(s3_env: dict[str, str], cache: Path) -> None:
+    """A run whose bucket prefix holds results is never replaced without --overwrite, even from a node whose working
+    copy is empty; `capsafe report s3://...` pulls the run, writes the report and puts it beside the tables."""
+    url = _url(s3_env, "runs")
+    local = storage.working_copy(storage.join(url, "micro"))
+    storage.attach(local, storage.join(url, "micro"))
+    write_table(local, "trials", [{
+        "trial_id": "base", "method": "base", "seed": 0, "learning_rate": 0.0, "target": 0.5, "tolerance": 0.05,
+        "reached": False, "capability": 0.1, "confirmed_capability": 0.1, "step": 0, "status": "base",
+        "stop_reason": "", "checkpoint": None, "tokens": 0, "wall_s": 0.0, "train_s": 0.0, "eval_s": 0.0,
+        "restarts": 0, "method_params": "{}", "finished_at": None}], fragment="base")
+    import shutil
+
+    shutil.rmtree(local)  # another machine
+    env = {**s3_env, "CAPSAFE_CACHE": str(cache)}
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "run", "tests/specs/micro.yaml", f"output_dir={url}"],
+                          cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{url}/micro holds the results of an earlier run" in proc.stderr, proc.stderr
+    assert "--overwrite" in proc.stderr and set(storage._listing(storage.join(url, "micro"))) == {"trials/base.parquet"}
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "report", storage.join(url, "micro")], cwd=REPO,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"report.md", "report.html"} <= set(storage._listing(storage.join(url, "micro")))
+
+
+def test_resume_reads_the_run_from_the_bucket(s3_env: dict[str, str], cache: Path) -> None:
+    """`capsafe run --resume` on a node whose working copy is empty pulls the run first: here it finds the spec the
+    run was made with, in the bucket, and refuses another one (it would say 'holds no earlier run' otherwise)."""
+    import json
+    import os
+
+    from capsafe.spec import load_spec
+
+    url = _url(s3_env, "resumed")
+    spec = load_spec(REPO / "tests" / "specs" / "micro.yaml", [f"output_dir={url}"])
+    local = spec.results_dir
+    storage.attach(local, storage.join(url, "micro"))
+    (local / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), sort_keys=True, indent=1))
+    assert storage.push(local) == 1
+    import shutil
+
+    shutil.rmtree(cache)
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "run", "--resume", "tests/specs/micro.yaml",
+                           f"output_dir={url}", "seeds=[1]"], cwd=REPO, env={**os.environ, "CAPSAFE_CACHE": str(cache)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "the spec differs from the one" in proc.stderr, proc.stderr[-2000:]
+    assert (local / "spec.json").is_file()  # pulled
