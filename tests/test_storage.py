@@ -141,3 +141,24 @@ def test_resume_reads_the_run_from_the_bucket(s3_env: dict[str, str], cache: Pat
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "the spec differs from the one" in proc.stderr, proc.stderr[-2000:]
     assert (local / "spec.json").is_file()  # pulled
+
+
+def test_compare_reads_a_run_from_the_bucket_beside_a_local_one(s3_env: dict[str, str], cache: Path,
+                                                                   tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from test_compare import _run
+
+    url = _url(s3_env, "cmp/lr-large")
+    local = storage.working_copy(url)
+    _run(tmp_path / "b" / "lr-large", "run-b", 0.003, plain_refusals=29)
+    shutil.copytree(tmp_path / "b" / "lr-large", local)
+    storage.attach(local, url)
+    storage.push(local)
+    shutil.rmtree(local)  # read from the bucket alone
+    a = _run(tmp_path / "a" / "lr-small", "run-a", 0.001, plain_refusals=5)
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "compare", str(a), url], cwd=REPO,
+                          env={**os.environ, "CAPSAFE_CACHE": str(cache)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| run-b |" in proc.stdout and "| train.learning_rates | [0.001] | [0.003] |" in proc.stdout
