@@ -75,6 +75,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from capsafe.report.build import console_summary
 
     print(console_summary(spec.results_dir), flush=True)
+    if spec.results_url:
+        print(f"(results on object storage: {spec.results_url}; the paths above are this machine's working copy)",
+              flush=True)
     note = unfinished_note(spec, spec_path)  # a sweep stopped by Ctrl-C ends here, its report partial
     if note:
         print(f"capsafe: {note}", flush=True)
