@@ -327,6 +327,7 @@ def _submit_with_lora(tmp_path: Path, env: dict[str, str], output: str) -> None:
     # nothing of the run is needed from the driver's disk: its working copy goes, the report is rewritten from the
     # bucket by `capsafe report URL`, and the whole run (checkpoints included) is read back from the bucket
     url = f"{output}/micro"
+    assert f"(results on object storage: {url};" in proc.stdout
     with environment(env):
         shutil.rmtree(storage.working_copy(url))
         listing = storage._listing(url)
