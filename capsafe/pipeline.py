@@ -125,7 +125,7 @@ def run_experiment(spec: Spec, log: Callable[[str], None] | None = None, resume:
     # Connect before anything is written, so that a spec the cluster can never hold is refused with nothing
     # half-done; the stages join this session (ray_session is re-entrant) and it ends with them.
     # one live run per results folder, from here on (a second one is refused; a dead one's lock recovered)
-    with run_lock(spec.results_dir, log), ray_session(spec.ray_address, local_cpus(spec, beside)):
+    with run_lock(spec.results_dir, log, spec.results_url), ray_session(spec.ray_address, local_cpus(spec, beside)):
         check_cluster(spec, log, beside)
         try:
             return _run_stages(spec, log, resume, paths, records, suites, context_len, overwrite)

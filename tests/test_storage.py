@@ -162,3 +162,29 @@ def test_compare_reads_a_run_from_the_bucket_beside_a_local_one(s3_env: dict[str
                           env={**os.environ, "CAPSAFE_CACHE": str(cache)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| run-b |" in proc.stdout and "| train.learning_rates | [0.001] | [0.003] |" in proc.stdout
+
+
+def test_one_live_run_per_prefix_across_machines(s3_env: dict[str, str], cache: Path) -> None:
+    """The run lock is an object in the bucket too: a run from another machine is refused (a local lock file would
+    not see it), a dead run's lock on this host is recovered, and the run's own lock goes when it ends."""
+    import json
+    import os
+
+    from capsafe.common.run_guard import LOCK_FILE, ResultsError, run_lock
+
+    url = _url(s3_env, "locked/micro")
+    lock = storage.join(url, LOCK_FILE)
+    storage.write_text(lock, json.dumps({"pid": 1, "host": "another-host", "started": "earlier"}))
+    with pytest.raises(ResultsError, match="another-host"), run_lock(storage.working_copy(url), url=url):
+        pass
+    assert "another-host" in str(storage.read_text(lock))  # never taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage.write_text(lock, json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "started": "x"}))
+    lines: list[str] = []
+    with run_lock(storage.working_copy(url), lines.append, url=url):
+        assert f'"pid": {os.getpid()}' in str(storage.read_text(lock)) and "recovered the lock" in lines[0]
+    assert storage.read_text(lock) is None
+    # pulling a run never brings its lock into the working copy (a stale copy would block this machine for good)
+    storage.write_text(lock, "{}")
+    storage.write_text(storage.join(url, "spec.json"), "{}")
+    assert not (storage.pull(url) / LOCK_FILE).exists()

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from capsafe.common.fragment_keys import dependents, mismatched_fragments
 from capsafe.common.results import OPTIONAL_COLUMNS, SCHEMAS
-from capsafe.common.storage import holds_anything
+from capsafe.common.storage import delete, holds_anything, join, read_text, remote_of, write_text
 from capsafe.errors import CapsafeError, SpecError
 
 LOCK_FILE = ".capsafe.lock"
@@ -58,10 +58,14 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(results_dir: Path, log: object = None) -> Iterator[Path]:
+def run_lock(results_dir: Path, log: object = None, url: str | None = None) -> Iterator[Path]:
     """Hold ``results_dir/.capsafe.lock`` while a run uses the folder: a second live run on it is refused; a lock
     whose process is gone (same host) is recovered. The folder is created if needed and removed again on exit
-    if the run left nothing else in it."""
+    if the run left nothing else in it. With object storage (``url``, or the URL the folder is a working copy of)
+    the lock is also an object there, so a run from another machine is refused too: checked, then written (an
+    object store offers no exclusive create through pyarrow: two runs started within the same second can both
+    pass)."""
+    url = url or remote_of(results_dir)
     created = not results_dir.exists()
     results_dir.mkdir(parents=True, exist_ok=True)
     lock = results_dir / LOCK_FILE
@@ -83,13 +87,39 @@ def run_lock(results_dir: Path, log: object = None) -> Iterator[Path]:
         with os.fdopen(fd, "w") as fh:
             json.dump(mine, fh)
         break
+    remote = join(url, LOCK_FILE) if url else None
     try:
+        if remote:
+            _take_remote(remote, mine, log)
         yield lock
     finally:
+        if remote and _holder_text(read_text(remote)) == mine:
+            delete(remote)
         lock.unlink(missing_ok=True)
         if created:
             with contextlib.suppress(OSError):
                 results_dir.rmdir()  # only if the run wrote nothing
+
+
+def _take_remote(remote: str, mine: dict, log: object) -> None:
+    """Write the run's lock object unless a live run holds one (a dead one on this host is taken over)."""
+    holder = _holder_text(read_text(remote))
+    if holder:
+        if holder.get("host") == mine["host"] and not _alive(int(holder.get("pid", -1))):
+            if callable(log):
+                log(f"results: recovered the lock of run pid {holder.get('pid')} in {remote} (no longer running)")
+        else:
+            raise ResultsError(f"another capsafe run (pid {holder.get('pid')} on {holder.get('host')}, started "
+                               f"{holder.get('started')}) is using {remote.rsplit('/', 1)[0]}; wait for it to end or "
+                               f"stop it (if it is gone, delete the object {remote})")
+    write_text(remote, json.dumps(mine))
+
+
+def _holder_text(text: str | None) -> dict | None:
+    try:
+        return dict(json.loads(text)) if text else None
+    except (ValueError, TypeError):
+        return None
 
 
 def _holder(lock: Path) -> dict | None:

@@ -16,6 +16,7 @@ parameters (``s3://bucket/x?endpoint_override=...``); never from the spec.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -84,6 +85,28 @@ def _listing(url: str) -> dict[str, int]:
 
 def holds_anything(url: str) -> bool:
     return bool(_listing(url))
+
+
+def read_text(url: str) -> str | None:
+    """The object at ``url`` as text; None if there is none."""
+    fs, key = _filesystem(url)
+    try:
+        with fs.open_input_stream(key) as src:
+            return bytes(src.read()).decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_text(url: str, text: str) -> None:
+    fs, key = _filesystem(url)
+    with fs.open_output_stream(key) as dst:
+        dst.write(text.encode())
+
+
+def delete(url: str) -> None:
+    fs, key = _filesystem(url)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        fs.delete_file(key)
 
 
 def upload_file(local: Path, url: str) -> None:
@@ -187,7 +210,7 @@ def attach(local: Path, url: str) -> None:
     (local / REMOTE_MARKER).write_text(url + "\n")
 
 
-def pull(url: str, skip: tuple[str, ...] = ("models", "ray")) -> Path:
+def pull(url: str, skip: tuple[str, ...] = ("models", "ray", ".capsafe.lock")) -> Path:
     """The working copy of the results at ``url``, brought up to date with it (model checkpoints and Ray's state
     stay remote until something loads them) and attached to it."""
     local = working_copy(url)
