@@ -188,3 +188,21 @@ def test_one_live_run_per_prefix_across_machines(s3_env: dict[str, str], cache: 
     storage.write_text(lock, "{}")
     storage.write_text(storage.join(url, "spec.json"), "{}")
     assert not (storage.pull(url) / LOCK_FILE).exists()
+
+
+def test_a_run_holding_its_lock_object_prepares_its_prefix(s3_env: dict[str, str], cache: Path) -> None:
+    """The run's own lock object is not an earlier run's results (the submitted e2e job was refused for it), and
+    --overwrite empties the prefix but for that lock."""
+    from capsafe.common.run_guard import LOCK_FILE, run_lock
+    from capsafe.pipeline import _prepare_results_dir
+
+    spec = Spec.model_validate({"experiment": "x", "output_dir": _url(s3_env, "prepared")})
+    url = str(spec.results_url)
+    with run_lock(spec.results_dir, url=url):
+        _prepare_results_dir(spec, resume=False)  # not refused
+        assert storage.push(spec.results_dir) == 1 and set(storage._listing(url)) == {LOCK_FILE, "spec.json"}
+    storage.write_text(storage.join(url, "trials", "base.parquet"), "x")
+    with run_lock(spec.results_dir, url=url):
+        _prepare_results_dir(spec, resume=False, overwrite=True, log=lambda m: None)
+        assert set(storage._listing(url)) == {LOCK_FILE}  # the earlier run's objects deleted, the lock kept
+    assert set(storage._listing(url)) == set()

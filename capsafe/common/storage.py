@@ -84,7 +84,8 @@ def _listing(url: str) -> dict[str, int]:
 
 
 def holds_anything(url: str) -> bool:
-    return bool(_listing(url))
+    """Whether anything a run wrote is stored under ``url`` (a live run's lock object alone does not count)."""
+    return any(key not in NEVER_PUSHED for key in _listing(url))
 
 
 def read_text(url: str) -> str | None:
@@ -220,7 +221,8 @@ def pull(url: str, skip: tuple[str, ...] = ("models", "ray", ".capsafe.lock")) -
 
 
 def delete_all(url: str) -> None:
-    """Delete every object under ``url`` (``--overwrite`` only)."""
+    """Delete every object under ``url`` but the live run's lock (``--overwrite`` only)."""
     fs, root = _filesystem(url)
-    if _listing(url):
-        fs.delete_dir_contents(root, missing_dir_ok=True)
+    for key in _listing(url):
+        if key not in NEVER_PUSHED:
+            fs.delete_file(f"{root}/{key}" if key else root)
