@@ -206,3 +206,27 @@ def test_a_run_holding_its_lock_object_prepares_its_prefix(s3_env: dict[str, str
         _prepare_results_dir(spec, resume=False, overwrite=True, log=lambda m: None)
         assert set(storage._listing(url)) == {LOCK_FILE}  # the earlier run's objects deleted, the lock kept
     assert set(storage._listing(url)) == set()
+
+
+def test_evaluate_reads_the_run_from_the_bucket(s3_env: dict[str, str], cache: Path) -> None:
+    """`capsafe evaluate s3://...` takes the run's spec from the bucket (with an empty working copy) and checks the
+    extension against it: a change to what was generated is refused as for a local run."""
+    import json
+    import os
+    import shutil
+
+    from capsafe.spec import load_spec
+
+    url = _url(s3_env, "extended")
+    spec = load_spec(REPO / "tests" / "specs" / "micro.yaml", [f"output_dir={url}"])
+    storage.attach(spec.results_dir, str(spec.results_url))
+    (spec.results_dir / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), sort_keys=True, indent=1))
+    storage.push(spec.results_dir)
+    shutil.rmtree(cache)
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "evaluate", str(spec.results_url),
+                           "eval.temperature=0.5"], cwd=REPO, env={**os.environ, "CAPSAFE_CACHE": str(cache)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "eval.temperature differs" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "evaluate", storage.join(url, "nothing")], cwd=REPO,
+                          env={**os.environ, "CAPSAFE_CACHE": str(cache)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "holds nothing" in proc.stderr, proc.stderr[-2000:]
