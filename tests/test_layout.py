@@ -18,7 +18,7 @@ BELOW = {
     "world": {"errors", "common", "judging"},
     "mitigations": {"errors", "common", "inputs"},
     "spec": {"errors", "common", "judging", "mitigations", "world"},
-    "runtime": {"errors", "spec"},
+    "runtime": {"errors", "common", "spec"},
     "train": {"errors", "common", "mitigations", "runtime", "spec"},
     "evaluate": {"errors", "common", "judging", "mitigations", "spec"},
     "report": {"errors", "common", "judging"},

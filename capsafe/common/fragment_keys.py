@@ -18,16 +18,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from capsafe.common.results import file_stem
+from capsafe.common.results import file_stem, fragment_key
 
 _EVAL_NAME = re.compile(r".+__step\d+__.+")
 _KEYS = ["trial_id", "step", "suite", "prompt_id", "repeat", "suite_kind"]
 
 
 def generations_stem(trial_id: str, step: int, suite: str, first_repeat: int) -> str:
-    """The file stem of a generations fragment (``capsafe.evaluate.fan_out.fragment_key``, kept in step by a
-    test)."""
-    return file_stem(f"{trial_id}__step{step}__{suite}" + (f"__r{first_repeat}" if first_repeat else ""))
+    """The file stem of a generations fragment."""
+    return file_stem(fragment_key(trial_id, step, suite, first_repeat))
 
 
 def _rows(path: Path, judge: bool) -> list[tuple] | None:
@@ -53,7 +52,7 @@ def mismatched_fragments(results_dir: Path, skip: set[Path]) -> list[tuple[Path,
         if why:
             bad.append((path, why))
             continue
-        trial, step, suite = rows[0][:3]
+        suite = rows[0][2]
         by_repeat: dict[int, set[str]] = defaultdict(set)
         for row in rows:
             by_repeat[row[4]].add(row[3])

@@ -135,6 +135,13 @@ def file_stem(fragment: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", fragment)
 
 
+def fragment_key(trial_id: str, step: int, suite: str, first_repeat: int = 0) -> str:
+    """The generations fragment of (checkpoint, suite) holding repeats from ``first_repeat`` on: the first one
+    holds them from 0; repeats added later (``capsafe evaluate`` raising eval.repeats) get fragments of their own,
+    so existing ones are never rewritten."""
+    return f"{trial_id}__step{step}__{suite}" + (f"__r{first_repeat}" if first_repeat else "")
+
+
 def table_path(results_dir: Path, name: str, fragment: str | None = None) -> Path:
     """Where table ``name`` (or one fragment of it) lives."""
     if name not in SCHEMAS:

@@ -50,7 +50,7 @@ def _filesystem(url: str):  # noqa: ANN202 - pyarrow.fs.FileSystem, whose stubs 
 
 
 def cache_root() -> Path:
-    """capsafe's cache folder (``capsafe.runtime.ray_shell.cache_root`` reads the same variable)."""
+    """capsafe's cache folder: built worlds, compiled ops, object-storage working copies."""
     return Path(os.environ.get("CAPSAFE_CACHE", Path.home() / ".cache" / "capsafe")).expanduser()
 
 
@@ -127,13 +127,13 @@ def upload_tree(local: Path, url: str) -> int:
     return count
 
 
-def download(url: str, local: Path, skip: tuple[str, ...] = ()) -> int:
+def download(url: str, local: Path, skip: tuple[str, ...] = (), listing: dict[str, int] | None = None) -> int:
     """Copy what ``local`` lacks (or holds at another size) of the object or folder at ``url``: each file through a
     temporary name and a rename, so a reader never sees half of one. Keys under a ``skip`` prefix are left. Returns
     how many files were copied."""
     fs, root = _filesystem(url)
     count = 0
-    for rel, size in sorted(_listing(url).items()):
+    for rel, size in sorted((_listing(url) if listing is None else listing).items()):
         if any(rel == s or rel.startswith(f"{s}/") for s in skip):
             continue
         target = local / rel if rel else local
@@ -156,10 +156,10 @@ def localize(path: str) -> str:
         return path
     if path in _localized:  # checkpoints and data files are never rewritten under their key
         return _localized[path]
-    local = working_copy(path)
-    if not _listing(path):
+    local, listing = working_copy(path), _listing(path)
+    if not listing:
         raise FileNotFoundError(f"{path}: nothing is stored there")
-    download(path, local)
+    download(path, local, listing=listing)
     _localized[path] = str(local)
     return str(local)
 

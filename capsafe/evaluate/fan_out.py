@@ -21,16 +21,9 @@ from typing import Any
 
 from capsafe.common.data import Suite
 from capsafe.common.generation import Completion, Sampling, Target
-from capsafe.common.results import has_fragment, read_fragment, write_table
+from capsafe.common.results import fragment_key, has_fragment, read_fragment, write_table
 from capsafe.evaluate.panel import Judge, Judgment, Pool, judges_kind
 from capsafe.judging.formats import UNPARSED
-
-
-def fragment_key(trial_id: str, step: int, suite: str, first_repeat: int = 0) -> str:
-    """The generations fragment of (checkpoint, suite) holding repeats from ``first_repeat`` on: the first one
-    holds them from 0; repeats added later (``capsafe evaluate`` raising eval.repeats) get fragments of their own,
-    so existing ones are never rewritten."""
-    return f"{trial_id}__step{step}__{suite}" + (f"__r{first_repeat}" if first_repeat else "")
 
 
 def repeat_sampling(sampling: Sampling, repeat: int) -> Sampling:

@@ -7,13 +7,11 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
+from capsafe.common.storage import cache_root
 from capsafe.errors import ClusterError
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CAPSAFE_CACHE", Path.home() / ".cache" / "capsafe")).expanduser()
+__all__ = ["cache_root", "ray_logs_dir", "ray_session", "worker_env"]
 
 
 def _env_key() -> str:
