@@ -230,3 +230,18 @@ def test_evaluate_reads_the_run_from_the_bucket(s3_env: dict[str, str], cache: P
     proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "evaluate", storage.join(url, "nothing")], cwd=REPO,
                           env={**os.environ, "CAPSAFE_CACHE": str(cache)}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "holds nothing" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_unreachable_store_is_one_line_and_nothing_is_written(cache: Path) -> None:
+    """A wrong endpoint or missing credentials ended in pyarrow's traceback (exit 1)."""
+    import os
+
+    env = {**os.environ, "CAPSAFE_CACHE": str(cache), "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = subprocess.run([sys.executable, "-m", "capsafe.cli", "run", "tests/specs/micro.yaml",
+                           "output_dir=s3://nobucket/x"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("capsafe: error: cannot reach s3://nobucket/x/micro"), \
+        proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (cache / "object-store").exists()

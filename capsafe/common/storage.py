@@ -23,6 +23,8 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from capsafe.errors import CapsafeError
+
 SCHEMES = ("s3", "gs")
 REMOTE_MARKER = ".capsafe-remote"  # in a working copy: the URL it mirrors (never uploaded)
 _PUSHED = ".capsafe-pushed.json"  # in a working copy: (size, mtime) of each file as last uploaded
@@ -73,8 +75,13 @@ def _listing(url: str) -> dict[str, int]:
     """Relative key -> size of every object under ``url`` (a single object: '' -> its size; nothing: {})."""
     import pyarrow.fs as pafs
 
-    fs, root = _filesystem(url)
-    info = fs.get_file_info(root)
+    try:
+        fs, root = _filesystem(url)
+        info = fs.get_file_info(root)
+    except OSError as exc:  # the first contact with the store: say what to check, not a traceback
+        raise CapsafeError(f"cannot reach {url}: {str(exc)[:300]}. Check the bucket name and the credentials and "
+                           "endpoint in this environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...; "
+                           "docs/cloud-storage.md)") from None
     if info.type == pafs.FileType.File:
         return {"": info.size}
     if info.type != pafs.FileType.Directory:
