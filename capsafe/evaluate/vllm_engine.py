@@ -140,6 +140,7 @@ class AsyncVLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = engine_args(model_dir, max_model_len, seed, enable_lora, max_loras, max_lora_rank)
+        kwargs.update(worker_in_engine_core())
         # constructed off the event loop (it waits for the engine process); its loop tasks start on first use
         self.llm: Any = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
         self.model_dir = model_dir
@@ -277,6 +278,27 @@ def engine_args(model_dir: str, max_model_len: int | None, seed: int, enable_lor
     if not on_gpu:
         kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=64)
     return kwargs
+
+
+def worker_in_engine_core() -> dict[str, Any]:
+    """On CPU without thread binding, run vLLM's model worker inside the asynchronous engine's engine-core process
+    (its "uni" executor, as vLLM does on one GPU) instead of a second spawned process.
+
+    vLLM 0.32's CPU platform switches a one-process engine to its multiprocess executor whenever
+    VLLM_ENABLE_V1_MULTIPROCESSING is on, because OpenMP thread binding must be set up before the worker imports
+    torch. capsafe's replicas run with ``VLLM_CPU_OMP_THREADS_BIND=nobind`` (``engine_args``), so there is nothing
+    to bind. The second process cost each engine start another interpreter importing torch and vLLM (~5-8 s
+    here), and while serving the engine core and the worker polled their shared-memory queue with
+    ``sched_yield``, a busy core on a small machine. ``AsyncLLM`` keeps its engine-core process either way (it
+    always uses vLLM's multiprocess client); the variable, set for this process, only keeps the platform from
+    replacing the executor. On a GPU, or with a thread binding the user asked for, vLLM's own choice stands.
+    """
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND") != "nobind":
+        return {}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return {"distributed_executor_backend": "uni"}
 
 
 def sampling_params(sampling: Sampling, stop: list[int], final_only: bool = False) -> Any:
