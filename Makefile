@@ -11,13 +11,15 @@ venv:
 demo: venv
 	$(PY) -m capsafe.cli run $(SPEC) $(ARGS)
 
+# Two pytest-xdist workers: the tests that start Ray clusters run one after another on one of them, the rest
+# beside them on the other (tests/conftest.py says why).
 test: venv
 	@bash scripts/ensure_browser.sh
-	$(PY) -m pytest -x -q -ra tests
+	$(PY) -m pytest -x -q -ra -n 2 --dist loadgroup tests
 
 fast-test: venv
 	@bash scripts/ensure_browser.sh
-	$(PY) -m pytest -x -q -m "not slow" tests
+	$(PY) -m pytest -x -q -n 2 --dist loadgroup -m "not slow" tests
 
 lint: venv
 	$(PY) -m ruff check capsafe tests benchmarks scripts

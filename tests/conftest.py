@@ -3,11 +3,84 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# `make test` runs the suite on two pytest-xdist workers (``--dist loadgroup``). Tests that start a Ray cluster (an
+# embedded one, a `ray start` head, or through the CLI) all run on one worker, one after another in file order,
+# as they did without xdist: two clusters at once on one machine would share Ray's fixed default ports (the
+# dashboard agent's 52365 among them) and each heavy flow expects the machine's CPUs for itself. The rest (pure
+# core, transformers, in-process vLLM, in-process DeepSpeed) runs beside them on the other worker.
+RAY_GROUP = "ray-clusters"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On an xdist worker under ``--dist loadgroup``, every ``ray`` test must carry the group in its node id (xdist
+    groups by it). pytest-xdist 3.8 writes it into ``item._nodeid``, which pytest 9.2 no longer reads: the tests
+    then spread over both workers and two Ray clusters ran at once (a head's port taken, a trial hung). Stop
+    instead of running them that way."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not session.config.getvalue("loadgroup"):
+        return
+    loose = [i.nodeid for i in session.items if i.get_closest_marker("ray") and not i.nodeid.endswith(RAY_GROUP)]
+    if loose:
+        raise pytest.UsageError(f"{len(loose)} ray test(s) outside the xdist group {RAY_GROUP!r} (e.g. {loose[0]}): "
+                                "this pytest / pytest-xdist pair does not group them (pyproject.toml pins both)")
+
+
+@contextmanager
+def _build_lock(name: str) -> Iterator[None]:
+    """One build of a cached world at a time across the session's workers: the second waits and finds it built
+    (concurrent builds are safe, see ``build_world``, but each would cost minutes of the same CPUs)."""
+    import fcntl
+
+    from capsafe.runtime.ray_shell import cache_root
+
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / f".{name}.test-build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_where_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test not marked ``ray`` that starts a Ray cluster anyway (itself or through a subprocess that inherits
+    the environment) fails here instead of racing another worker's cluster for Ray's fixed ports: its Ray session
+    folder lands in a folder of its own (RAY_TMPDIR), looked at afterwards."""
+    if request.node.get_closest_marker("ray"):
+        yield
+        return
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="rg-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = folder
+    try:
+        yield
+        sessions = list(Path(folder).rglob("session_*"))
+        assert not sessions, f"{request.node.nodeid} started a Ray cluster: mark it @pytest.mark.ray (conftest.py)"
+    finally:
+        if old is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,7 +97,8 @@ def micro_world():
     from capsafe.world import build_world
 
     spec = load_spec(REPO / "tests" / "specs" / "micro.yaml")
-    return build_world(spec.world, cache_root() / "worlds", log=lambda m: None)
+    with _build_lock("micro-world"):
+        return build_world(spec.world, cache_root() / "worlds", log=lambda m: None)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +107,9 @@ def micro_judge(micro_world) -> Path:
     from capsafe.spec import load_spec
     from capsafe.world.judge import build_judge
 
-    return build_judge(micro_world, load_spec(REPO / "tests" / "specs" / "micro.yaml").world, log=lambda m: None)
+    with _build_lock("micro-judge"):
+        return build_judge(micro_world, load_spec(REPO / "tests" / "specs" / "micro.yaml").world,
+                           log=lambda m: None)
 
 
 @pytest.fixture(scope="session")

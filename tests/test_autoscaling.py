@@ -33,6 +33,7 @@ from capsafe.runtime.capacity import NodeTypes, read_node_types
 REPO = Path(__file__).resolve().parent.parent
 MICRO = REPO / "tests" / "specs" / "micro.yaml"
 AWS = REPO / "cluster" / "aws.yaml"
+pytestmark = pytest.mark.ray  # simulated clusters and an embedded one (conftest.py: one cluster at a time)
 
 
 def _free_port() -> int:
@@ -112,6 +113,16 @@ def aws_sim() -> Iterator[tuple[str, NodeTypes]]:
         yield address, types
 
 
+def _wait_for_the_autoscalers_first_report() -> None:
+    """The head says "Ray runtime started" before its autoscaler has published its first status (every
+    AUTOSCALER_UPDATE_INTERVAL_S); until then the cluster reads as one that does not autoscale. On a busy machine
+    (the suite's other xdist worker at work) the first status came after the test had looked."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    _wait_for(lambda: bool(_internal_kv_get("__autoscaling_status")), 120,
+              lambda: "the simulated cluster's autoscaler published no status within 120 s")
+
+
 def _workers() -> int:
     import ray
 
@@ -137,6 +148,7 @@ def test_a_spec_beyond_the_cluster_maximum_is_refused_before_anything_starts(aws
 
     address, types = aws_sim
     ray.init(address=address, log_to_driver=False)
+    _wait_for_the_autoscalers_first_report()
     try:
         # Ray 2.60's autoscaler does not record its node types in the GCS: the cluster's maximum is unknown ...
         assert state.get_max_resources_from_cluster_config() is None

@@ -36,7 +36,7 @@ from capsafe.common.results import read_table
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO = "tests/specs/micro.yaml"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def _env() -> dict[str, str]:

@@ -20,7 +20,7 @@ from capsafe.common.results import read_table
 from capsafe.evaluate.fan_out import evaluate_models
 from capsafe.evaluate.panel import CoherenceWithPerplexity, LLMJudge, rule_judge
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 KEYS = ["trial_id", "step", "suite", "prompt_id", "repeat"]
 
 

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.ray  # the simulation runs on a local Ray cluster
 def test_quick_run_is_sane(tmp_path: Path) -> None:
     out = tmp_path / "schedule.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "schedule_sim.py"), "--quick", "--json", str(out)],
