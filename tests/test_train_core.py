@@ -163,6 +163,11 @@ def test_deepspeed_options_train_and_save(one_rank: Any, micro_world: Any, tmp_p
         assert (model / "adapter_model.safetensors").is_file()
     else:
         assert (model / "model.safetensors").is_file()
+    # DeepSpeed wrapped the process group without JIT-building its inference-only CPU all-reduce op (30-70 s of
+    # g++, redone whenever another ninja ran it: capsafe.train.model.skip_inference_comm_op)
+    from deepspeed.comm import comm
+
+    assert comm.cdb is not None and comm.cdb.shm_comm_op is None
 
 
 @pytest.mark.parametrize(("overrides", "stop"), [
@@ -410,3 +415,19 @@ def test_async_eval_resumes_with_its_unmeasured_snapshots(one_rank: Any, micro_w
     # never trained past the step budget: it once trained step 61 after the restart and evaluated it too
     a, b = full.reports[-1], again.reports[-1]
     assert b["tokens"] == a["tokens"] and b["stop"] == a["stop"] == "budget:steps"
+
+
+def test_jit_builds_run_this_environments_ninja(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train.optimizer_impl: deepspeed` JIT-builds Adam kernels with the first ninja on PATH: it must be the
+    environment's own (pip's), not a system one whose build log the other takes for stale (or none at all)."""
+    import sys
+
+    from capsafe.train.model import this_environments_ninja_first
+
+    bin_dir = str(Path(sys.executable).parent)
+    assert (Path(bin_dir) / "ninja").is_file()  # ninja is a capsafe dependency (pyproject.toml)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    this_environments_ninja_first()
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"
+    this_environments_ninja_first()  # once is enough
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -42,6 +44,36 @@ class TrainState:
     pending: list[dict[str, Any]] = field(default_factory=list)
 
 
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op, which training never calls.
+
+    DeepSpeed's torch backend builds it (g++ through ninja: 30-70 s on 2 cores) when it wraps the process group,
+    but only DeepSpeed *inference*'s ``inference_all_reduce`` uses it: ZeRO's collectives go through
+    torch.distributed (gloo on CPU, NCCL on GPU, where the op does not exist). The build was cached per Python
+    environment, yet redone whenever another ninja ran it: the venv's ninja 1.13 (pip) and a system ninja 1.11
+    write incompatible build logs, so each took the other's build for stale, and a process whose PATH lacked the
+    venv's bin (``make demo``, pytest) alternated with Ray workers whose PATH had it. Marked incompatible, the
+    backend skips it; ``deepspeed.ops`` keeps that dict for the process ("edits to it persist")."""
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    if "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
+
+
+def this_environments_ninja_first() -> None:
+    """Put this Python environment's ``bin`` first on PATH when it holds a ninja (pip's, a capsafe dependency).
+
+    torch's JIT builds (DeepSpeed's CPU / fused Adam with ``train.optimizer_impl: deepspeed``) run the first
+    ``ninja`` on PATH. A process started as ``.venv/bin/python`` without the venv activated (``make demo``) finds
+    a system ninja or none: none fails the build, and a system ninja 1.11 and pip's 1.13 write incompatible build
+    logs, so each rebuilt the kernels the other had built (~90 s) whenever runs alternated between them."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
+
+
 def build_engine(cfg: TrialConfig, world: int) -> tuple[Any, Any, Any]:
     """(DeepSpeed engine, tokenizer, config holder) for one trial. Keep the holder alive while training: under
     ZeRO-3 it makes ``from_pretrained`` load each rank's shard only, instead of the whole model per rank."""
@@ -54,6 +86,9 @@ def build_engine(cfg: TrialConfig, world: int) -> tuple[Any, Any, Any]:
     train = cfg.train
     ds_cfg = deepspeed_config(train, world, cfg.lr)
     holder = None
+    skip_inference_comm_op()
+    if train.optimizer_impl == "deepspeed":
+        this_environments_ninja_first()
     # Wraps the process group Ray Train (or the test) created, so that ZeRO-3's sharded loading below sees
     # the real world size.
     deepspeed.init_distributed()
