@@ -13,46 +13,33 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # `make test` runs the suite on two pytest-xdist workers (``--dist loadgroup``). Tests that start a Ray cluster (an
-# embedded one, a `ray start` head, or through the CLI) are marked ``ray`` and run in one of two lanes (xdist
-# groups), each lane on one worker, one test after another in file order:
-# - RAY_GROUP: clusters on Ray's default ports (an embedded cluster's dashboard from 8265 up, its dashboard agent
-#   on 52365) and the e2e tests' `ray start` head on fixed ones. Two such clusters starting at once race for a
-#   dashboard port (Ray checks a port is free, and its dashboard binds it seconds later).
-# - RAY_GROUP + "-free-ports" (``@pytest.mark.ray(free_ports=True)``): clusters whose every listening port is the
-#   OS's choice, or that have no dashboard. They run beside the first lane. The one port they cannot choose, an
-#   embedded cluster's dashboard agent's 52365, the second cluster to want it goes without (after 3 s of retries
-#   Ray keeps the agent running without its HTTP server, which only job submission and health probes use; the
-#   e2e head that takes jobs has a port of its own).
-# The rest (pure core, transformers, in-process DeepSpeed, vLLM in a subprocess) runs beside and after them. The
-# lanes and tests start together (xdist hands out the biggest groups first), the single tests fill in after.
+# embedded one, a `ray start` head, or through the CLI) all run on one worker, one after another in file order,
+# as they did without xdist. Two clusters at once on one machine do not work with Ray Train V2: its internal
+# actors (the placement-group cleaner) call Ray's state API without an address, and fail on a machine with
+# "multiple active Ray instances"; in the run that showed it a trial's worker group also timed out after 60 s and
+# the run hung (tried with the pool tests' cluster on a free dashboard port beside the e2e tests, 2026-12-07).
+# The clusters would also share Ray's fixed default ports (the dashboard agent's 52365). The rest (pure core,
+# transformers, in-process vLLM, in-process DeepSpeed) runs beside them on the other worker.
 RAY_GROUP = "ray-clusters"
-
-
-def ray_group(item: pytest.Item) -> str | None:
-    """The xdist group (lane) of a test that starts Ray clusters; None for the others."""
-    marker = item.get_closest_marker("ray")
-    if marker is None:
-        return None
-    return f"{RAY_GROUP}-free-ports" if marker.kwargs.get("free_ports") else RAY_GROUP
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if group := ray_group(item):
-            item.add_marker(pytest.mark.xdist_group(group))
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """On an xdist worker under ``--dist loadgroup``, every ``ray`` test must carry its lane in its node id (xdist
+    """On an xdist worker under ``--dist loadgroup``, every ``ray`` test must carry the group in its node id (xdist
     groups by it). pytest-xdist 3.8 writes it into ``item._nodeid``, which pytest 9.2 no longer reads: the tests
-    then spread over both workers and two Ray clusters on default ports ran at once (a head's port taken, a trial
-    hung). Stop instead of running them that way."""
+    then spread over both workers and two Ray clusters ran at once (a head's port taken, a trial hung). Stop
+    instead of running them that way."""
     if not os.environ.get("PYTEST_XDIST_WORKER") or not session.config.getvalue("loadgroup"):
         return
-    loose = [i.nodeid for i in session.items if (group := ray_group(i)) and not i.nodeid.endswith(f"@{group}")]
+    loose = [i.nodeid for i in session.items if i.get_closest_marker("ray") and not i.nodeid.endswith(RAY_GROUP)]
     if loose:
-        raise pytest.UsageError(f"{len(loose)} ray test(s) outside their xdist group (e.g. {loose[0]}): "
+        raise pytest.UsageError(f"{len(loose)} ray test(s) outside the xdist group {RAY_GROUP!r} (e.g. {loose[0]}): "
                                 "this pytest / pytest-xdist pair does not group them (pyproject.toml pins both)")
 
 

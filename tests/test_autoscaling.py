@@ -33,8 +33,7 @@ from capsafe.runtime.capacity import NodeTypes, read_node_types
 REPO = Path(__file__).resolve().parent.parent
 MICRO = REPO / "tests" / "specs" / "micro.yaml"
 AWS = REPO / "cluster" / "aws.yaml"
-pytestmark = pytest.mark.ray  # the embedded cluster, on Ray's default ports; the simulated ones take free ports
-FREE_PORTS = pytest.mark.ray(free_ports=True)  # conftest.py: the lane beside the default-port clusters
+pytestmark = pytest.mark.ray  # simulated clusters and an embedded one (conftest.py: one cluster at a time)
 
 
 def _free_port() -> int:
@@ -138,7 +137,6 @@ def _wait_for(what: Callable[[], bool], timeout_s: float, message: Callable[[], 
 
 
 @pytest.mark.slow  # with the next test: ~40 s, the simulated cluster's start included
-@FREE_PORTS
 def test_a_spec_beyond_the_cluster_maximum_is_refused_before_anything_starts(aws_sim, tmp_path: Path) -> None:
     import ray
     from ray._private.state import state
@@ -176,7 +174,6 @@ def test_a_spec_beyond_the_cluster_maximum_is_refused_before_anything_starts(aws
 
 
 @pytest.mark.slow
-@FREE_PORTS
 def test_the_sweep_and_the_pool_scale_out_and_back_in(aws_sim, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from ray import serve

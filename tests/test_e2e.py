@@ -236,14 +236,6 @@ def _check_a_judge_added_later(out: Path, judge: Path) -> None:
     assert "| guard2 |" in (out / "report.md").read_text()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ray_pids(temp_dir: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -265,10 +257,7 @@ def _ray_head() -> Iterator[dict[str, str]]:
     start = subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--port=6391", "--dashboard-port=8277",
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=3", f"--temp-dir={temp_dir}",
-         "--include-dashboard=true", "--disable-usage-stats",
-         # the job API reaches the head's dashboard agent over HTTP: not on Ray's default 52365, which an embedded
-         # cluster of the other lane may hold (conftest.py)
-         f"--dashboard-agent-listen-port={_free_port()}"],
+         "--include-dashboard=true", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180)
     try:
         assert start.returncode == 0, start.stderr[-3000:]

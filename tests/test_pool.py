@@ -20,32 +20,18 @@ from capsafe.common.results import read_table
 from capsafe.evaluate.fan_out import evaluate_models
 from capsafe.evaluate.panel import CoherenceWithPerplexity, LLMJudge, rule_judge
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray(free_ports=True)]  # its cluster's dashboard: a free port
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 KEYS = ["trial_id", "step", "suite", "prompt_id", "repeat"]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_ray_cluster():
     """One local Ray cluster for this module's pools (each test's own ``ray_session`` joins it); shut down after
-    the last test. A start and a shutdown cost ~10 s. Started as ``ray_session`` starts one, but with its
-    dashboard (the state API the tests read replicas from) on a free port: this module runs beside the
-    end-to-end tests' clusters (conftest.py)."""
-    import ray
-    from ray import serve
+    the last test. A start and a shutdown cost ~10 s."""
+    from capsafe.runtime.ray_shell import ray_session
 
-    from capsafe.runtime.ray_shell import ray_session, worker_env
-
-    os.environ.update({k: v for k, v in worker_env().items() if k not in os.environ})
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=_free_port(), runtime_env={"env_vars": worker_env()}, log_to_driver=False)
-    try:
-        with ray_session(None, 4):  # joins it
-            yield
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    with ray_session(None, 4):
+        yield
 
 
 def _suites(world, n: int) -> list[Suite]:

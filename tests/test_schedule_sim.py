@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.ray(free_ports=True)  # the simulation runs on a local Ray cluster without a dashboard
+@pytest.mark.ray  # the simulation runs on a local Ray cluster
 def test_quick_run_is_sane(tmp_path: Path) -> None:
     out = tmp_path / "schedule.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "schedule_sim.py"), "--quick", "--json", str(out)],

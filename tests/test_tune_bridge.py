@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray(free_ports=True)]  # a cluster without a dashboard
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPORTS = 3
 
@@ -47,7 +47,7 @@ def test_every_report_reaches_tune_while_its_driver_is_busy(tmp_path) -> None:
             if result.get("step") == REPORTS - 1:
                 time.sleep(12)
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tuner = tune.Tuner(
             tune.with_resources(_trial, {"CPU": 0.5}), param_space={"storage": str(tmp_path / "ray")},
